@@ -1,0 +1,56 @@
+"""The MCP server: tools, resources (references/, recipes/, SKILL.md) and instructions.
+
+Only wiring lives here; the logic is in tools/. Importing this module imports no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.resources import FileResource
+
+from tools import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+INSTRUCTIONS = """\
+Fine-tune open LLMs with TRL/PEFT, with proof at each step. Workflow:
+1 detect_hardware -> 2 recommend_method (memory evidence; estimate_memory for what-ifs)
+-> 3 inspect_dataset, convert_dataset (prefer conversational prompt/completion)
+-> 4 verify_masking (must pass before training) -> 5 generate_recipe / validate_recipe
+(spectrum_scan for Spectrum) -> 6 launch_training, then poll training_status; stop_training,
+list_runs -> 7 merge_adapter (LoRA/QLoRA) -> 8 evaluate (base vs fine-tuned).
+All paths are inside the server's workspace. Training runs in the background: launch returns a
+run id at once; poll status every 30-60 s. Read skill://SKILL.md and references://*.md for the
+decision tree, formats, masking, recipes, distributed training and troubleshooting."""
+
+# One module per area; each has register(mcp). Kept as names so a missing area fails loudly.
+TOOL_MODULES = ["server.planning", "server.data", "server.recipes", "server.runs", "server.post"]
+
+
+def _add_resources(mcp: MCPServer) -> None:
+    skill = ROOT / "SKILL.md"
+    if skill.exists():
+        mcp.add_resource(FileResource(uri="skill://SKILL.md", name="SKILL.md", path=skill,
+                                      mime_type="text/markdown",
+                                      description="The llm-fine-tuning agent skill: decision tree and workflow."))
+    for md in sorted((ROOT / "references").glob("*.md")):
+        mcp.add_resource(FileResource(uri=f"references://{md.name}", name=f"references/{md.name}",
+                                      path=md, mime_type="text/markdown",
+                                      description=f"Reference: {md.stem}"))
+    recipes = ROOT / "recipes"
+    for y in sorted(recipes.rglob("*.yaml")):
+        rel = y.relative_to(recipes).as_posix()
+        mcp.add_resource(FileResource(uri=f"recipes://{rel}", name=f"recipes/{rel}", path=y,
+                                      mime_type="application/yaml",
+                                      description=f"Recipe or launch config: {rel}"))
+
+
+def create_server() -> MCPServer:
+    """Build the server with every tool and resource registered."""
+    mcp = MCPServer("llm-fine-tuning", version=__version__, instructions=INSTRUCTIONS)
+    for mod in TOOL_MODULES:
+        importlib.import_module(mod).register(mcp)
+    _add_resources(mcp)
+    return mcp

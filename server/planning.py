@@ -1,0 +1,6 @@
+"""MCP wiring for the planning tools."""
+from __future__ import annotations
+
+
+def register(mcp) -> None:
+    """Register this area's tools on the server."""

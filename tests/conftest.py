@@ -1,0 +1,54 @@
+"""Shared fixtures: a per-test workspace, the tiny Llama model, the real fixture files."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Tests run on 2 cores; keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures: real tokenizers, chat templates and datasets (see their PROVENANCE)."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory) -> Path:
+    """One tiny Llama (byte-level tokenizer, ChatML template) built per test session."""
+    from tools.tiny import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_cache") / "tiny-llama")
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A fresh workspace for one test, set as the process-wide workspace."""
+    from tools import workspace as wsmod
+    root = tmp_path / "ws"
+    root.mkdir()
+    monkeypatch.setattr(wsmod, "_current", None)
+    monkeypatch.setenv("LLM_FT_WORKSPACE", str(root))
+    w = wsmod.set_workspace(root)
+    yield w
+    wsmod._current = None
+
+
+@pytest.fixture
+def tiny_model(ws, tiny_model_cache) -> Path:
+    """The tiny model copied into the test's workspace (tools refuse paths outside it)."""
+    dst = ws.root / "models" / "tiny-llama"
+    shutil.copytree(tiny_model_cache, dst)
+    return dst
