@@ -1,0 +1,39 @@
+"""The agent skill: valid Agent Skills format, and in step with the server's tools."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_skill_validates_with_skills_ref():
+    from skills_ref.validator import validate
+    problems = validate(REPO / "skills" / "llm-fine-tuning")
+    assert problems == [], problems
+
+
+def test_skill_documents_every_tool_and_reference():
+    from mcp import Client
+    from server.app import create_server
+    text = (REPO / "SKILL.md").read_text()
+
+    async def names():
+        async with Client(create_server()) as c:
+            return {t.name for t in (await c.list_tools()).tools}
+    for name in asyncio.run(names()):
+        assert f"`{name}`" in text, f"SKILL.md does not mention the tool {name}"
+    for ref in re.findall(r"references/([a-z_]+\.md)", text):
+        assert (REPO / "references" / ref).exists(), ref
+    assert len(text.splitlines()) < 500
+
+
+def test_plugin_files():
+    plugin = json.loads((REPO / ".claude-plugin" / "plugin.json").read_text())
+    assert plugin["name"] == "llm-fine-tuning"
+    mcp = json.loads((REPO / ".mcp.json").read_text())
+    server = mcp["mcpServers"]["llm-fine-tuning"]
+    assert server["args"][:2] == ["-m", "server"]
+    assert (REPO / "skills" / "llm-fine-tuning" / "SKILL.md").resolve() == (REPO / "SKILL.md").resolve()
