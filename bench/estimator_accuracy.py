@@ -1,0 +1,45 @@
+"""Estimator accuracy: estimate_memory against measured peaks (torch.cuda.max_memory_allocated).
+
+Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/estimator_accuracy.py [runs.jsonl ...]
+Default input: tests/fixtures/calibration/h100_sft_runs.jsonl (one H100 80GB, TRL 1.16).
+Prints a markdown table: measured vs estimated peak allocated, error %, the estimated total.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.memory import estimate_memory  # noqa: E402
+
+SHAPES = {"llama-1b": "Llama-3.2-1B", "llama-3b": "Llama-3.2-3B", "llama-8b": "Llama-3.1-8B"}
+
+
+def main(paths: list[str]) -> int:
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    print("| model | method | bs x seq | packing | liger | gc | measured GiB | estimated GiB | error | "
+          "est. total GiB | reserved GiB | peak phase |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for r in rows:
+        e = estimate_memory(SHAPES.get(r["shape"], r["shape"]), method=r["method"], seq_len=r["seq"],
+                            micro_batch=r["bs"], packing=r["packing"], liger=r["liger"],
+                            gradient_checkpointing=r["gc"], optimizer="adamw_torch_fused",
+                            attn_implementation=r.get("attn", "sdpa"),
+                            spectrum_fraction=(r.get("top") or 30) / 100, gpu="H100")
+        m = r.get("peak_alloc_gib")
+        err = (e.peak_allocated_gib / m - 1) if m else None
+        worst = max(worst, abs(err)) if err is not None else worst
+        print(f"| {r['shape']} | {r['method']} | {r['bs']} x {r['seq']} | {r['packing']} | {r['liger']} | "
+              f"{r['gc']} | {m} | {e.peak_allocated_gib:.2f} | "
+              f"{'n/a' if err is None else f'{err:+.1%}'} | {e.total_gib:.2f} | {r.get('peak_reserved_gib')} | "
+              f"{e.peak_phase} |")
+    print(f"\nrows: {len(rows)}, worst |error|: {worst:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or [str(ROOT / "tests/fixtures/calibration/h100_sft_runs.jsonl")]))

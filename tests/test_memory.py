@@ -1,0 +1,123 @@
+"""estimate_memory: +-10% of measured H100 peaks (calibration file), physics, errors, MCP."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.errors import UserError
+from tools.memory import estimate_memory, find_gpu
+
+CAL = Path(__file__).parent / "fixtures" / "calibration" / "h100_sft_runs.jsonl"
+SHAPES = {"llama-1b": "Llama-3.2-1B", "llama-3b": "Llama-3.2-3B", "llama-8b": "Llama-3.1-8B"}
+ROWS = [json.loads(line) for line in CAL.read_text().splitlines() if line.strip()]
+
+
+def _est(r):
+    return estimate_memory(SHAPES[r["shape"]], method=r["method"], seq_len=r["seq"], micro_batch=r["bs"],
+                           packing=r["packing"], liger=r["liger"], gradient_checkpointing=r["gc"],
+                           optimizer="adamw_torch_fused", attn_implementation=r["attn"], gpu="H100")
+
+
+@pytest.mark.parametrize("r", ROWS, ids=lambda r: f"{r['shape']}-{r['method']}-liger{int(r['liger'])}-gc{int(r['gc'])}")
+def test_calibration_within_10_percent(ws, r):
+    e = _est(r)
+    assert e.trainable_params == r["trainable"]
+    err = e.peak_allocated_gib / r["peak_alloc_gib"] - 1
+    assert abs(err) <= 0.10, f"estimated {e.peak_allocated_gib} vs measured {r['peak_alloc_gib']} ({err:+.1%})"
+    # total adds context and slack: at least what the allocator reserved
+    assert e.total_gib >= r["peak_reserved_gib"]
+    assert e.fits is True
+
+
+def test_breakdown_sums_and_roles(ws):
+    e = estimate_memory("Llama-3.1-8B", method="full", seq_len=2048, micro_batch=2, optimizer="adamw_torch_fused")
+    parts = sum(v for k, v in e.breakdown_gib.items() if k not in ("cuda_context", "allocator_slack"))
+    assert parts == pytest.approx(e.peak_allocated_gib, abs=0.01)
+    assert e.total_gib == pytest.approx(sum(e.breakdown_gib.values()), abs=0.01)
+    # bf16 weights 2 B/param, bf16 Adam moments 4 B/param
+    assert e.breakdown_gib["weights"] == pytest.approx(8_030_261_248 * 2 / 2**30, rel=1e-3)
+    assert e.breakdown_gib["optimizer_states"] == pytest.approx(8_030_261_248 * 4 / 2**30, rel=1e-3)
+    assert e.fits is None  # no GPU given
+
+
+def test_physics_monotonic(ws):
+    base = dict(model="Llama-3.1-8B", method="lora", micro_batch=2, packing=True)
+    short, long_ = estimate_memory(seq_len=1024, **base), estimate_memory(seq_len=4096, **base)
+    assert long_.peak_allocated_gib > short.peak_allocated_gib
+    gc_on = estimate_memory(seq_len=2048, gradient_checkpointing=True, **base)
+    gc_off = estimate_memory(seq_len=2048, gradient_checkpointing=False, **base)
+    assert gc_off.peak_allocated_gib > 2 * gc_on.peak_allocated_gib - 16
+    q = estimate_memory("Llama-3.1-8B", method="qlora")
+    lo = estimate_memory("Llama-3.1-8B", method="lora")
+    assert q.breakdown_gib["weights"] < 0.4 * lo.breakdown_gib["weights"]
+    eight = estimate_memory("Llama-3.1-8B", method="full", optimizer="adamw_8bit")
+    fused = estimate_memory("Llama-3.1-8B", method="full", optimizer="adamw_torch_fused")
+    assert eight.breakdown_gib["optimizer_states"] == pytest.approx(fused.breakdown_gib["optimizer_states"] / 2, rel=1e-3)
+
+
+def test_modules_to_save_adds_a_trained_copy(ws):
+    base = estimate_memory("Llama-3.1-8B", method="qlora", optimizer="adamw_torch_fused")
+    head = estimate_memory("Llama-3.1-8B", method="qlora", optimizer="adamw_torch_fused", modules_to_save=["lm_head"])
+    vh = 128256 * 4096 * 2 / 2**30  # one bf16 copy of lm_head
+    assert head.trainable_params - base.trainable_params == 128256 * 4096
+    assert head.breakdown_gib["trainable_copies"] - base.breakdown_gib["trainable_copies"] == pytest.approx(vh, abs=0.01)
+    assert head.breakdown_gib["optimizer_states"] - base.breakdown_gib["optimizer_states"] == pytest.approx(2 * vh, abs=0.01)
+
+
+def test_sharding_and_offload(ws):
+    one = estimate_memory("Llama-3.1-70B", method="full", optimizer="adamw_torch_fused", gpu="H100")
+    z3 = estimate_memory("Llama-3.1-70B", method="full", num_gpus=8, sharding="zero3", gpu="H100")
+    assert one.fits is False and z3.peak_allocated_gib < one.peak_allocated_gib / 3  # 16 B/param over 8 GPUs vs 8 B/param
+    q = estimate_memory("Llama-3.1-70B", method="qlora", num_gpus=2, sharding="fsdp", gpu="RTX 4090")
+    qo = estimate_memory("Llama-3.1-70B", method="qlora", num_gpus=2, sharding="fsdp", cpu_offload=True,
+                         gpu="RTX 4090")
+    assert q.fits is False and qo.fits is True
+
+
+def test_does_not_fit_reported(ws):
+    e = estimate_memory("Llama-3.1-8B", method="full", gpu="RTX 4090")
+    assert e.fits is False and e.headroom_gib < 0 and e.fits_threshold_gib == pytest.approx(0.9 * 23.99, abs=0.01)
+
+
+def test_gpu_names():
+    assert find_gpu("NVIDIA H100 80GB HBM3").name == "H100 80GB"
+    assert find_gpu("h100").name == "H100 80GB"
+    assert find_gpu("NVIDIA GeForce RTX 4090").name == "RTX 4090"
+    assert find_gpu("a100-40gb").name == "A100 40GB"
+    assert find_gpu("A100").name == "A100 80GB"
+    assert find_gpu("L4").name == "L4" and find_gpu("L40S").name == "L40S"
+    assert find_gpu("Radeon 9000") is None
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(micro_batch=0), "micro_batch"), (dict(seq_len=200_000), "seq_len"), (dict(gpu="GTX 9999"), "gpu"),
+    (dict(optimizer="adamw_quantum"), "optimizer"), (dict(sharding="zero3"), "sharding"),
+    (dict(num_gpus=2, cpu_offload=True), "cpu_offload"), (dict(lora_target_modules=["qq_proj"]), "lora_target_modules"),
+])
+def test_bad_input(ws, kw, field):
+    with pytest.raises(UserError) as e:
+        estimate_memory("Llama-3.1-8B", **kw)
+    assert e.value.field == field
+
+
+def test_mcp_estimate_memory(ws):
+    from mcp import Client
+    from server.app import create_server
+
+    async def go():
+        async with Client(create_server()) as c:
+            r = await c.call_tool("estimate_memory", {"model": "Llama-3.2-1B", "method": "lora", "micro_batch": 4,
+                                                      "packing": True, "liger": True, "gpu": "H100",
+                                                      "optimizer": "adamw_torch_fused"})
+            assert not r.is_error
+            assert 3.2 < r.structured_content["peak_allocated_gib"] < 4.0 and r.structured_content["fits"] is True
+            bad = await c.call_tool("estimate_memory", {"model": "Llama-3.2-1B", "micro_batch": 0})
+            assert bad.is_error and "micro_batch" in bad.content[0].text
+            long_ = await c.call_tool("estimate_memory", {"model": "Llama-3.2-1B", "seq_len": 10**6})
+            assert long_.is_error and "seq_len" in long_.content[0].text
+            ok = await c.call_tool("estimate_memory", {"model": "Llama-3.1-8B"})
+            assert not ok.is_error and ok.structured_content["method"] == "qlora"
+    asyncio.run(go())

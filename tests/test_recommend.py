@@ -1,0 +1,107 @@
+"""recommend_method: the four reference cases, CPU-only, constraints, bad input, MCP."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tools import hardware
+from tools.errors import UserError
+from tools.recommend import recommend_method
+
+
+def _fits(rec):
+    m = rec.memory
+    assert m.fits is True and m.total_gib <= 0.9 * rec.gpu_memory_gib
+    assert m.peak_allocated_gib > 0 and m.peak_phase and "weights" in m.breakdown_gib
+
+
+def test_8b_on_24gb_is_qlora(ws):
+    rec = recommend_method("meta-llama/Llama-3.1-8B", gpu="RTX 4090", dataset_rows=10_000)
+    assert rec.method == "qlora" and rec.sharding == "none"
+    _fits(rec)
+    full = [a for a in rec.alternatives if a.method == "full"]
+    assert full and all(a.fits is False and a.total_gib > 0.9 * 23.99 for a in full)
+    assert rec.training_hours and rec.training_hours > 0 and rec.total_tokens == 10_000 * 512
+    assert "QLoRA" in rec.decision_tree_branch
+
+
+def test_8b_on_h100_is_better_than_qlora(ws):
+    rec = recommend_method("Llama-3.1-8B", gpu="H100")
+    assert rec.method in ("spectrum", "full", "lora")
+    _fits(rec)
+    q = [a for a in rec.alternatives if a.method == "qlora"]
+    assert q and q[0].fits is True  # QLoRA fits too but is not the best choice
+    best = recommend_method("Llama-3.1-8B", gpu="H100", goal="quality")
+    assert best.method in ("full", "spectrum") and best.memory.fits
+
+
+def test_70b_on_2x24gb_is_fsdp_qlora_offload(ws):
+    rec = recommend_method("Llama-3.1-70B", gpu_memory_gib=24, num_gpus=2)
+    assert (rec.method, rec.sharding, rec.cpu_offload) == ("qlora", "fsdp", True)
+    _fits(rec)
+    no_off = [a for a in rec.alternatives if a.method == "qlora" and a.sharding == "fsdp" and not a.cpu_offload]
+    assert no_off and no_off[0].fits is False and "GiB" in no_off[0].why_not
+    assert rec.memory.breakdown_gib["weights"] == 0 and rec.memory.breakdown_gib["gathered_shards"] > 0
+
+
+def test_70b_on_8x80gb_is_full_or_spectrum_zero3(ws):
+    rec = recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8)
+    assert rec.method in ("full", "spectrum") and rec.sharding == "zero3"
+    _fits(rec)
+    assert rec.global_batch_sequences >= 8
+
+
+def test_cost_goal_and_allow_methods(ws):
+    assert recommend_method("Llama-3.1-8B", gpu="A100 80GB", goal="cost").method == "qlora"
+    rec = recommend_method("Llama-3.1-8B", gpu="A100 80GB", allow_methods=["lora", "qlora"])
+    assert rec.method == "lora"
+
+
+def test_no_bf16_warns_fp16(ws):
+    rec = recommend_method("Llama-3.2-1B", gpu="T4")
+    assert rec.dtype == "fp16" and any("fp16" in w for w in rec.warnings)
+
+
+def test_max_hours_rejects_slow_plans(ws):
+    rec = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=2_000_000_000, max_hours=1e6)
+    with pytest.raises(UserError):
+        recommend_method("Llama-3.1-8B", gpu="RTX 4090", dataset_tokens=2_000_000_000, max_hours=0.01)
+    assert rec.training_hours > 0
+
+
+def test_cpu_only_tiny_model(tiny_model, monkeypatch):
+    monkeypatch.setattr(hardware, "_gpus", lambda: (True, False, [], []))
+    rec = recommend_method("models/tiny-llama", dataset_rows=100, seq_len=256)
+    assert rec.num_gpus == 0 and rec.dtype == "fp32" and rec.method in ("full", "lora")
+    assert rec.memory.fits is True and any("CPU" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(model="Llama-3.1-9B"), "model"), (dict(model="Llama-3.1-8B", micro_batch=0), "micro_batch"),
+    (dict(model="Llama-3.1-8B", micro_batch=-2), "micro_batch"),
+    (dict(model="Llama-3.1-8B", seq_len=200_000), "seq_len"), (dict(model="Llama-3.1-8B", gpu="Voodoo2"), "gpu"),
+])
+def test_bad_input(ws, kw, field):
+    with pytest.raises(UserError) as e:
+        recommend_method(**{"gpu_memory_gib": 24, **kw})
+    assert e.value.field == field
+
+
+def test_mcp_recommend_method(ws):
+    from mcp import Client
+    from server.app import create_server
+
+    async def go():
+        async with Client(create_server()) as c:
+            r = await c.call_tool("recommend_method", {"model": "Llama-3.1-8B", "gpu": "RTX 4090"})
+            assert not r.is_error and r.structured_content["method"] == "qlora"
+            assert r.structured_content["memory"]["fits"] is True
+            for args, field in (({"model": "nope-7b", "gpu": "H100"}, "model"),
+                                ({"model": "Llama-3.1-8B", "gpu": "H100", "micro_batch": 0}, "micro_batch"),
+                                ({"model": "Llama-3.1-8B", "gpu": "H100", "seq_len": 500000}, "seq_len")):
+                bad = await c.call_tool("recommend_method", args)
+                assert bad.is_error and field in bad.content[0].text
+            again = await c.call_tool("recommend_method", {"model": "Llama-3.1-70B", "gpu": "H100", "num_gpus": 8})
+            assert not again.is_error and again.structured_content["sharding"] == "zero3"
+    asyncio.run(go())

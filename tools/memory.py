@@ -1,0 +1,368 @@
+"""Per-GPU peak training memory of TRL SFT, from the architecture (formulas: references/memory.md).
+
+The model counts what PyTorch's caching allocator holds (torch.cuda.max_memory_allocated) at
+each phase of a training step and takes the largest, then adds the CUDA context and allocator
+slack for the total a GPU must have. Activation bytes come from what autograd saves per token
+per decoder layer (frozen linears save nothing for their input; LoRA dropout saves a mask and
+its output), with TRL 1.16's fused LM head, which never materialises the logits.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, Field
+
+from .errors import UserError
+from .models import ModelFacts, get_model_facts
+
+GIB = 2 ** 30
+FITS_FRACTION = 0.9  # a plan fits when its total stays within 90% of the GPU's memory
+CONTEXT_GIB = 0.5     # CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile shape
+
+
+class GPUSpec(BaseModel):
+    name: str
+    memory_gib: float
+    bf16: bool
+    tflops_bf16: float = Field(description="dense fp16/bf16 tensor-core TFLOPs from the spec sheet.")
+
+
+GPUS: dict[str, GPUSpec] = {g.name: g for g in [
+    GPUSpec(name="T4", memory_gib=14.58, bf16=False, tflops_bf16=65),
+    GPUSpec(name="V100 16GB", memory_gib=15.77, bf16=False, tflops_bf16=125),
+    GPUSpec(name="V100 32GB", memory_gib=31.74, bf16=False, tflops_bf16=125),
+    GPUSpec(name="RTX 3090", memory_gib=23.69, bf16=True, tflops_bf16=71),
+    GPUSpec(name="RTX 4090", memory_gib=23.99, bf16=True, tflops_bf16=165),
+    GPUSpec(name="RTX 5090", memory_gib=31.84, bf16=True, tflops_bf16=209),
+    GPUSpec(name="RTX A5000", memory_gib=23.68, bf16=True, tflops_bf16=111),
+    GPUSpec(name="RTX A6000", memory_gib=47.54, bf16=True, tflops_bf16=155),
+    GPUSpec(name="A10G", memory_gib=22.49, bf16=True, tflops_bf16=70),
+    GPUSpec(name="L4", memory_gib=22.49, bf16=True, tflops_bf16=121),
+    GPUSpec(name="L40S", memory_gib=44.99, bf16=True, tflops_bf16=362),
+    GPUSpec(name="A40", memory_gib=44.99, bf16=True, tflops_bf16=150),
+    GPUSpec(name="A100 40GB", memory_gib=39.39, bf16=True, tflops_bf16=312),
+    GPUSpec(name="A100 80GB", memory_gib=79.15, bf16=True, tflops_bf16=312),
+    GPUSpec(name="H100 80GB", memory_gib=79.19, bf16=True, tflops_bf16=989),
+    GPUSpec(name="H200 141GB", memory_gib=139.8, bf16=True, tflops_bf16=989),
+    GPUSpec(name="B200 180GB", memory_gib=178.4, bf16=True, tflops_bf16=2250),
+]}
+
+
+def _gkey(s: str) -> str:
+    s = s.lower().replace("nvidia", "").replace("geforce", "").replace("tesla", "")
+    return re.sub(r"[^a-z0-9]", "", s.replace("gib", "gb"))
+
+
+def find_gpu(name: str) -> GPUSpec | None:
+    """Catalog GPU for a name such as 'H100', 'NVIDIA H100 80GB HBM3', 'rtx 4090', 'a100-40gb'."""
+    k = _gkey(name)
+    if not k:
+        return None
+    for spec in GPUS.values():  # exact, then "catalog key is a prefix of the given name"
+        if _gkey(spec.name) == k:
+            return spec
+    best = [s for s in GPUS.values() if k.startswith(_gkey(s.name))]
+    if best:
+        return max(best, key=lambda s: len(s.name))
+    bare = [s for s in GPUS.values() if _gkey(s.name).startswith(k) or k.startswith(_gkey(s.name.split()[-1] if s.name.startswith("RTX") else s.name.split()[0]))]
+    if bare:  # 'A100' alone -> the larger variant; 'h100 pcie' -> H100
+        return max(bare, key=lambda s: s.memory_gib)
+    return None
+
+
+class MemoryEstimate(BaseModel):
+    """Estimated per-GPU training memory, with the breakdown at the peak phase."""
+    model: str
+    method: str
+    total_params: int
+    trainable_params: int
+    breakdown_gib: dict[str, float] = Field(description="live memory by role at the peak phase.")
+    peak_phase: str = Field(description="the step phase where memory peaks.")
+    phases_gib: dict[str, float] = Field(description="allocated memory at each phase considered.")
+    peak_allocated_gib: float = Field(description="what torch.cuda.max_memory_allocated() reports.")
+    total_gib: float = Field(description="peak allocated + CUDA context + allocator slack: what the GPU must hold.")
+    gpu: Optional[str] = None
+    gpu_memory_gib: Optional[float] = None
+    fits: Optional[bool] = Field(None, description=f"total_gib <= {FITS_FRACTION:.0%} of gpu_memory_gib; "
+                                                   "null when no GPU size is known.")
+    fits_threshold_gib: Optional[float] = None
+    headroom_gib: Optional[float] = None
+    assumptions: list[str] = []
+    notes: list[str] = []
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ALIASES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+            "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",), "dense": ("o_proj",)}
+
+
+def _targets(spec: Union[str, list[str], None]) -> set[str]:
+    if spec is None or spec == "all-linear" or spec == ["all-linear"]:
+        return set(LINEARS)
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    out: set[str] = set()
+    for n in names:
+        n = n.split(".")[-1]
+        if n in LINEARS:
+            out.add(n)
+        elif n in _ALIASES:
+            out.update(_ALIASES[n])
+        else:
+            raise UserError(f"unknown target module '{n}'.", field="lora_target_modules",
+                            fix=f"Use 'all-linear' or names among {', '.join(LINEARS)}.")
+    return out
+
+
+_OPT_BYTES = {  # optimizer state bytes per trainable parameter; None = 2 x the parameter's bytes
+    "adamw_torch": None, "adamw_torch_fused": None, "adamw_hf": None, "adamw": None,
+    "adamw_8bit": 2.0, "adamw_bnb_8bit": 2.0, "paged_adamw_8bit": 2.0, "paged_adamw_32bit": 8.0,
+    "adamw_bnb_32bit": 8.0, "paged_adamw": 8.0, "adafactor": 0.1, "sgd": 0.0, "lion_8bit": 1.0,
+    "paged_lion_8bit": 1.0, "lion_32bit": 4.0,
+}
+
+
+def estimate_memory(
+    model: Annotated[str, Field(description="Model directory in the workspace, hub id, or catalog name.")],
+    method: Annotated[Literal["full", "lora", "qlora", "spectrum"], Field(description="Training method.")] = "qlora",
+    seq_len: Annotated[int, Field(ge=1, description="max_length: tokens per sequence.")] = 1024,
+    micro_batch: Annotated[int, Field(ge=1, description="per_device_train_batch_size.")] = 1,
+    gradient_checkpointing: Annotated[bool, Field(description="Recompute each layer in backward.")] = True,
+    packing: Annotated[bool, Field(description="TRL packing (bfd, padding-free).")] = False,
+    optimizer: Annotated[str, Field(description="TRL/transformers optim name, e.g. adamw_torch, "
+                                                "adamw_torch_fused, adamw_8bit, paged_adamw_8bit.")] = "adamw_torch",
+    dtype: Annotated[Literal["bf16", "fp16", "fp32"], Field(description="Weight/compute dtype.")] = "bf16",
+    liger: Annotated[bool, Field(description="use_liger_kernel (fused RMSNorm, RoPE, SwiGLU).")] = False,
+    lora_r: Annotated[int, Field(ge=1, description="LoRA rank.")] = 16,
+    lora_target_modules: Annotated[Union[str, list[str]], Field(
+        description="'all-linear' or module names such as ['q_proj','v_proj'].")] = "all-linear",
+    modules_to_save: Annotated[Optional[list[str]], Field(
+        description="Fully trained modules next to LoRA, e.g. ['lm_head','embed_tokens'].")] = None,
+    spectrum_fraction: Annotated[float, Field(gt=0, le=1, description="Spectrum: share of linear layers trained.")] = 0.3,
+    num_gpus: Annotated[int, Field(ge=1, description="GPUs the run uses.")] = 1,
+    sharding: Annotated[Literal["none", "zero2", "zero3", "fsdp"], Field(
+        description="none (single GPU or DDP), DeepSpeed ZeRO-2/3, or FSDP full shard.")] = "none",
+    cpu_offload: Annotated[bool, Field(description="Offload optimizer states (and ZeRO-3/FSDP parameters) to CPU.")] = False,
+    gpu: Annotated[Optional[str], Field(description="GPU model, e.g. 'H100', 'RTX 4090', 'A100 40GB', 'L4'.")] = None,
+    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="GPU memory in GiB (overrides gpu).")] = None,
+    attn_implementation: Annotated[Literal["sdpa", "flash_attention_2", "eager"], Field(
+        description="Attention kernel.")] = "sdpa",
+    lora_dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.05,
+) -> MemoryEstimate:
+    """Estimate per-GPU peak memory of a TRL SFT run before launching it: weights, trainable
+    parameters, gradients, optimizer states, activations, loss buffers, CUDA context and
+    allocator slack, the step phase where the peak happens, and whether it fits the GPU (total
+    within 90% of its memory). Accurate to about +-10% of torch's peak allocated memory on
+    measured H100 runs. Use it for what-ifs (batch, sequence length, checkpointing, method)."""
+    f = get_model_facts(model) if isinstance(model, str) else model
+    return _estimate(f, **{k: v for k, v in locals().items() if k not in ("model", "f")})
+
+
+def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r):
+    for name, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("num_gpus", num_gpus),
+                    ("lora_r", lora_r)):
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"must be a positive integer (got {v!r}).", field=name, fix="Use 1 or more.")
+    if f.max_position_embeddings and seq_len > f.max_position_embeddings:
+        raise UserError(f"{seq_len} exceeds {f.name}'s max_position_embeddings "
+                        f"({f.max_position_embeddings}).", field="seq_len",
+                        fix=f"Use seq_len <= {f.max_position_embeddings} (truncate or split long rows).")
+    if sharding != "none" and num_gpus < 2:
+        raise UserError(f"'{sharding}' shards over several GPUs but num_gpus is 1.", field="sharding",
+                        fix="Set num_gpus >= 2, or sharding='none'.")
+    if cpu_offload and sharding == "none":
+        raise UserError("CPU offload needs DeepSpeed ZeRO or FSDP.", field="cpu_offload",
+                        fix="Set sharding to zero2, zero3 or fsdp, or cpu_offload=false.")
+
+
+def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpointing, packing,
+              optimizer, dtype, liger, lora_r, lora_target_modules, modules_to_save,
+              spectrum_fraction, num_gpus, sharding, cpu_offload, gpu, gpu_memory_gib,
+              attn_implementation, lora_dropout) -> MemoryEstimate:
+    _check(f, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r)
+    if optimizer not in _OPT_BYTES:
+        raise UserError(f"unknown optimizer '{optimizer}'.", field="optimizer",
+                        fix=f"Use one of {', '.join(sorted(_OPT_BYTES))}.")
+    spec = None
+    if gpu:
+        spec = find_gpu(gpu)
+        if spec is None:
+            raise UserError(f"unknown GPU '{gpu}'.", field="gpu",
+                            fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+    vram = gpu_memory_gib or (spec.memory_gib if spec else None)
+
+    h, I, L, V = f.hidden_size, f.intermediate_size, f.num_layers, f.vocab_size
+    q, kvd, heads = f.num_attention_heads * f.head_dim, f.num_kv_heads * f.head_dim, f.num_attention_heads
+    k_act = f.num_experts_per_tok
+    a = 4 if dtype == "fp32" else 2           # activation and weight bytes
+    T = seq_len * micro_batch                  # tokens per micro-batch on one GPU
+    N = num_gpus
+    lora = method in ("lora", "qlora")
+    tg = _targets(lora_target_modules) if lora else set()
+    g_ad = 2 if method == "qlora" and a == 2 else 4   # TRL keeps LoRA adapters fp32, bf16 for QLoRA
+    # share of linears trained; Spectrum keeps int(L * fraction) layers of each module type
+    frac = {"full": 1.0, "spectrum": max(1, int(L * spectrum_fraction)) / L}.get(method, 0.0)
+    assumptions = [f"{T} tokens per micro-batch per GPU ({micro_batch} x {seq_len}); "
+                   "loss over every token (TRL's fused LM head, logits never materialised)."]
+
+    # ---- parameters by role (counts) ----
+    emb_params = f.embedding_params
+    lin = f.linear_params
+    other = f.total_params - lin - emb_params          # norms, biases
+    shapes = {"q_proj": (h, q), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (q, h),
+              "gate_proj": (h, I), "up_proj": (h, I), "down_proj": (I, h)}
+    mult = {n: (f.num_experts if n in ("gate_proj", "up_proj", "down_proj") else 1) for n in shapes}
+    lora_params = L * sum(lora_r * (shapes[n][0] + shapes[n][1]) * mult[n] for n in tg)
+    save_params = 0
+    for m in (modules_to_save or []) if lora else []:
+        if m.split(".")[-1] in ("lm_head", "embed_tokens", "wte", "embed_out"):
+            save_params += V * h
+        else:
+            raise UserError(f"modules_to_save entry '{m}' is not an embedding or lm_head.",
+                            field="modules_to_save", fix="Use ['lm_head'] and/or ['embed_tokens'].")
+    saved = [m.split(".")[-1] for m in modules_to_save or []] if lora else []
+    head_trainable = method in ("full", "spectrum") or any(m in ("lm_head", "embed_out") for m in saved) \
+        or (f.tie_word_embeddings and any(m in ("embed_tokens", "wte") for m in saved))
+    if method == "full":
+        trainable = f.total_params
+    elif method == "spectrum":  # Spectrum's YAML also unfreezes embed_tokens and lm_head
+        trainable = int(frac * lin) + emb_params
+    else:
+        trainable = lora_params + save_params
+
+    # ---- bytes per role, whole model (before sharding) ----
+    if method == "qlora":
+        # NF4: 0.5 byte/param + double-quantised absmax (1 byte / 64 params + fp32 per 256 blocks)
+        weights = lin * (0.5 + 1 / 64 + 4 / (64 * 256)) + (emb_params + other) * a
+        assumptions.append("QLoRA: NF4 with double quantization; embeddings, lm_head and norms stay 16-bit.")
+    else:
+        weights = f.total_params * a
+    extra_w = lora_params * g_ad + save_params * a      # adapters and modules_to_save copies
+    grads = extra_w if lora else trainable * a
+    deepspeed = sharding in ("zero2", "zero3")
+    ob = _OPT_BYTES[optimizer]
+    if deepspeed and ob is None:
+        states = trainable * 12.0   # fp32 master weights + fp32 Adam moments (DeepSpeed bf16)
+        assumptions.append("DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes/param).")
+    elif ob is None:
+        states = 2 * extra_w if lora else 2 * trainable * a
+    else:
+        states = trainable * ob
+
+    # ---- sharding / offload: what stays on one GPU ----
+    gathered = 0.0
+    notes: list[str] = []
+    if sharding in ("zero3", "fsdp"):
+        layer_bytes = (weights - (emb_params + other) * a) / L
+        # the layer being computed plus the prefetched next one, and the full head for the loss
+        gathered = 2 * layer_bytes + V * h * a
+        weights, extra_w = weights / N, extra_w / N
+        grads, states = grads / N, states / N
+        if cpu_offload:  # ZeRO-3 offload_param/offload_optimizer; FSDP CPUOffload(offload_params)
+            weights, states, grads = 0.0, 0.0, 0.0
+            notes.append("CPU offload: optimizer states (and parameters) live in CPU RAM; "
+                         "needs roughly the model's full training state in RAM, and is slower.")
+    elif sharding == "zero2":
+        grads, states = grads / N, states / N
+        if cpu_offload:
+            states, grads = 0.0, 0.0
+    elif N > 1:
+        # DDP keeps gradient buckets next to .grad (gradient_as_bucket_view=False by default)
+        notes.append("DDP: each GPU holds the whole model; gradient buckets add one gradient copy.")
+    ddp_buckets = grads if (sharding == "none" and N > 1) else 0.0
+    # non-fused torch AdamW (foreach) allocates sqrt(v) for all parameters at the step
+    foreach_tmp = states / 2 if optimizer in ("adamw_torch", "adamw_hf", "adamw") and not deepspeed else 0.0
+
+    # ---- activations: bytes saved per token per decoder layer ----
+    S = frac  # share of linears whose input is saved for the weight gradient
+    drop = (1 + a) if lora_dropout > 0 else 0  # mask + dropout output per input element
+    norm = a * h if liger else 4 * h + (a * h if method == "full" else 0)
+    repeat = attn_implementation != "flash_attention_2" and (packing or micro_batch > 1 or
+                                                            attn_implementation == "eager")
+    kv_saved = 2 * a * (q if repeat else kvd)
+    mask = 0
+    if attn_implementation != "flash_attention_2" and (packing or micro_batch > 1):
+        mask = a * (T if packing else seq_len)  # float mask per layer: rows x T_row^2 bytes
+    eager = heads * seq_len * (4 + a) if attn_implementation == "eager" else 0
+    attn = (S * a * h + a * q + kv_saved + a * q + 4 * heads + S * a * q + mask + eager)
+    if lora:
+        qkv_in = sum(1 for n in ("q_proj", "k_proj", "v_proj") if n in tg)
+        attn += (drop * h * qkv_in if drop else (a * h if qkv_in else 0))
+        attn += (drop * q if drop else a * q) if "o_proj" in tg else 0
+    mlp = S * a * h + 2 * a * I + (0 if liger else a * I) + S * a * I
+    if lora:
+        gu = sum(1 for n in ("gate_proj", "up_proj") if n in tg)
+        mlp += (drop * h * gu if drop else (a * h if gu else 0))
+        mlp += (drop * I if drop else a * I) if "down_proj" in tg else 0
+    per_layer = f.norms_per_layer * norm + attn + k_act * mlp + (4 * f.num_experts if f.num_experts > 1 else 0)
+    # transient while one layer runs backward: incoming grad, grad of the MLP product, the LoRA
+    # dropout path's gradients (in the adapter dtype) and SwiGLU's unfused gradients
+    trans = a * h + k_act * (a * I + (2 * g_ad * I if "down_proj" in tg else 0) + (0 if liger else 2 * a * I))
+    ckpt = a * h                                # per token per layer: the layer input
+    # final norm input + its output gathered for the head + the shared boolean attention mask
+    final = (a if liger else 4) * h + a * h + (mask // a if mask else 0)
+    dequant = I * h * a if method == "qlora" else 0  # one 4-bit weight dequantised at a time
+
+    act_all = L * per_layer * T if not gradient_checkpointing else L * ckpt * T
+    layer_live = (per_layer + trans) * T + dequant
+    loss_tile = min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * a
+    loss_bwd = loss_tile + (4 + 2 * a) * h * T + (V * h * (4 + a) if head_trainable else 0)
+    head_grad = V * h * a if head_trainable else 0
+
+    persistent = {"weights": weights, "trainable_copies": extra_w,
+                  "optimizer_states": states, "gathered_shards": 0.0}
+    phases: dict[str, dict[str, float]] = {}
+    phases["loss backward (start of backward)"] = {
+        **persistent, "activations": act_all + final * T, "logits_and_loss": loss_bwd,
+        "gathered_shards": gathered}
+    top_acts = (act_all + layer_live) if gradient_checkpointing else (act_all + trans * T + dequant)
+    phases["backward of the last layer"] = {
+        **persistent, "activations": top_acts + final * T, "gradients": head_grad,
+        "gathered_shards": gathered}
+    phases["backward of the first layer"] = {
+        **persistent, "activations": (ckpt * T if gradient_checkpointing else 0) + layer_live,
+        "gradients": grads + ddp_buckets, "gathered_shards": gathered}
+    emb_grad_tmp = V * h * a if method in ("full", "spectrum") or any(
+        m in ("embed_tokens", "wte") for m in saved) else 0
+    phases["end of backward / optimizer step"] = {
+        **persistent, "gradients": grads + ddp_buckets, "optimizer_temporaries": foreach_tmp + emb_grad_tmp}
+
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    peak = totals[peak_phase]
+    slack = 0.05 * peak + 0.25 * GIB
+    breakdown = {k: round(v / GIB, 3) for k, v in phases[peak_phase].items()}
+    breakdown["cuda_context"] = CONTEXT_GIB
+    breakdown["allocator_slack"] = round(slack / GIB, 3)
+    total = peak / GIB + CONTEXT_GIB + slack / GIB
+
+    if packing:
+        assumptions.append("Packing: TRL bfd packs micro_batch rows of seq_len into one padding-free row.")
+    if not gradient_checkpointing:
+        notes.append("Gradient checkpointing off: every layer's activations stay until backward.")
+    if sharding == "none" and N > 1 and method == "full" and vram and total > FITS_FRACTION * vram:
+        notes.append("Full fine-tuning on several GPUs needs ZeRO-3 or FSDP to shard the states.")
+    fits = thr = head = None
+    if vram:
+        thr = round(FITS_FRACTION * vram, 2)
+        fits = total <= FITS_FRACTION * vram
+        head = round(FITS_FRACTION * vram - total, 2)
+    return MemoryEstimate(
+        model=f.name, method=method, total_params=f.total_params, trainable_params=int(trainable),
+        breakdown_gib=breakdown, peak_phase=peak_phase,
+        phases_gib={k: round(v / GIB, 3) for k, v in totals.items()},
+        peak_allocated_gib=round(peak / GIB, 3), total_gib=round(total, 3),
+        gpu=spec.name if spec else None, gpu_memory_gib=vram, fits=fits, fits_threshold_gib=thr,
+        headroom_gib=head, assumptions=assumptions, notes=notes)
+
+
+def estimate_for(facts: ModelFacts, **kw) -> MemoryEstimate:
+    """estimate_memory on ModelFacts already loaded (the recommender calls this in a loop)."""
+    base = dict(method="qlora", seq_len=1024, micro_batch=1, gradient_checkpointing=True,
+                packing=False, optimizer="adamw_torch", dtype="bf16", liger=False, lora_r=16,
+                lora_target_modules="all-linear", modules_to_save=None, spectrum_fraction=0.3,
+                num_gpus=1, sharding="none", cpu_offload=False, gpu=None, gpu_memory_gib=None,
+                attn_implementation="sdpa", lora_dropout=0.05)
+    base.update(kw)
+    return _estimate(facts, **base)
