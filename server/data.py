@@ -1,6 +1,14 @@
-"""MCP wiring for the data tools."""
+"""MCP wiring for the data tools: inspect and convert datasets (verify_masking joins later)."""
 from __future__ import annotations
+
+from server.common import READ_ONLY_OPEN, WRITES, add_tool
 
 
 def register(mcp) -> None:
-    """Register this area's tools on the server."""
+    """Register this area's tools on the server. tools.data imports no datasets/transformers at
+    module level, so registering stays fast."""
+    from tools.data import convert_dataset, inspect_dataset
+
+    # May read a hub dataset when online: open world.
+    add_tool(mcp, inspect_dataset, READ_ONLY_OPEN, title="Inspect a dataset")
+    add_tool(mcp, convert_dataset, WRITES, title="Convert a dataset to TRL JSONL")
