@@ -1,0 +1,289 @@
+"""evaluate() with lm-eval on CPU: local tasks on the tiny model (+ adapter, vs base), a served
+endpoint (a local fake OpenAI server with known answers), errors, background, and MCP."""
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import json
+import re
+import socket
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tools.errors import UserError
+
+PAIRS = [(12, 7), (3, 4), (10, 5), (8, 8), (1, 2), (20, 30), (2, 2), (9, 1), (4, 4), (6, 7)]
+
+
+def write_arith(path: Path) -> Path:
+    rows = [{"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in PAIRS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def adapter(ws, tiny_model) -> Path:
+    from test_merge import make_adapter
+    return make_adapter(tiny_model, ws.root / "runs" / "r1" / "output")
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def test_local_task_adapter_vs_base(ws, tiny_model, adapter):
+    from tools.evaluate import evaluate
+    write_arith(ws.root / "arith.jsonl")
+    r = evaluate(adapter="runs/r1/output", compare_with="models/tiny-llama",
+                 local_task="arith.jsonl", limit=10, max_gen_toks=8, batch_size=10)
+    assert r.status == "completed" and r.tasks == ["local_arith"]
+    lt = r.local_task
+    assert lt["format"] == "question_answer" and lt["answer_mode"] == "numeric" and lt["rows"] == 10
+    data = read_jsonl(ws.root / lt["data_path"])
+    assert data[0]["target"] == "19" and data[0]["prompt"] == "What is 12+7?"
+    assert (ws.root / lt["yaml_path"]).read_text().startswith("task: local_arith")
+
+    assert [run.label for run in r.runs] == ["fine-tuned", "base"]
+    tuned, base = r.runs
+    assert tuned.adapter == "runs/r1/output" and tuned.model == "models/tiny-llama"
+    assert base.adapter is None and tuned.apply_chat_template
+    for run in r.runs:
+        (m,) = run.metrics
+        assert (m.task, m.metric, m.filter, m.n) == ("local_arith", "exact_match", "final-answer", 10)
+        assert m.value is not None and 0 <= m.value <= 1 and m.stderr is not None
+        rows = read_jsonl(ws.root / run.samples_files["local_arith"])
+        assert len(rows) == 10
+        assert {"prompt", "target", "response", "extracted", "correct"} <= set(rows[0])
+        assert "<|im_start|>user\nWhat is" in rows[0]["prompt"]  # the chat template was applied
+        assert (ws.root / run.raw_results_file).exists()
+    (row,) = r.comparison
+    assert row.delta == pytest.approx(row.fine_tuned - row.base)
+    assert "| base | fine-tuned | delta |" in r.table
+    saved = json.loads((ws.root / r.results_file).read_text())
+    assert saved["comparison"][0]["task"] == "local_arith"
+    assert r.settings["decoding"].startswith("greedy") and r.settings["max_gen_toks"] == 8
+
+
+def test_local_multiple_choice(ws, tiny_model):
+    from tools.evaluate import evaluate
+    rows = [{"question": f"Which city is number {i}?", "choices": ["Paris", "Rome", "Oslo"],
+             "answer": ["A", 1, "Oslo"][i % 3]} for i in range(6)]
+    (ws.root / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = evaluate(model="models/tiny-llama", local_task="mc.jsonl", limit=6)
+    assert r.local_task["kind"] == "multiple_choice"
+    (m,) = r.runs[0].metrics
+    assert m.metric == "acc" and m.n == 6 and m.stderr is not None
+    samples = read_jsonl(ws.root / r.runs[0].samples_files["local_mc"])
+    assert [s["target"] for s in samples] == ["A", "B", "C"] * 2
+    assert all(s["extracted"] in "ABC" and s["correct"] == (s["extracted"] == s["target"])
+               for s in samples)
+    assert m.value == pytest.approx(sum(s["correct"] for s in samples) / 6)
+
+
+# ---------------------------------------------------------------- a served model (fake endpoint)
+@pytest.fixture
+def api_deps():
+    """lm-eval's API models need the lm-eval[api] extra (tenacity, aiohttp), part of our eval extra."""
+    import tenacity  # noqa: F401 - fails loudly when the extra is missing
+
+
+@pytest.fixture
+def fake_server():
+    """An OpenAI-compatible server: right on even first operands, off by one on odd ones."""
+    requests: list[dict] = []
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": "served-tiny", "object": "model"}]})
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(req)
+            a, b = map(int, re.findall(r"(\d+)\+(\d+)", req["messages"][-1]["content"])[0])
+            ans = a + b if a % 2 == 0 else a + b + 1
+            self._send({"id": "c", "object": "chat.completion", "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": f"{a} plus {b}.\n#### {ans}"}}]})
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", requests
+    srv.shutdown()
+
+
+def test_served_endpoint_exact_scores(ws, api_deps, fake_server):
+    from tools.evaluate import evaluate
+    url, requests = fake_server
+    write_arith(ws.root / "arith.jsonl")
+    r = evaluate(base_url=url, local_task="arith.jsonl", system_prompt="Be brief.", max_gen_toks=32)
+    run = r.runs[0]
+    assert run.backend == "local-chat-completions" and run.served_model == "served-tiny"
+    assert run.base_url == url + "/chat/completions"
+    (m,) = run.metrics
+    right = sum(a % 2 == 0 for a, _ in PAIRS)  # 7 of 10
+    assert m.value == pytest.approx(right / 10)
+    assert m.stderr == pytest.approx((0.7 * 0.3 / 9) ** 0.5, rel=1e-6)  # sample std / sqrt(n)
+    req = requests[0]
+    assert req["model"] == "served-tiny" and req["temperature"] == 0 and req["max_tokens"] == 32
+    assert req["messages"][0] == {"role": "system", "content": "Be brief."}
+    samples = read_jsonl(ws.root / run.samples_files["local_arith"])
+    s0 = next(s for s in samples if s["target"] == "19")
+    assert s0["extracted"] == "19" and s0["correct"] is True and "#### 19" in s0["response"]
+
+
+def test_unreachable_endpoint_and_bad_inputs(ws, tiny_model, api_deps):
+    from tools.evaluate import evaluate
+    write_arith(ws.root / "arith.jsonl")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="cannot reach") as ei:
+        evaluate(base_url=f"http://127.0.0.1:{port}/v1", local_task="arith.jsonl")
+    assert ei.value.field == "base_url" and "vllm serve" in ei.value.fix
+    with pytest.raises(UserError, match="http"):
+        evaluate(base_url="localhost:8000", local_task="arith.jsonl")
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate(model="models/nope", local_task="arith.jsonl")
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        evaluate(model="models/tiny-llama")
+    with pytest.raises(UserError, match="adapter_config.json"):
+        evaluate(adapter="models/tiny-llama", local_task="arith.jsonl")
+    (ws.root / "bad.jsonl").write_text('{"question": "x", "answer": "1"}\nnot json\n')
+    with pytest.raises(UserError, match="line 2"):
+        evaluate(model="models/tiny-llama", local_task="bad.jsonl")
+    (ws.root / "odd.jsonl").write_text('{"foo": "x", "bar": "1"}\n')
+    with pytest.raises(UserError, match="prompt field"):
+        evaluate(model="models/tiny-llama", local_task="odd.jsonl")
+
+
+@pytest.fixture
+def gsm8k_only_index(monkeypatch):
+    """lm-eval's real TaskManager over its gsm8k folder only: indexing all ~15k task YAMLs takes
+    tens of seconds on 2 cores, and the logic under test is the same."""
+    import lm_eval.tasks as lt
+    from lm_eval.tasks import TaskManager
+
+    from tools import evaluate as ev
+    tm = TaskManager(include_path=str(Path(lt.__file__).parent / "gsm8k"), include_defaults=False)
+    monkeypatch.setattr(ev, "_known_task_names", lambda: set(tm.all_tasks))
+    monkeypatch.setattr(ev, "_task_manager", lambda include, include_defaults: tm)
+    return tm
+
+
+def test_unknown_task_and_offline_dataset(ws, tiny_model, gsm8k_only_index):
+    from tools.evaluate import evaluate
+    with pytest.raises(UserError, match="no task, group or tag named 'gsm8k_cotx'") as ei:
+        evaluate(model="models/tiny-llama", tasks=["gsm8k_cotx"])
+    assert "gsm8k_cot" in str(ei.value) and ei.value.field == "tasks"
+    # A real registry task whose dataset cannot be fetched (HF_DATASETS_OFFLINE=1 here).
+    with pytest.raises(UserError, match="could not load the dataset of task") as ei:
+        evaluate(model="models/tiny-llama", tasks=["gsm8k_cot"], limit=2)
+    assert "local_task" in ei.value.fix
+
+
+def test_background_job_and_cli(ws, tiny_model, monkeypatch):
+    from tools import evaluate as ev
+    calls = []
+    fake_runs = types.ModuleType("tools.runs")
+
+    def start_job(kind, argv, *, name=None, meta=None, force=False):
+        calls.append((kind, argv, name, meta))
+        return "eval-0001"
+    fake_runs.start_job = start_job
+    monkeypatch.setitem(sys.modules, "tools.runs", fake_runs)
+    write_arith(ws.root / "arith.jsonl")
+    r = ev.evaluate(model="models/tiny-llama", local_task="arith.jsonl", limit=3, max_gen_toks=4,
+                    background=True, output_dir="evals/bg")
+    assert r.status == "started" and r.run_id == "eval-0001" and r.runs == []
+    ((kind, argv, _name, meta),) = calls
+    assert kind == "eval" and argv[:4] == [sys.executable, "-m", "tools.evaluate", "--spec"]
+    assert meta["output_dir"] == "evals/bg"
+    spec = json.loads(Path(argv[4]).read_text())
+    assert spec["workspace"] == str(ws.root) and spec["params"]["limit"] == 3
+    # What the job runs: the CLI, in-process here.
+    assert ev.main(["--spec", argv[4]]) == 0
+    res = json.loads((ws.root / "evals" / "bg" / "results.json").read_text())
+    assert res["status"] == "completed" and res["runs"][0]["metrics"][0]["n"] == 3
+
+
+def test_mcp_tools(ws, tiny_model, adapter):
+    from mcp import Client
+    from mcp.server.mcpserver import MCPServer
+
+    import server.post
+
+    mcp = MCPServer("post-test")
+    server.post.register(mcp)
+    write_arith(ws.root / "arith.jsonl")
+
+    async def go():
+        async with Client(mcp) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert tools["merge_adapter"].annotations.destructive_hint is True
+            assert tools["evaluate"].annotations.open_world_hint is True
+            assert tools["evaluate"].annotations.destructive_hint is False
+            assert "lm-evaluation-harness" in tools["evaluate"].description
+            r = await c.call_tool("merge_adapter", {"adapter_dir": "runs/r1/output",
+                                                    "output_dir": "models/merged"})
+            assert not r.is_error, r.content
+            assert r.structured_content["verified"] is True
+            assert r.structured_content["logits_check"]["equivalent"] is True
+            r = await c.call_tool("evaluate", {"model": "models/merged", "local_task": "arith.jsonl",
+                                               "limit": 4, "max_gen_toks": 4})
+            assert not r.is_error, r.content
+            m = r.structured_content["runs"][0]["metrics"][0]
+            assert m["metric"] == "exact_match" and m["n"] == 4 and "stderr" in m
+            r = await c.call_tool("merge_adapter", {"adapter_dir": "models/tiny-llama",
+                                                    "output_dir": "x"})
+            assert r.is_error and "adapter_config.json" in r.content[0].text
+            assert "Fix:" in r.content[0].text
+    asyncio.run(go())
+
+
+def test_local_task_formats_load_in_lm_eval(ws):
+    """convert_dataset output (conversational prompt/completion with a system turn, in a dir),
+    messages rows with text answers; the YAML loads in lm-eval's TaskManager."""
+    from lm_eval.tasks import TaskManager
+
+    from tools.eval_tasks import build_local_task
+    d = ws.root / "data" / "converted"
+    d.mkdir(parents=True)
+    row = {"prompt": [{"role": "system", "content": "You are a calculator."},
+                      {"role": "user", "content": "What is 2+2?"}],
+           "completion": [{"role": "assistant", "content": "2+2 = 4.\n#### 4"}]}
+    (d / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (d / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(
+        {**row, "completion": [{"role": "assistant", "content": "It is 1,000."}]}) + "\n")
+    t = build_local_task("data/converted")
+    assert (t.source, t.format, t.answer_mode) == ("data/converted/test.jsonl", "prompt_completion", "numeric")
+    assert t.system_prompt == "You are a calculator." and t.rows == 2
+    docs = read_jsonl(ws.root / t.data_path)
+    assert [x["target"] for x in docs] == ["4", "1000"] and docs[0]["prompt"] == "What is 2+2?"
+
+    (ws.root / "qa.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": a}]}) + "\n"
+        for c, a in [("France", "Paris"), ("Italy", "Rome")]))
+    t2 = build_local_task("qa.jsonl", chat_style=False)
+    assert (t2.format, t2.answer_mode, t2.rows) == ("messages", "text", 2)
+    tm = TaskManager(include_path=str(ws.root / t2.task_dir), include_defaults=False)
+    task = tm.load([t2.name])["tasks"][t2.name]
+    doc = next(iter(task.test_docs()))
+    assert task.doc_to_text(doc) == "Question: Capital of France?\nAnswer:"
+    assert task.doc_to_target(doc) == "Paris"

@@ -1,0 +1,130 @@
+"""merge_adapter on the tiny Llama: equivalence proof, tokenizer, generation_config, refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.errors import UserError
+
+
+def make_adapter(model_dir: Path, out: Path, *, seed: int = 1, pad_token: str | None = None,
+                 summary: dict | None = None) -> Path:
+    """A non-zero LoRA adapter on the tiny model, saved with its tokenizer (as training does)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if pad_token is not None:
+        tok.pad_token = pad_token
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # lora_B starts at zero: make the adapter do something
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    if summary is not None:
+        (out.parent / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+@pytest.fixture
+def adapter(ws, tiny_model) -> Path:
+    return make_adapter(tiny_model, ws.root / "runs" / "r1" / "output",
+                        summary={"method": "qlora", "load_in_4bit": True,
+                                 "base_model": str(tiny_model)})
+
+
+def test_merge_equivalent_fp32(ws, tiny_model, adapter):
+    from safetensors import safe_open
+
+    from tools.merge import merge_adapter
+    r = merge_adapter(adapter_dir="runs/r1/output", output_dir="models/merged", dtype="fp32")
+    assert r.dtype == "fp32" and r.device in ("cpu", "cuda")
+    assert r.base_model == "models/tiny-llama"  # from adapter_config.json, inside the workspace
+    lc = r.logits_check
+    assert lc.equivalent and lc.max_abs_diff <= lc.tolerance < 1e-3
+    assert lc.top1_agreement == 1.0 and lc.tokens > 20
+    assert lc.adapter_effect_max_abs > 10 * lc.tolerance  # the adapter really changes the model
+    assert r.tokenizer_check.identical_ids and r.tokenizer_check.chat_template_identical
+    assert r.tokenizer_check.training_tokenizer == "adapter_dir"
+    assert r.verified and r.qlora_adapter
+    assert any("QLoRA" in n and "4-bit" in n for n in r.notes)
+
+    out = ws.root / "models" / "merged"
+    assert (out / "model.safetensors").exists() and (out / "merge_report.json").exists()
+    assert not any((out / f).exists() for f in ("adapter_config.json", "adapter_model.safetensors"))
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert not any("lora" in k for k in fh.keys())
+    # generation_config: eos has the chat end-of-turn token, pad is distinct from eos
+    gen = json.loads((out / "generation_config.json").read_text())
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert 258 in eos  # <|im_end|> in the tiny tokenizer
+    assert gen["pad_token_id"] == 256 and gen["pad_token_id"] not in eos
+    assert r.generation_config["end_of_turn_token"] == "<|im_end|>"
+    assert tok.get("pad_token") == "<|endoftext|>"
+    # no temporary directory left next to it
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged", "tiny-llama"]
+
+
+def test_merge_picks_pad_distinct_from_eos(ws, tiny_model):
+    from tools.merge import merge_adapter
+    make_adapter(tiny_model, ws.root / "ad", pad_token="<|im_end|>")  # pad == eos, as often
+    r = merge_adapter(adapter_dir="ad", output_dir="m2", base_model="models/tiny-llama",
+                      sample_prompts=["Hello there"])
+    assert r.verified and not r.qlora_adapter
+    assert r.generation_config["pad_token"] == "<|endoftext|>"
+    assert r.generation_config["pad_token_id"] not in r.generation_config["eos_token_id"]
+    assert any("pad token was '<|im_end|>'" in n for n in r.notes)
+
+
+def test_refuses_non_empty_output(ws, tiny_model, adapter):
+    from tools.merge import merge_adapter
+    out = ws.root / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty") as ei:
+        merge_adapter(adapter_dir="runs/r1/output", output_dir="busy")
+    assert ei.value.field == "output_dir" and "overwrite" in str(ei.value)
+    assert (out / "keep.txt").read_text() == "x"
+    with pytest.raises(UserError, match="destroy"):
+        merge_adapter(adapter_dir="runs/r1/output", output_dir="runs/r1", overwrite=True)
+
+
+def test_missing_adapter_config_and_base(ws, tiny_model, adapter):
+    from tools.merge import merge_adapter
+    with pytest.raises(UserError, match="adapter_config.json") as ei:
+        merge_adapter(adapter_dir="models/tiny-llama", output_dir="m")
+    assert "full model" in str(ei.value) and ei.value.fix
+    with pytest.raises(UserError, match="does not exist"):
+        merge_adapter(adapter_dir="nope", output_dir="m")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "models/gone"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="models/gone") as ei:
+        merge_adapter(adapter_dir="runs/r1/output", output_dir="m")
+    assert ei.value.field.startswith("base_model") and ei.value.fix
+    with pytest.raises(UserError, match="hub"):  # offline: a hub id that cannot load
+        merge_adapter(adapter_dir="runs/r1/output", output_dir="m",
+                      base_model="no-such-org/no-such-model")
+    assert not (ws.root / "m").exists()
+
+
+def test_no_partial_dir_on_failure(ws, tiny_model, adapter, monkeypatch):
+    from tools import merge
+    boom = RuntimeError("disk full")
+
+    def fail(*a, **k):
+        raise boom
+    monkeypatch.setattr(merge, "_dir_size", fail)  # fails after the model files are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge.merge_adapter(adapter_dir="runs/r1/output", output_dir="models/m3")
+    assert sorted(p.name for p in (ws.root / "models").iterdir()) == ["tiny-llama"]

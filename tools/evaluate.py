@@ -1,0 +1,736 @@
+"""Evaluate a model with EleutherAI's lm-evaluation-harness (lm_eval.simple_evaluate).
+
+Backends: `hf` for a local model dir (+ an optional PEFT adapter), `local-chat-completions` for a
+served OpenAI-compatible endpoint (vLLM, TGI, llama.cpp server...). Tasks: lm-eval registry tasks
+(gsm8k_cot, mmlu, ...: datasets come from the hub) and/or a local JSONL turned into a task by
+tools.eval_tasks. Greedy decoding. With compare_with, the base is evaluated the same way and
+the results are put side by side with the delta and its uncertainty.
+
+CLI for background runs: `python -m tools.evaluate --spec spec.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import difflib
+import gc
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .errors import UserError
+from .workspace import get_workspace, set_workspace
+
+log = logging.getLogger(__name__)
+
+
+class TaskMetric(BaseModel):
+    """One metric of one task (lm-eval keys it `metric,filter`)."""
+    task: str
+    metric: str
+    filter: str | None = None
+    value: float | None
+    stderr: float | None = Field(None, description="standard error of the mean (bootstrap or "
+                                                    "analytic), None when lm-eval gives none.")
+    higher_is_better: bool | None = None
+    n: int | None = Field(None, description="samples evaluated.")
+
+
+class ModelRun(BaseModel):
+    """One model evaluated on all tasks."""
+    label: str
+    backend: Literal["hf", "local-chat-completions"]
+    model: str | None = None
+    adapter: str | None = None
+    base_url: str | None = None
+    served_model: str | None = None
+    apply_chat_template: bool
+    metrics: list[TaskMetric]
+    samples_files: dict[str, str] = Field(description="task -> JSONL of per-sample prompt, target, "
+                                                      "response, extracted, correct.")
+    raw_results_file: str
+    elapsed_s: float
+
+
+class ComparisonRow(BaseModel):
+    """Base vs fine-tuned on one metric."""
+    task: str
+    metric: str
+    filter: str | None = None
+    base: float | None
+    base_stderr: float | None
+    fine_tuned: float | None
+    fine_tuned_stderr: float | None
+    delta: float | None
+    delta_stderr: float | None = Field(description="sqrt(se_base^2 + se_tuned^2): conservative, "
+                                                   "the samples are paired.")
+    significant: bool | None = Field(description="|delta| > 1.96 * delta_stderr.")
+
+
+class EvalResult(BaseModel):
+    """lm-eval results: per model metrics with stderr, files, and the side-by-side comparison."""
+    status: Literal["completed", "started"]
+    run_id: str | None = None
+    output_dir: str
+    results_file: str | None = None
+    tasks: list[str]
+    local_task: dict[str, Any] | None = Field(None, description="the generated task (yaml, data, "
+                                                                "detected format) when local_task was given.")
+    runs: list[ModelRun] = []
+    comparison: list[ComparisonRow] = []
+    table: str = ""
+    settings: dict[str, Any] = {}
+    notes: list[str] = []
+    elapsed_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------- task manager
+_TM_CACHE: dict[tuple, Any] = {}
+
+
+def _task_manager(include_path: str | None, include_defaults: bool):
+    """TaskManager, cached per process: indexing lm-eval's ~15k task YAMLs takes seconds."""
+    key = (include_path, include_defaults)
+    if key not in _TM_CACHE:
+        from lm_eval.tasks import TaskManager
+        _TM_CACHE[key] = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    return _TM_CACHE[key]
+
+
+def _with_metadata(tm, meta: dict):
+    """A shallow copy of tm whose tasks carry the model args as metadata (what simple_evaluate
+    does when it builds its own TaskManager; some tasks read e.g. `pretrained`)."""
+    try:
+        from lm_eval.tasks._factory import TaskFactory
+        tm2 = copy.copy(tm)
+        tm2._factory = TaskFactory(meta=meta)
+        tm2.metadata = meta
+        return tm2
+    except Exception:  # noqa: BLE001 - private API moved: tasks simply get no metadata
+        return tm
+
+
+_SCAN: set[str] | None = None
+_KEY = re.compile(r"^(task|group|tag):\s*(.*)$")
+
+
+def _scanned_task_names() -> set[str]:
+    """Names written literally in lm-eval's task YAMLs: a fast check for known names (tags that
+    come from included templates are missing; the TaskManager index is the truth)."""
+    global _SCAN
+    if _SCAN is None:
+        import lm_eval.tasks as lt
+        names: set[str] = set()
+        for p in Path(lt.__file__).parent.rglob("*.yaml"):
+            try:
+                lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for i, line in enumerate(lines):
+                m = _KEY.match(line)
+                if not m:
+                    continue
+                k, v = m.group(1), m.group(2).split(" #")[0].strip().strip("'\"")
+                if v.startswith("["):
+                    names.update(x.strip().strip("'\"") for x in v.strip("[]").split(",") if x.strip())
+                elif v and not v.startswith("!"):
+                    names.add(v)
+                elif k == "tag":
+                    j = i + 1
+                    while j < len(lines) and re.match(r"^\s*-\s*\S", lines[j]):
+                        names.add(lines[j].split("-", 1)[1].strip().strip("'\""))
+                        j += 1
+        _SCAN = names
+    return _SCAN
+
+
+def _known_task_names() -> set[str]:
+    """Every task, group and tag of lm-eval's registry (TaskManager index, cached on disk in the
+    workspace per lm-eval version because indexing takes tens of seconds)."""
+    ws = get_workspace()
+    cache = ws.root / "eval_tasks" / f".lm_eval_task_names-{_lm_eval_version()}.json"
+    try:
+        return set(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    names = set(_task_manager(None, True).all_tasks)
+    with contextlib.suppress(OSError, UserError):
+        ws.write_text(cache, json.dumps(sorted(names)))
+    return names
+
+
+def _check_task_names(names: list[str]) -> None:
+    todo = [n for n in names if not (n.endswith((".yaml", ".yml")) and Path(n).is_file())]
+    if not todo or all(n in _scanned_task_names() for n in todo):
+        return
+    known = _known_task_names()
+    for n in todo:
+        if n in known:
+            continue
+        close = difflib.get_close_matches(n, sorted(known), n=6, cutoff=0.6)
+        if not close:
+            close = sorted(t for t in known if n.lower() in t.lower())[:6]
+        raise UserError(
+            f"lm-eval {_lm_eval_version()} has no task, group or tag named '{n}'."
+            + (f" Close names: {', '.join(close)}." if close else ""),
+            field="tasks",
+            fix="Use an lm-eval task name (e.g. gsm8k_cot, gsm8k, mmlu, hellaswag, arc_easy, "
+                "ifeval; `lm_eval ls tasks` lists them) or evaluate your own JSONL with local_task.")
+
+
+def _lm_eval_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("lm_eval")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+# ----------------------------------------------------------------------------- endpoint
+def _chat_url(base_url: str) -> tuple[str, str]:
+    """(chat completions URL, API root ending in /v1 or what was given)."""
+    u = base_url.strip().rstrip("/")
+    if not re.match(r"https?://[^/\s]+", u):
+        raise UserError(f"'{base_url}' is not an http(s) URL.", field="base_url",
+                        fix="Pass the server's OpenAI-compatible root, e.g. http://localhost:8000/v1.")
+    if u.endswith("/chat/completions"):
+        return u, u[: -len("/chat/completions")]
+    if u.endswith("/completions"):
+        root = u[: -len("/completions")]
+        return root + "/chat/completions", root
+    if not re.search(r"/v\d+$", u):
+        u += "/v1"
+    return u + "/chat/completions", u
+
+
+def check_endpoint(base_url: str, timeout: float = 5.0) -> tuple[str, list[str]]:
+    """Reach `<root>/models` with a short request. Returns (chat URL, served model ids)."""
+    chat, root = _chat_url(base_url)
+    headers = {"Accept": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    req = urllib.request.Request(root + "/models", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - user's endpoint
+            data = json.loads(resp.read().decode() or "{}")
+        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
+        return chat, ids
+    except urllib.error.HTTPError:
+        return chat, []  # the server answered: reachable, just no /models listing
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"cannot reach {root}/models ({reason}).", field="base_url",
+            fix="Start the server first (vLLM: `vllm serve <model-dir> --port 8000`; TGI: "
+                "`docker run -p 8080:80 ghcr.io/huggingface/text-generation-inference --model-id "
+                "<model>`), check host and port, then pass base_url=http://HOST:PORT/v1.") from None
+
+
+# ----------------------------------------------------------------------------- models
+def _has_chat_template(d: Path) -> bool:
+    if (d / "chat_template.jinja").exists() or (d / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists()
+
+
+def _device_dtype(dtype: str) -> tuple[str, str]:
+    import torch
+    if torch.cuda.is_available():
+        auto = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        device = "cuda"
+    else:
+        auto, device = "float32", "cpu"
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "auto": auto}
+    return device, names[dtype]
+
+
+def _resolve_adapter(adapter: str) -> tuple[Path, dict]:
+    ws = get_workspace()
+    adir = ws.resolve(adapter, field="adapter", must_exist=True, kind="dir")
+    cfg = adir / "adapter_config.json"
+    if not cfg.is_file():
+        raise UserError(f"'{adapter}' has no adapter_config.json.", field="adapter",
+                        fix="Give a PEFT adapter dir (a LoRA/QLoRA run's output_dir), or pass a full "
+                            "model dir as model=.")
+    return adir, json.loads(cfg.read_text())
+
+
+def _resolve_model(model: str, field: str) -> str:
+    from .merge import resolve_model_ref
+    ref, _local = resolve_model_ref(model, field=field)
+    return ref
+
+
+def _build_hf_lm(pretrained: str, adapter: str | None, *, device: str, dtype: str, batch_size: int,
+                 notes: list[str]):
+    import lm_eval.api.registry as registry
+    args: dict[str, Any] = {"pretrained": pretrained, "dtype": dtype}
+    if adapter:
+        args["peft"] = adapter
+        if _has_tokenizer(Path(adapter)):
+            args["tokenizer"] = adapter  # carries the training chat template
+    try:
+        lm = registry.get_model("hf").create_from_arg_obj(
+            args, {"batch_size": batch_size, "max_batch_size": None, "device": device})
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"lm-eval could not load the model ({type(exc).__name__}: {str(exc)[:300]}).",
+                        field="adapter" if adapter else "model",
+                        fix="Check that the directory holds a complete model (and that the adapter "
+                            "matches its base); if an adapter with resized embeddings fails, merge it "
+                            "with merge_adapter and evaluate the merged model.") from None
+    gen = getattr(lm.model, "generation_config", None)
+    if gen is not None and getattr(gen, "max_new_tokens", None) is not None:
+        # transformers lets generation_config.max_new_tokens override lm-eval's max_length.
+        notes.append(f"{Path(pretrained).name}: generation_config.max_new_tokens="
+                     f"{gen.max_new_tokens} cleared so that max_gen_toks applies.")
+        gen.max_new_tokens = None
+    return lm, args
+
+
+# ----------------------------------------------------------------------------- results
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _metrics(res: dict) -> list[TaskMetric]:
+    out: list[TaskMetric] = []
+    hib = res.get("higher_is_better", {})
+    nsamp = res.get("n-samples", {})
+    seen = set()
+    for section in ("results", "groups"):
+        for task, d in (res.get(section) or {}).items():
+            for k, v in d.items():
+                if "," not in k:
+                    continue
+                metric, filt = k.split(",", 1)
+                if metric.endswith("_stderr") or (task, metric, filt) in seen:
+                    continue
+                seen.add((task, metric, filt))
+                n = nsamp.get(task, {})
+                out.append(TaskMetric(
+                    task=task, metric=metric, filter=None if filt == "none" else filt,
+                    value=_num(v), stderr=_num(d.get(f"{metric}_stderr,{filt}")),
+                    higher_is_better=(hib.get(task) or {}).get(metric),
+                    n=n.get("effective") if isinstance(n, dict) else None))
+    return out
+
+
+def _sample_rows(task: str, samples: list[dict], config: dict) -> list[dict]:
+    rows = []
+    mc = config.get("output_type") == "multiple_choice"
+    for s in samples:
+        args = s.get("arguments") or [[""]]
+        prompt = args[0][0] if args and args[0] else ""
+        while isinstance(prompt, (list, tuple)) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            prompt = json.dumps(prompt, ensure_ascii=False, default=str)
+        metric = (s.get("metrics") or [None])[0]
+        score = s.get(metric) if metric else None
+        target = s.get("target")
+        if mc:
+            lls = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in (s.get("resps") or [])]
+            choices = (s.get("doc") or {}).get("letters") or list(range(len(lls)))
+            best = max(range(len(lls)), key=lambda i: lls[i]) if lls else None
+            response = extracted = choices[best] if best is not None else None
+            if isinstance(target, int) and target < len(choices):
+                target = choices[target]
+        else:
+            resps = s.get("resps") or [[""]]
+            response = resps[0][0] if resps and resps[0] else ""
+            fr = s.get("filtered_resps") or [""]
+            extracted = fr[0] if isinstance(fr, list) and fr else fr
+        filt = s.get("filter")
+        rows.append({"task": task, "doc_id": s.get("doc_id"), "filter": None if filt == "none" else filt,
+                     "prompt": prompt, "target": target, "response": response,
+                     "extracted": extracted,
+                     "correct": bool(score) if isinstance(score, (int, float)) else None,
+                     metric or "score": score})
+    return rows
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}"
+
+
+def _table(runs: list[ModelRun], comparison: list[ComparisonRow]) -> str:
+    if comparison:
+        lines = ["| task | metric | filter | base | fine-tuned | delta | 95% CI of delta |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in comparison:
+            ci = (f"±{1.96 * r.delta_stderr:.4f}" + (" *" if r.significant else "")
+                  if r.delta_stderr is not None else "-")
+            lines.append(f"| {r.task} | {r.metric} | {r.filter or '-'} | {_fmt(r.base)} ± "
+                         f"{_fmt(r.base_stderr)} | {_fmt(r.fine_tuned)} ± {_fmt(r.fine_tuned_stderr)}"
+                         f" | {'-' if r.delta is None else f'{r.delta:+.4f}'} | {ci} |")
+        lines.append("(value ± stderr; * = |delta| > 1.96 stderr)")
+        return "\n".join(lines)
+    lines = ["| model | task | metric | filter | value | stderr | n |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for m in run.metrics:
+            lines.append(f"| {run.label} | {m.task} | {m.metric} | {m.filter or '-'} | {_fmt(m.value)}"
+                         f" | {_fmt(m.stderr)} | {m.n if m.n is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def _compare(base: ModelRun, tuned: ModelRun) -> list[ComparisonRow]:
+    b = {(m.task, m.metric, m.filter): m for m in base.metrics}
+    rows = []
+    for m in tuned.metrics:
+        bm = b.get((m.task, m.metric, m.filter))
+        if bm is None:
+            continue
+        delta = None if m.value is None or bm.value is None else m.value - bm.value
+        dse = (math.sqrt(m.stderr ** 2 + bm.stderr ** 2)
+               if m.stderr is not None and bm.stderr is not None else None)
+        sig = (abs(delta) > 1.96 * dse) if (delta is not None and dse) else None
+        rows.append(ComparisonRow(task=m.task, metric=m.metric, filter=m.filter, base=bm.value,
+                                  base_stderr=bm.stderr, fine_tuned=m.value,
+                                  fine_tuned_stderr=m.stderr, delta=delta, delta_stderr=dse,
+                                  significant=sig))
+    return rows
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60] or "model"
+
+
+# ----------------------------------------------------------------------------- the tool
+def evaluate(
+    model: Annotated[str | None, Field(description="Local model dir in the workspace (full or merged "
+                                                   "model). With adapter: its base (default: the "
+                                                   "adapter's base_model_name_or_path).")] = None,
+    adapter: Annotated[str | None, Field(description="PEFT adapter dir, evaluated on its base "
+                                                     "without merging.")] = None,
+    base_url: Annotated[str | None, Field(description="Served OpenAI-compatible endpoint (vLLM, TGI), "
+                                                      "e.g. http://localhost:8000/v1; instead of model.")] = None,
+    served_model: Annotated[str | None, Field(description="Model name the endpoint serves "
+                                                          "(default: the first of GET /v1/models).")] = None,
+    tasks: Annotated[list[str] | None, Field(description="lm-eval task/group names, e.g. "
+                                                         "['gsm8k_cot'] (datasets come from the hub).")] = None,
+    local_task: Annotated[str | None, Field(description="JSONL in the workspace (or a convert_dataset "
+                                                        "dir: its test.jsonl) to build a task from.")] = None,
+    prompt_field: Annotated[str | None, Field(description="Prompt column of local_task (auto: "
+                                                          "question/prompt/input/..., or messages).")] = None,
+    answer_field: Annotated[str | None, Field(description="Answer column (auto: answer/completion/"
+                                                          "output/...; with choices: answer index/letter).")] = None,
+    answer_regex: Annotated[str | None, Field(description="Regex with one group extracting the final "
+                                                          "answer (default: '#### N', else the last number; "
+                                                          "text answers: first line).")] = None,
+    compare_with: Annotated[str | None, Field(description="Base model dir: evaluated the same way, "
+                                                          "results side by side with the delta.")] = None,
+    apply_chat_template: Annotated[bool, Field(description="Wrap prompts in the model's chat "
+                                                           "template (fine-tuned chat models: yes).")] = True,
+    system_prompt: Annotated[str | None, Field(description="System message for every prompt (default: "
+                                                           "the one in local_task rows, if any).")] = None,
+    limit: Annotated[int | None, Field(ge=1, description="Max samples per task (quick checks).")] = None,
+    num_fewshot: Annotated[int | None, Field(ge=0, le=32, description="Few-shot examples; None = the "
+                                                                      "task's default (8 for gsm8k_cot, 0 local).")] = None,
+    batch_size: Annotated[int, Field(ge=1, le=512)] = 8,
+    max_gen_toks: Annotated[int, Field(ge=1, le=32768, description="Max new tokens per answer.")] = 256,
+    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], Field(
+        description="hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.")] = "auto",
+    background: Annotated[bool, Field(description="Run as a background job in the run registry and "
+                                                  "return its run id at once.")] = False,
+    output_dir: Annotated[str | None, Field(description="Where results go (default: "
+                                                        "evals/<time>-<model>).")] = None,
+) -> EvalResult:
+    """Evaluate a model with lm-evaluation-harness: a local model dir (optionally + a PEFT adapter)
+    or a served OpenAI-compatible endpoint, on lm-eval tasks (e.g. gsm8k_cot to check general
+    capability before/after fine-tuning) and/or a local JSONL (exact match on the extracted final
+    answer, or multiple choice). Greedy decoding.
+
+    With compare_with=<base dir> both models run the same way and a side-by-side table with the
+    delta and its 95% interval is returned. Returns metrics with their standard error per task,
+    and writes results.json, lm-eval's raw results and per-sample JSONL (prompt, target, response,
+    extracted, correct) to output_dir. On CPU or for full benchmarks use background=True (returns a
+    run id; poll the run and read <output_dir>/results.json) or a small limit: hosts cut tool calls
+    after about a minute.
+    """
+    t0 = time.time()
+    ws = get_workspace()
+    notes: list[str] = []
+    tasks = [t.strip() for t in (tasks or []) if t and t.strip()]
+    # A task YAML of one's own is a path: it must be inside the workspace like any other.
+    tasks = [str(ws.resolve(t, field="tasks", must_exist=True, kind="file"))
+             if t.endswith((".yaml", ".yml")) else t for t in tasks]
+    if not tasks and not local_task:
+        raise UserError("nothing to evaluate on.", field="tasks",
+                        fix="Pass tasks=['gsm8k_cot'] (lm-eval tasks) and/or local_task=<JSONL>.")
+
+    # ---- what to evaluate
+    adapter_path: Path | None = None
+    if base_url:
+        if model or adapter:
+            raise UserError("give either base_url (a served model) or model/adapter, not both.",
+                            field="base_url", fix="Drop model/adapter, or drop base_url.")
+    else:
+        if adapter:
+            adapter_path, acfg = _resolve_adapter(adapter)
+        elif model:
+            mp = ws.resolve(model, field="model", must_exist=True, kind="dir")
+            if (mp / "adapter_config.json").exists() and not (mp / "config.json").exists():
+                adapter_path, acfg = _resolve_adapter(model)
+                model = None
+                notes.append("model is a PEFT adapter dir: evaluated as adapter on its base.")
+        else:
+            raise UserError("no model given.", field="model",
+                            fix="Pass model=<model dir>, adapter=<adapter dir> or base_url=<endpoint>.")
+        if adapter_path is not None and not model:
+            model = acfg.get("base_model_name_or_path")
+            if not model:
+                raise UserError("the adapter names no base model.", field="model",
+                                fix="Pass model=<base model dir>.")
+        model_ref = _resolve_model(str(model), "model")
+    base_ref = _resolve_model(compare_with, "compare_with") if compare_with else None
+
+    # ---- tasks
+    from .eval_tasks import build_local_task
+    chat_style = apply_chat_template or bool(base_url)
+    lt = None
+    if local_task:
+        lt = build_local_task(local_task, prompt_field=prompt_field, answer_field=answer_field,
+                              answer_regex=answer_regex, chat_style=chat_style)
+        notes.extend(lt.notes)
+        if base_url and lt.kind == "multiple_choice":
+            raise UserError("multiple-choice scoring needs log-likelihoods, which chat-completion "
+                            "endpoints do not return.", field="local_task",
+                            fix="Evaluate the model dir (model=...) or make it a generation task "
+                                "(rows with question/answer).")
+        if system_prompt is None and lt.system_prompt:
+            system_prompt = lt.system_prompt
+            notes.append("System prompt taken from the local_task rows.")
+    _check_task_names(tasks)
+    all_tasks = tasks + ([lt.name] if lt else [])
+
+    # ---- endpoint
+    chat_url = None
+    if base_url:
+        from importlib.util import find_spec
+        missing = [p for p in ("aiohttp", "tenacity", "requests", "tqdm") if find_spec(p) is None]
+        if missing:
+            raise UserError(f"lm-eval's API models need {', '.join(missing)}, which is not installed.",
+                            field="base_url", fix='pip install "lm-eval[api]"')
+        chat_url, ids = check_endpoint(base_url)
+        if not served_model:
+            served_model = ids[0] if ids else "default"
+            notes.append(f"served_model not given: using '{served_model}'"
+                         + (" (first of /v1/models)." if ids else " (the server listed none)."))
+        if not apply_chat_template:
+            notes.append("apply_chat_template forced on: chat-completion endpoints take messages.")
+
+    # ---- output dir
+    label = (Path(adapter_path).name if adapter_path else None) or served_model or Path(str(model)).name
+    if output_dir is None:
+        output_dir = f"evals/{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}"
+    out = ws.resolve(output_dir, field="output_dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{output_dir}' is a file.", field="output_dir", fix="Give a directory path.")
+
+    params = dict(model=model if not base_url else None,
+                  adapter=ws.rel(adapter_path) if adapter_path else None, base_url=base_url,
+                  served_model=served_model, tasks=tasks or None, local_task=local_task,
+                  prompt_field=prompt_field, answer_field=answer_field, answer_regex=answer_regex,
+                  compare_with=compare_with, apply_chat_template=apply_chat_template,
+                  system_prompt=system_prompt, limit=limit, num_fewshot=num_fewshot,
+                  batch_size=batch_size, max_gen_toks=max_gen_toks, dtype=dtype,
+                  output_dir=ws.rel(out))
+    if background:
+        return _start_background(params, out, all_tasks, lt, notes, t0)
+
+    include = str(ws.root / lt.task_dir) if lt else None
+    tm = _task_manager(include, include_defaults=bool(tasks))
+    # ---- hub datasets: fail before loading any model
+    if tasks:
+        try:
+            loaded = tm.load(tasks)
+        except KeyError as exc:
+            raise UserError(f"lm-eval could not find a task: {exc}.", field="tasks",
+                            fix="Check the names with `lm_eval ls tasks`.") from None
+        except Exception as exc:  # noqa: BLE001 - datasets raise many types when offline
+            raise UserError(
+                f"could not load the dataset of task(s) {', '.join(tasks)} "
+                f"({type(exc).__name__}: {str(exc)[:300]}).", field="tasks",
+                fix="lm-eval tasks download their datasets from the Hugging Face hub: connect the "
+                    "machine (and unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) or pre-download them "
+                    "into the HF cache; offline, evaluate a JSONL in the workspace with "
+                    "local_task.") from None
+        if base_url:
+            bad = [n for n, t in loaded["tasks"].items()
+                   if t.get_config("output_type") != "generate_until"]
+            if bad:
+                raise UserError(f"task(s) {', '.join(bad[:5])} score log-likelihoods, which chat "
+                                "endpoints do not return.", field="tasks",
+                                fix="Use generation tasks (gsm8k_cot, ifeval, ...) with base_url, or "
+                                    "evaluate the model dir with model=.")
+        del loaded
+
+    device, torch_dtype = _device_dtype(dtype) if (not base_url or base_ref) else (None, None)
+    gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
+    settings = {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
+                "dtype": torch_dtype,
+                "apply_chat_template": chat_style, "system_prompt": system_prompt,
+                "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
+                "max_gen_toks": max_gen_toks, "decoding": "greedy (do_sample=False, temperature=0)"}
+
+    plan = [("fine-tuned" if (compare_with or adapter_path) else "model", "main")]
+    if base_ref:
+        plan.append(("base", "base"))
+    runs: list[ModelRun] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for run_label, which in plan:
+        t1 = time.time()
+        run_notes: list[str] = []
+        use_chat = chat_style
+        if which == "base" or not base_url:
+            pretrained = base_ref if which == "base" else model_ref
+            peft = str(adapter_path) if (which == "main" and adapter_path) else None
+            with contextlib.redirect_stdout(sys.stderr):
+                lm, margs = _build_hf_lm(pretrained, peft, device=device, dtype=torch_dtype,
+                                         batch_size=batch_size, notes=run_notes)
+            if use_chat and not getattr(lm.tokenizer, "chat_template", None):
+                use_chat = False
+                run_notes.append(f"{run_label}: the tokenizer has no chat template: prompts are sent "
+                                 "as plain text (results are not comparable with chat-formatted ones).")
+            backend, model_obj = "hf", lm
+        else:
+            margs = {"model": served_model, "base_url": chat_url, "num_concurrent": batch_size,
+                     "max_retries": 3, "tokenized_requests": False}
+            backend, model_obj, lm = "local-chat-completions", "local-chat-completions", None
+        import lm_eval
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # never write to an MCP stdio stream
+                res = lm_eval.simple_evaluate(
+                    model=model_obj, model_args=margs if lm is None else None, tasks=all_tasks,
+                    num_fewshot=num_fewshot, batch_size=batch_size, device=None if lm is None else device,
+                    limit=limit, log_samples=True, apply_chat_template=use_chat,
+                    fewshot_as_multiturn=use_chat, system_instruction=system_prompt,
+                    gen_kwargs=dict(gen_kwargs), task_manager=_with_metadata(tm, margs),
+                    bootstrap_iters=1000)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if base_url and which == "main":
+                raise UserError(f"the endpoint failed during evaluation ({type(exc).__name__}: "
+                                f"{str(exc)[:300]}).", field="base_url",
+                                fix="Check the server log, served_model and the context length.") from None
+            raise
+        finally:
+            if lm is not None:
+                del lm
+                gc.collect()
+                with contextlib.suppress(Exception):
+                    import torch
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+        if res is None:
+            raise RuntimeError("lm-eval returned no results (non-zero rank?)")
+        samples = res.pop("samples", {}) or {}
+        sample_files = {}
+        for task, ss in samples.items():
+            rows = _sample_rows(task, ss, (res.get("configs") or {}).get(task, {}))
+            path = out / f"samples_{_slug(run_label)}_{_slug(task)}.jsonl"
+            ws.write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                        for r in rows))
+            sample_files[task] = ws.rel(path)
+        raw = out / f"lm_eval_{_slug(run_label)}.json"
+        ws.write_text(raw, json.dumps(res, indent=1, default=str) + "\n")
+        notes.extend(run_notes)
+        runs.append(ModelRun(
+            label=run_label, backend=backend,
+            model=None if backend != "hf" else (ws.rel(Path(pretrained)) if Path(pretrained).exists()
+                                                else pretrained),
+            adapter=ws.rel(adapter_path) if (which == "main" and adapter_path) else None,
+            base_url=chat_url if backend != "hf" else None,
+            served_model=served_model if backend != "hf" else None,
+            apply_chat_template=use_chat, metrics=_metrics(res), samples_files=sample_files,
+            raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2)))
+
+    comparison = _compare(runs[1], runs[0]) if len(runs) == 2 else []
+    if len(runs) == 2 and runs[0].apply_chat_template != runs[1].apply_chat_template:
+        notes.append("The two models were prompted differently (chat template vs plain): compare "
+                     "with care.")
+    if limit:
+        notes.append(f"limit={limit}: a subset; stderr shows how uncertain the numbers are.")
+    if adapter_path and not compare_with:
+        notes.append("Pass compare_with=<base dir> to see the change against the base model.")
+    notes = list(dict.fromkeys(notes))
+    result = EvalResult(status="completed", output_dir=ws.rel(out), tasks=all_tasks,
+                        local_task=lt.model_dump() if lt else None, runs=runs, comparison=comparison,
+                        table=_table(runs, comparison), settings=settings, notes=notes)
+    result.results_file = ws.rel(out / "results.json")
+    result.elapsed_s = round(time.time() - t0, 2)
+    ws.write_text(out / "results.json", json.dumps(result.model_dump(), indent=1, default=str) + "\n")
+    return result
+
+
+def _start_background(params: dict, out: Path, all_tasks: list[str], lt, notes: list[str],
+                      t0: float) -> EvalResult:
+    from . import runs as runs_mod  # lazy: the run registry
+    ws = get_workspace()
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    ws.write_text(spec, json.dumps({"workspace": str(ws.root), "params": params}, indent=1) + "\n")
+    argv = [sys.executable, "-m", "tools.evaluate", "--spec", str(spec)]
+    run_id = runs_mod.start_job("eval", argv, name=out.name,
+                                meta={"output_dir": ws.rel(out), "tasks": all_tasks})
+    notes.append(f"Started in the background as run {run_id}: poll its status; results appear in "
+                 f"{ws.rel(out)}/results.json when it completes.")
+    return EvalResult(status="started", run_id=run_id, output_dir=ws.rel(out), tasks=all_tasks,
+                      local_task=lt.model_dump() if lt else None, settings=params, notes=notes,
+                      elapsed_s=round(time.time() - t0, 2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.evaluate --spec spec.json`: run evaluate() with the spec's parameters."""
+    ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True, help="JSON with {'workspace': dir, 'params': {...}}")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    spec_path = Path(a.spec).resolve()
+    spec = json.loads(spec_path.read_text())
+    if spec.get("workspace"):
+        set_workspace(spec["workspace"])
+    params = dict(spec.get("params") or spec)
+    params.pop("workspace", None)
+    params["background"] = False
+    try:
+        r = evaluate(**params)
+    except UserError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            (spec_path.parent / "error.json").write_text(json.dumps({"error": str(exc)}) + "\n")
+        return 2
+    print(r.table)
+    for n in r.notes:
+        print(f"note: {n}")
+    print(f"results: {r.results_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

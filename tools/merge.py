@@ -1,0 +1,515 @@
+"""Merge a LoRA/QLoRA adapter into its base model, and prove the merge is right.
+
+The base is always loaded unquantized (bf16/fp16/fp32): merging into a 4-bit base would
+re-quantize the merged weights and lose the adapter's precision. The proof is the logits of the
+saved, reloaded merged model against base+adapter (the un-merged PeftModel) on sample chats,
+and the merged tokenizer rendering the same token ids as the training tokenizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .errors import UserError
+from .workspace import get_workspace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "What is 12 + 7? Answer with the number only.",
+    "Write one sentence about the sea.",
+    "Explain in two sentences what a LoRA adapter is.",
+]
+_ASSISTANT_REPLY = "Sure. Here is my answer: 19."
+
+# atol + rtol * max|logit| by dtype. bf16 keeps 8 mantissa bits: a merged bf16 weight is rounded
+# once more than the un-merged path, so logits differ by a few 1e-2 (more on deep models).
+_TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 4e-3), "bf16": (5e-2, 1.6e-2)}
+_PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>",
+                   "<unk>"]
+_MERGEABLE = {"LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT", "BOFT", "VERA", "FOURIERFT",
+              "HRA", "BONE", "RANDLORA", "SHIRA", "ROAD", "C3A", "MISS", "DELORA"}
+
+
+class LogitsCheck(BaseModel):
+    """Merged model (saved, reloaded) vs base+adapter (un-merged PeftModel), same inputs."""
+    prompts: int
+    tokens: int = Field(description="token positions compared, all prompts together.")
+    max_abs_diff: float
+    mean_abs_diff: float
+    tolerance: float = Field(description="atol + rtol * max|logit| for the dtype.")
+    top1_agreement: float = Field(description="fraction of positions with the same argmax token.")
+    equivalent: bool
+    adapter_effect_max_abs: float = Field(
+        description="max |logits(merged) - logits(base without adapter)|: ~0 means the adapter "
+                    "changes nothing (untrained or not applied).")
+
+
+class TokenizerCheck(BaseModel):
+    """The merged tokenizer vs the tokenizer used in training, on the same sample chats."""
+    training_tokenizer: Literal["adapter_dir", "base_model"]
+    chats: int
+    identical_ids: bool
+    chat_template_identical: bool
+    mismatches: list[str] = []
+
+
+class MergeResult(BaseModel):
+    """A merged standalone model and the evidence that it equals base+adapter."""
+    output_dir: str
+    adapter_dir: str
+    base_model: str
+    peft_type: str
+    lora_r: int | None = None
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    qlora_adapter: bool = Field(description="the adapter was trained on a 4-bit base (QLoRA).")
+    dtype: Literal["bf16", "fp16", "fp32"]
+    device: str
+    logits_check: LogitsCheck
+    tokenizer_check: TokenizerCheck
+    generation_config: dict[str, Any] = Field(
+        description="eos_token_id (ids and tokens) and pad_token_id written to generation_config.json.")
+    verified: bool = Field(description="logits equivalent and tokenizer ids identical.")
+    files: list[str]
+    size_gib: float
+    notes: list[str] = []
+    next_steps: list[str] = []
+    elapsed_s: float
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", name)) and ".." not in name
+
+
+def resolve_model_ref(name: str, *, field: str) -> tuple[str, bool]:
+    """A model given by path or hub id -> (what from_pretrained gets, is_local_dir).
+
+    Paths resolve inside the workspace. A name that is no existing directory there is taken as a
+    hub id when it looks like one ("org/name") and its config loads (cache or hub)."""
+    ws = get_workspace()
+    p: Path | None = None
+    try:
+        p = ws.resolve(name, field=field)
+    except UserError:
+        if not _is_hub_id(name):
+            raise
+    if p is not None and p.is_dir():
+        if not (p / "config.json").exists():
+            hint = (" It holds adapter_config.json: it is an adapter, not a full model."
+                    if (p / "adapter_config.json").exists() else "")
+            raise UserError(f"'{name}' has no config.json, so it is not a model directory.{hint}",
+                            field=field, fix="Give a full model directory (config.json + weights) "
+                                             "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+        return str(p), True
+    if _is_hub_id(name):
+        try:
+            from transformers import AutoConfig
+            AutoConfig.from_pretrained(name)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated...
+            raise UserError(
+                f"base model '{name}' is not a directory in the workspace and could not be loaded "
+                f"from the hub or its cache ({type(exc).__name__}: {str(exc)[:200]}).", field=field,
+                fix="Download the base model into the workspace (e.g. `hf download ORG/NAME "
+                    "--local-dir models/NAME`) and pass its path, or connect to the hub "
+                    "(and log in for gated models).") from None
+        return name, False
+    raise UserError(f"'{name}' does not exist in the workspace ({ws.root}).", field=field,
+                    fix="Give the base model's directory (relative to the workspace) or a hub id.")
+
+
+def _find_training_info(adir: Path) -> dict:
+    """summary.json (written by tools.train) or a recipe YAML next to the adapter or above it."""
+    info: dict = {}
+    for d in (adir, adir.parent, adir.parent.parent):
+        s = d / "summary.json"
+        if s.is_file():
+            try:
+                data = json.loads(s.read_text())
+                if isinstance(data, dict):
+                    info.setdefault("summary", data)
+                    info.setdefault("summary_path", str(s))
+            except (OSError, ValueError):
+                pass
+        for name in ("recipe.yaml", "recipe.yml", "config.yaml"):
+            r = d / name
+            if r.is_file() and "recipe" not in info:
+                try:
+                    import yaml
+                    data = yaml.safe_load(r.read_text())
+                except Exception:  # noqa: BLE001 - unreadable or invalid YAML: no info
+                    data = None
+                if isinstance(data, dict):
+                    info["recipe"] = data
+                    info["recipe_path"] = str(r)
+    return info
+
+
+def _is_qlora(info: dict) -> bool:
+    s = info.get("summary") or {}
+    r = info.get("recipe") or {}
+    return bool(s.get("load_in_4bit") or s.get("method") == "qlora" or r.get("load_in_4bit"))
+
+
+def _choose_dtype(dtype: str) -> tuple[str, str]:
+    import torch
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if dtype == "auto":
+        if cuda:
+            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            dtype = "fp32"
+    return dtype, device
+
+
+def _torch_dtype(dtype: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def _sample_chats(prompts: list[str]) -> list[list[dict]]:
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": _ASSISTANT_REPLY}]
+            for p in prompts]
+
+
+def _render_ids(tok, chat: list[dict]) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return list(ids)
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in chat)
+    return list(tok(text, add_special_tokens=True)["input_ids"])
+
+
+def _special_tokens(tok) -> list[str]:
+    toks = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values():
+        if getattr(t, "special", False):
+            toks.add(t.content)
+    return sorted(toks, key=len, reverse=True)
+
+
+def end_of_turn_token(tok) -> str | None:
+    """The special token the chat template puts right after an assistant message."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    marker = "MERGECHECKMARKER"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
+    except Exception:  # noqa: BLE001 - templates that reject this shape
+        return None
+    i = text.rfind(marker)
+    if i < 0:
+        return None
+    rest = text[i + len(marker):].lstrip(" ")
+    for s in _special_tokens(tok):
+        if s and rest.startswith(s):
+            return s
+    return None
+
+
+def _fix_generation_config(model, tok, notes: list[str]) -> dict[str, Any]:
+    """eos = the chat end-of-turn token + the tokenizer eos (+ what the base had); pad != eos."""
+    gen = model.generation_config
+    eos_ids: list[int] = []
+
+    def add(i):
+        if isinstance(i, int) and i >= 0 and i not in eos_ids:
+            eos_ids.append(i)
+
+    old = gen.eos_token_id
+    for i in (old if isinstance(old, (list, tuple)) else [old]):
+        add(i)
+    add(tok.eos_token_id)
+    eot = end_of_turn_token(tok)
+    eot_id = tok.convert_tokens_to_ids(eot) if eot else None
+    add(eot_id)
+    if eot is None:
+        notes.append("No chat end-of-turn token found in the chat template; generation stops on "
+                     "the tokenizer eos only.")
+    pad_id = tok.pad_token_id
+    if pad_id is None or pad_id in eos_ids:
+        chosen = None
+        vocab = tok.get_vocab()
+        used: set[str] = set()
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(_sample_chats(["x"])[0], tokenize=False)
+                used = {s for s in _special_tokens(tok) if s in text}
+            except Exception:  # noqa: BLE001
+                pass
+        bad = set(eos_ids) | {tok.bos_token_id}
+        for cand in _PAD_CANDIDATES + _special_tokens(tok):
+            if cand in vocab and vocab[cand] not in bad and cand not in used:
+                chosen = cand
+                break
+        if chosen is not None:
+            was = tok.pad_token
+            tok.pad_token = chosen
+            pad_id = tok.pad_token_id
+            notes.append(f"pad token was {was!r} (None or equal to an eos token); set to {chosen!r} "
+                         f"(id {pad_id}) in the tokenizer and generation_config so padding never "
+                         "hides an end-of-turn.")
+        else:
+            notes.append("No special token other than eos is available for padding; pad_token_id "
+                         "is left equal to eos (fine for single-sequence generation).")
+    gen.eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
+    gen.pad_token_id = pad_id
+    if getattr(model.config, "pad_token_id", None) != pad_id and pad_id is not None:
+        try:
+            model.config.pad_token_id = pad_id
+        except Exception:  # noqa: BLE001
+            pass
+    return {
+        "eos_token_id": eos_ids,
+        "eos_tokens": [tok.convert_ids_to_tokens(i) for i in eos_ids],
+        "end_of_turn_token": eot,
+        "pad_token_id": pad_id,
+        "pad_token": tok.convert_ids_to_tokens(pad_id) if pad_id is not None else None,
+    }
+
+
+def _logits(model, ids_list: list[list[int]]):
+    import torch
+    dev = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for ids in ids_list:
+            x = torch.tensor([ids], device=dev)
+            out.append(model(input_ids=x).logits[0].float().cpu())
+    return out
+
+
+def _adapter_vocab(adir: Path) -> int | None:
+    """Rows of a saved embedding / lm_head (modules_to_save or resized vocab), if any."""
+    f = adir / "adapter_model.safetensors"
+    if not f.exists():
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if k.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
+                    return int(fh.get_slice(k).get_shape()[0])
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------- the tool
+def merge_adapter(
+    adapter_dir: Annotated[str, Field(description="PEFT adapter directory (has adapter_config.json): "
+                                                  "a LoRA/QLoRA run's output_dir or a checkpoint-N folder.")],
+    output_dir: Annotated[str, Field(description="Directory for the merged model (new or empty).")],
+    base_model: Annotated[str | None, Field(description="Base model dir in the workspace or hub id. "
+                                                        "Default: base_model_name_or_path of adapter_config.json.")] = None,
+    dtype: Annotated[Literal["bf16", "fp16", "fp32", "auto"], Field(
+        description="Precision of the unquantized base and the saved model. auto: bf16 on a bf16 "
+                    "GPU, fp16 on an older GPU, fp32 on CPU.")] = "auto",
+    overwrite: Annotated[bool, Field(description="Replace a non-empty output_dir.")] = False,
+    sample_prompts: Annotated[list[str] | None, Field(
+        max_length=16, description="User prompts for the logits and tokenizer checks "
+                                   "(default: three generic ones).")] = None,
+) -> MergeResult:
+    """Merge a LoRA/QLoRA adapter into an unquantized copy of its base model and save a standalone
+    model (safetensors, tokenizer with the training chat template, generation_config with the
+    chat end-of-turn token as eos and a pad token distinct from eos).
+
+    Call after a LoRA/QLoRA run, before serving, exporting (GGUF) or evaluating without PEFT.
+    Full and Spectrum runs save complete models: no merge needed. QLoRA adapters are merged into a
+    bf16/fp32 copy of the base, never into a 4-bit one. Returns the proof: max |logit difference|
+    between the reloaded merged model and base+adapter on sample chats against a dtype tolerance
+    (`equivalent`), identical chat token ids from the merged and training tokenizers, and
+    `verified` when both hold. Written to a temporary sibling and renamed: never half-written.
+    Loads the model twice; on CPU allow about a minute per billion parameters.
+    """
+    t0 = time.time()
+    ws = get_workspace()
+    notes: list[str] = []
+    adir = ws.resolve(adapter_dir, field="adapter_dir", must_exist=True, kind="dir")
+    cfg_file = adir / "adapter_config.json"
+    if not cfg_file.is_file():
+        full = (adir / "config.json").exists()
+        ckpts = sorted(p.name for p in adir.glob("checkpoint-*/adapter_config.json"))
+        raise UserError(
+            f"'{adapter_dir}' has no adapter_config.json."
+            + (" It holds config.json: a full model (full fine-tune or Spectrum), which needs no "
+               "merge." if full else "")
+            + (f" Checkpoints with adapters inside: {', '.join(p.split('/')[0] for p in ckpts)}."
+               if ckpts else ""),
+            field="adapter_dir",
+            fix="Point adapter_dir at the folder holding adapter_config.json and "
+                "adapter_model.safetensors (the LoRA/QLoRA run's output_dir or a checkpoint-N folder).")
+    try:
+        acfg = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise UserError(f"adapter_config.json is not valid JSON ({exc}).", field="adapter_dir",
+                        fix="Re-save the adapter with PeftModel.save_pretrained.") from None
+    peft_type = str(acfg.get("peft_type", "LORA")).upper()
+    if peft_type not in _MERGEABLE:
+        raise UserError(f"a {peft_type} adapter cannot be merged into the base weights.",
+                        field="adapter_dir",
+                        fix="Serve it with the base model and PEFT (evaluate(adapter=...)), or train "
+                            "a LoRA adapter.")
+    base_name = base_model or acfg.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError("adapter_config.json names no base model.", field="base_model",
+                        fix="Pass base_model=<the model the adapter was trained on>.")
+    base_field = "base_model" if base_model else "base_model (from adapter_config.json)"
+    base_id, base_local = resolve_model_ref(str(base_name), field=base_field)
+
+    out = ws.resolve(output_dir, field="output_dir")
+    for src, what in ((adir, "the adapter"), (Path(base_id) if base_local else None, "the base model")):
+        if src is not None and (out == src or out in src.parents):
+            raise UserError(f"output_dir '{output_dir}' is or contains {what} ({ws.rel(src)}); "
+                            "writing there would destroy it.", field="output_dir",
+                            fix="Choose a new directory, e.g. models/<name>-merged.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"'{output_dir}' exists and is not empty.", field="output_dir",
+                        fix="Choose a new output directory, or pass overwrite=true.")
+
+    info = _find_training_info(adir)
+    qlora = _is_qlora(info)
+    dtype_name, device = _choose_dtype(dtype)
+    if qlora:
+        notes.append(f"The adapter was trained with QLoRA (4-bit base). It is merged into a "
+                     f"{dtype_name} copy of the base, never into the 4-bit one (that would "
+                     "re-quantize the merged weights). Small differences from the 4-bit training "
+                     "forward are expected; the check below compares against base+adapter in "
+                     f"{dtype_name}.")
+    if device == "cpu" and dtype_name != "fp32":
+        notes.append(f"{dtype_name} on CPU is slow and less exact; fp32 is the CPU default.")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tdtype = _torch_dtype(dtype_name)
+    load_kw: dict[str, Any] = {"dtype": tdtype}
+    if device == "cuda":
+        load_kw["device_map"] = "auto"
+    prompts = [p for p in (sample_prompts or DEFAULT_PROMPTS) if p.strip()] or DEFAULT_PROMPTS
+    chats = _sample_chats(prompts)
+
+    # Nothing may reach stdout (an MCP stdio stream): library prints go to stderr.
+    with contextlib.redirect_stdout(sys.stderr), \
+            ws.atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        has_tok = any((adir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
+        tok_src = str(adir) if has_tok else base_id
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_src)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"could not load the tokenizer from {tok_src}: {exc}", field="adapter_dir",
+                            fix="Save the tokenizer with the adapter (tokenizer.save_pretrained).") from None
+        if not has_tok:
+            notes.append("No tokenizer saved with the adapter: the base model's tokenizer is used. "
+                         "If training changed the chat template, pass the training tokenizer.")
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_id, **load_kw)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"could not load base model '{base_name}': {type(exc).__name__}: "
+                            f"{str(exc)[:300]}", field=base_field,
+                            fix="Pass base_model=<dir of the exact model the adapter was trained on>.") from None
+        vocab = base.get_input_embeddings().weight.shape[0]
+        want = _adapter_vocab(adir)
+        if want is None and len(tok) > vocab:
+            want = len(tok)
+        if want is not None and want != vocab:
+            base.resize_token_embeddings(want)
+            notes.append(f"Base embeddings resized {vocab} -> {want} to match the adapter/tokenizer.")
+        try:
+            peft_model = PeftModel.from_pretrained(base, str(adir))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"the adapter does not fit base model '{base_name}': "
+                            f"{type(exc).__name__}: {str(exc)[:300]}", field="base_model",
+                            fix="Pass the exact base the adapter was trained on.") from None
+        peft_model.eval()
+        ids_list = [_render_ids(tok, c) for c in chats]
+        ref = _logits(peft_model, ids_list)
+        with peft_model.disable_adapter():
+            base_logits = _logits(peft_model, ids_list)
+        merged = peft_model.merge_and_unload(safe_merge=True)
+        gen_info = _fix_generation_config(merged, tok, notes)
+        merged.save_pretrained(str(tmp), max_shard_size="5GB")
+        tok.save_pretrained(str(tmp))
+        merged_params = sum(p.numel() for p in merged.parameters())
+        del merged, peft_model, base
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+        # The proof runs on what was written: reload the merged model and tokenizer from disk.
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **load_kw)
+        got = _logits(reloaded, ids_list)
+        del reloaded
+        gc.collect()
+        diffs = [(a - b).abs() for a, b in zip(got, ref)]
+        max_abs = max(float(d.max()) for d in diffs)
+        mean_abs = float(sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs))
+        scale = max(float(r.abs().max()) for r in ref)
+        atol, rtol = _TOLERANCE[dtype_name]
+        tol = atol + rtol * scale
+        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, ref))
+        positions = sum(r.shape[0] for r in ref)
+        effect = max(float((a - b).abs().max()) for a, b in zip(got, base_logits))
+        lcheck = LogitsCheck(prompts=len(chats), tokens=positions, max_abs_diff=max_abs,
+                             mean_abs_diff=mean_abs, tolerance=tol, top1_agreement=agree / positions,
+                             equivalent=max_abs <= tol, adapter_effect_max_abs=effect)
+        if effect <= tol:
+            notes.append("The adapter changes the logits by no more than the tolerance: it looks "
+                         "untrained (lora_B still zero) or was not applied. Check the run.")
+
+        tok2 = AutoTokenizer.from_pretrained(str(tmp))
+        mismatches = []
+        for c, ids in zip(chats, ids_list):
+            ids2 = _render_ids(tok2, c)
+            if ids2 != ids:
+                mismatches.append(f"chat '{c[0]['content'][:40]}': {len(ids)} vs {len(ids2)} tokens")
+        tcheck = TokenizerCheck(training_tokenizer="adapter_dir" if has_tok else "base_model",
+                                chats=len(chats), identical_ids=not mismatches,
+                                chat_template_identical=(getattr(tok, "chat_template", None)
+                                                         == getattr(tok2, "chat_template", None)),
+                                mismatches=mismatches)
+        verified = lcheck.equivalent and tcheck.identical_ids
+        if not lcheck.equivalent:
+            notes.append(f"Merged logits differ from base+adapter by {max_abs:.3g} > tolerance "
+                         f"{tol:.3g}: do not ship this merge; retry with dtype='fp32' and check "
+                         "that base_model is the exact model the adapter was trained on.")
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        size = _dir_size(tmp)
+        result = MergeResult(
+            output_dir=ws.rel(out), adapter_dir=ws.rel(adir),
+            base_model=ws.rel(Path(base_id)) if base_local else base_id,
+            peft_type=peft_type, lora_r=acfg.get("r"), target_modules=acfg.get("target_modules"),
+            modules_to_save=acfg.get("modules_to_save"), qlora_adapter=qlora, dtype=dtype_name,
+            device=device, logits_check=lcheck, tokenizer_check=tcheck,
+            generation_config=gen_info, verified=verified, files=files + ["merge_report.json"],
+            size_gib=round(size / 2**30, 4), notes=notes,
+            next_steps=[f"evaluate(model='{ws.rel(out)}', compare_with='"
+                        f"{ws.rel(Path(base_id)) if base_local else base_id}', ...) to compare "
+                        "with the base.",
+                        "Export: see references/export.md (hub upload, GGUF, vLLM/TGI/Ollama)."],
+            elapsed_s=0.0)
+        result.elapsed_s = round(time.time() - t0, 2)
+        report = result.model_dump()
+        report["parameters"] = merged_params
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return result
