@@ -1,0 +1,1066 @@
+"""TRL recipes: generate one from the plan (generate_recipe) and check/migrate any recipe against
+the installed TRL (validate_recipe).
+
+A recipe is a flat YAML for `TrlParser((ScriptArguments, SFTConfig, ModelConfig,
+DatasetMixtureConfig))`, the parser of `trl sft --config`; Spectrum recipes add
+`spectrum_config_path`, read only by `python -m tools.train`. Paths inside a recipe are absolute
+or relative to the workspace root. Background and every field: references/recipes.md.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from .errors import UserError
+from .memory import MemoryEstimate
+from .recommend import Recommendation
+from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSummary, Change, UnknownKey,
+                             dump_yaml, end_of_turn_token, has_generation_markers, has_module, migrate,
+                             read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
+                             trl_parse, versions)
+from .workspace import get_workspace
+
+REPO = Path(__file__).resolve().parent.parent
+Method = Literal["full", "lora", "qlora", "spectrum"]
+
+# Defaults per method (the skill card's table; references/recipes.md explains each).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qlora": dict(learning_rate=2.0e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,
+                  max_grad_norm=0.3),
+    "lora": dict(learning_rate=2.0e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,
+                 max_grad_norm=1.0),
+    "spectrum": dict(learning_rate=2.0e-5, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0),
+    "full": dict(learning_rate=1.0e-5, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0),
+}
+
+
+class RecipeValidation(BaseModel):
+    """Verdict on a recipe against the installed TRL, with the migrated YAML."""
+    valid: bool = Field(description="no errors: the installed TRL parses it and nothing contradicts.")
+    method: Optional[Method] = Field(None, description="as tools.train infers it.")
+    recipe_path: Optional[str] = Field(None, description="the recipe read, or the migrated file written.")
+    migrated_path: Optional[str] = None
+    errors: list[str] = []
+    warnings: list[str] = []
+    changes: list[Change] = Field([], description="migrations applied (old key/value -> new, and why).")
+    unknown_keys: list[UnknownKey] = Field([], description="keys TRL rejects, with the closest valid names.")
+    trl_parse_ok: bool = Field(False, description="TrlParser accepted the migrated recipe (unknown keys rejected).")
+    target: str = Field("", description="the hardware the checks and the memory estimate assume.")
+    memory: Optional[MemoryEstimate] = None
+    fits: Optional[bool] = Field(None, description="estimated total within 90% of GPU memory; null if unknown.")
+    accelerate: Optional[AccelerateSummary] = None
+    migrated_yaml: str = ""
+    versions: dict[str, Optional[str]] = {}
+    notes: list[str] = []
+
+
+class RecipeResult(BaseModel):
+    """A written recipe, its accelerate config, how to launch it and the evidence behind it."""
+    recipe_path: str
+    accelerate_config_path: str
+    method: Method
+    yaml: str
+    launch_commands: dict[str, str]
+    target: str
+    settings_explained: dict[str, str] = Field(description="why each chosen value.")
+    plan: Optional[Recommendation] = Field(None, description="recommend_method's plan the layout came from.")
+    memory: Optional[MemoryEstimate] = Field(None, description="estimate_memory for the recipe as written.")
+    fits: Optional[bool] = None
+    spectrum_config_path: Optional[str] = None
+    dataset_rows: Optional[int] = None
+    warnings: list[str] = []
+    notes: list[str] = []
+
+
+# ----------------------------------------------------------------------------- hardware target
+@dataclass
+class Target:
+    kind: str                 # "gpu" | "cpu" | "gpu?" (no GPU here and none described: assume one)
+    description: str
+    described: bool = False
+    gpu_name: Optional[str] = None
+    gpu_memory_gib: Optional[float] = None
+    num_gpus: int = 1
+    bf16: bool = True
+    cuda_here: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _target(gpu: Optional[str], gpu_memory_gib: Optional[float], num_gpus: Optional[int],
+            recipe_use_cpu: Optional[bool] = None) -> Target:
+    from .memory import GPUS, find_gpu
+    cuda_here = _cuda_here()
+    if gpu or gpu_memory_gib:
+        spec = None
+        if gpu:
+            spec = find_gpu(gpu)
+            if spec is None:
+                raise UserError(f"unknown GPU '{gpu}'.", field="gpu",
+                                fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+        mem = gpu_memory_gib or spec.memory_gib
+        name = spec.name if spec else f"{mem:g} GiB GPU"
+        n = num_gpus or 1
+        return Target(kind="gpu", described=True, gpu_name=name, gpu_memory_gib=mem, num_gpus=n,
+                      bf16=spec.bf16 if spec else True, cuda_here=cuda_here,
+                      description=f"{n}x {name} (described)")
+    if recipe_use_cpu:
+        return Target(kind="cpu", description="CPU (the recipe sets use_cpu)", num_gpus=0, bf16=False,
+                      cuda_here=cuda_here)
+    from .hardware import detect_hardware
+    hw = detect_hardware()
+    if hw.gpus:
+        g = hw.gpus[0]
+        n = num_gpus or hw.gpu_count
+        return Target(kind="gpu", gpu_name=g.name, gpu_memory_gib=g.total_memory_gib, num_gpus=n,
+                      bf16=hw.bf16_supported, cuda_here=True, description=f"{n}x {g.name} (detected)")
+    if recipe_use_cpu is None:  # generate_recipe: train on this CPU machine
+        return Target(kind="cpu", num_gpus=0, bf16=False,
+                      description=f"CPU ({hw.cpu_cores} cores, no CUDA GPU detected)")
+    return Target(kind="gpu?", num_gpus=num_gpus or 1, bf16=True,
+                  description="a GPU machine (none here, none described: GPU-only settings are "
+                              "warnings, and no memory fit is computed)")
+
+
+def _cuda_here() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ----------------------------------------------------------------------------- helpers
+def infer_method(cfg: dict) -> Method:
+    """As tools.train infers it: spectrum_config_path -> spectrum; use_peft + load_in_4bit -> qlora;
+    use_peft -> lora; else full."""
+    if cfg.get(SPECTRUM_KEY):
+        return "spectrum"
+    if cfg.get("use_peft"):
+        return "qlora" if cfg.get("load_in_4bit") else "lora"
+    return "full"
+
+
+def _default(key: str) -> Any:
+    f = trl_fields().get(key)
+    if f is None:
+        return None
+    fl = f[1]
+    import dataclasses
+    if fl.default is not dataclasses.MISSING:
+        return fl.default
+    if fl.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return fl.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _eff(cfg: dict, key: str) -> Any:
+    """The value training will use: the recipe's, else the TRL default (bf16 and checkpointing
+    follow TRL's rules)."""
+    if key == "bf16":
+        v = cfg.get("bf16")
+        return (not bool(cfg.get("fp16"))) if v is None else bool(v)
+    if key == "activation_checkpointing":
+        v = cfg.get("activation_checkpointing")
+        if v is None:
+            v = cfg.get("gradient_checkpointing", True)
+        return bool(v)
+    return cfg[key] if key in cfg else _default(key)
+
+
+def _is_local_ref(value: str, root: Path) -> Optional[Path]:
+    """The existing file/dir a recipe value names, inside the workspace only (path policy)."""
+    p = Path(str(value)).expanduser()
+    p = (p if p.is_absolute() else root / p).resolve()
+    if p != root and root not in p.parents:
+        return None
+    return p if p.exists() else None
+
+
+def _looks_like_path(value: str) -> bool:
+    v = str(value)
+    return v.startswith((".", "/", "~")) or v.count("/") > 1 or bool(re.search(r"\.(jsonl?|csv|parquet|jinja)$", v))
+
+
+def _spectrum_patterns(path: Path) -> tuple[Optional[list[str]], Optional[str]]:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        return None, f"cannot read it as YAML: {exc}"
+    pats = data.get("unfrozen_parameters") if isinstance(data, dict) else None
+    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+        return None, "has no 'unfrozen_parameters:' list of regexes (write it with spectrum_scan)."
+    for p in pats:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            return None, f"pattern {p!r} is not a valid regex: {exc}"
+    return pats, None
+
+
+def _spectrum_fraction(patterns: list[str], num_layers: int) -> float:
+    layered = [p for p in patterns if re.search(r"layers\.\d+\.", p)]
+    total = max(1, num_layers * 7)
+    return min(1.0, max(0.01, len(layered) / total))
+
+
+# ----------------------------------------------------------------------------- analysis
+@dataclass
+class _Analysis:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    unknown: list[UnknownKey] = field(default_factory=list)
+    parse_ok: bool = False
+    memory: Optional[MemoryEstimate] = None
+    fits: Optional[bool] = None
+
+
+def _analyse(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary]) -> _Analysis:
+    """Unknown keys, the TRL parse, contradictions, files, and the memory fit."""
+    a = _Analysis()
+    E, W, N = a.errors.append, a.warnings.append, a.notes.append
+    fields = trl_fields()
+    for k in cfg:
+        if k not in fields and k not in EXTRA_KEYS:
+            a.unknown.append(UnknownKey(key=k, suggestions=suggest(k)))
+    for u in a.unknown:
+        E(f"unknown key '{u.key}': TRL rejects it" + (f" (did you mean {', '.join(u.suggestions)}?)"
+                                                     if u.suggestions else "."))
+    if "env" in cfg and not isinstance(cfg["env"], dict):
+        E("env must be a mapping of environment variable names to values.")
+    method = infer_method(cfg)
+
+    # --- the TRL parse (hardware checks of TrainingArguments run against the target, not here)
+    parse_cfg = {k: v for k, v in cfg.items() if k not in {u.key for u in a.unknown}}
+    if not t.cuda_here and parse_cfg.get("use_cpu") is not True:
+        neutral = [k for k in ("bf16", "tf32") if (_eff(parse_cfg, k) if k == "bf16" else parse_cfg.get(k))]
+        if neutral:
+            parse_cfg = {**parse_cfg, "bf16": False, "tf32": None}
+            against = "the described GPU" if t.kind == "gpu" else "the GPU the recipe is meant for"
+            N(f"{', '.join(neutral)} parsed as off: TrainingArguments checks them against the local device, "
+              f"which has no CUDA GPU; this report checks them against {against}.")
+    _, err, trl_warns = trl_parse(parse_cfg, base_dir=root)
+    if err:
+        E(f"the installed TRL rejects the recipe: {err}")
+    a.parse_ok = err is None and not a.unknown
+    for w in trl_warns:
+        if "gradient_checkpointing` is deprecated" in w and "gradient_checkpointing" not in cfg:
+            continue  # TRL's own default triggers it; the recipe is not at fault
+        W(f"TRL/transformers: {w}")
+
+    # --- values the argparse layer does not check
+    for k, v in cfg.items():
+        f = fields.get(k)
+        choices = f[1].metadata.get("choices") if f else None
+        if choices and v is not None and v not in choices:
+            E(f"{k}: {v!r} is not one of {', '.join(map(str, choices))}.")
+
+    bf16, fp16 = _eff(cfg, "bf16"), bool(cfg.get("fp16"))
+    use_cpu = bool(cfg.get("use_cpu"))
+    cpu_target = use_cpu or t.kind == "cpu"
+    peft = bool(cfg.get("use_peft"))
+    q4, q8 = bool(cfg.get("load_in_4bit")), bool(cfg.get("load_in_8bit"))
+
+    # --- contradictions
+    if bf16 and fp16:
+        E("fp16 and bf16 are both true: pick one (bf16 on Ampere or newer, fp16 on T4/V100).")
+    if q4 and q8:
+        E("load_in_4bit and load_in_8bit are both true: pick one (4-bit for QLoRA).")
+    if (q4 or q8) and not peft:
+        E("load_in_4bit/load_in_8bit without use_peft: a quantized base cannot be trained directly. Set "
+          "use_peft: true (QLoRA) or drop the quantization.")
+    if cfg.get(SPECTRUM_KEY) and (peft or q4 or q8):
+        E("spectrum_config_path with use_peft/load_in_4bit: Spectrum trains the selected layers' full weights; "
+          "drop the LoRA/quantization keys or the Spectrum config.")
+    if not peft and any(k.startswith("lora_") for k in cfg):
+        W("lora_* keys are set but use_peft is false: they are ignored (this is a "
+          f"{method} fine-tune).")
+    tm = cfg.get("lora_target_modules")
+    if peft and tm and ("lm_head" in (tm if isinstance(tm, list) else [tm])):
+        E("lora_target_modules includes lm_head: TRL 1.16 rejects LoRA on the output layer. Put lm_head in "
+          "lora_modules_to_save instead.")
+    if q4 and str(cfg.get("dtype", "float32")) == "float32" and not use_cpu:
+        W("QLoRA with dtype float32 (the ModelConfig default): TRL uses dtype as the 4-bit compute dtype, "
+          "so every matmul runs in fp32. Set dtype: bfloat16 (float16 on T4/V100).")
+    qs = cfg.get("bnb_4bit_quant_storage")
+    if q4 and qs and cfg.get("dtype") and qs != cfg.get("dtype"):
+        W(f"bnb_4bit_quant_storage ({qs}) differs from dtype ({cfg.get('dtype')}): FSDP/ZeRO-3 need one "
+          "dtype for all parameters; set both to bfloat16.")
+    if use_cpu and bf16:
+        E("use_cpu with bf16 on (TRL turns bf16 on unless fp16 is set): CPU training must run in fp32. Set "
+          "bf16: false.")
+    if use_cpu and fp16:
+        E("use_cpu with fp16: fp16 mixed precision needs a GPU. Set fp16: false.")
+    if fp16 and str(cfg.get("dtype")) in ("float16",) and method in ("full", "spectrum"):
+        E("fp16 with dtype float16 on a full/Spectrum fine-tune: AMP cannot unscale fp16 gradients of fp16 "
+          "weights. Load the weights in float32 (dtype: float32) with fp16: true, or use bf16.")
+    if cfg.get("packing") and cfg.get("max_length", 1) is None:
+        E("packing with max_length null: TRL needs max_length as the packed sequence length.")
+    if cfg.get("padding_free") and not cfg.get("packing") and cfg.get("max_length", 1024) is not None:
+        E("padding_free without packing and with max_length set: TRL refuses it (max_length is not enforced). "
+          "Enable packing or drop padding_free.")
+    if cfg.get("packing") and cfg.get("packing_strategy") == "wrapped":
+        W("packing_strategy 'wrapped' cuts sequences mid-sample; 'bfd' (default) keeps samples whole.")
+    if cfg.get("truncation_mode") == "keep_end":
+        W("truncation_mode keep_end is deprecated in TRL 1.x (removed in 2.0).")
+    if cfg.get("pad_token") is not None:
+        W("pad_token is deprecated in TRL 1.x: set the tokenizer's pad token instead.")
+    if cfg.get("dataset_text_field") not in (None, "text"):
+        N("dataset_text_field applies only to plain-text (language modeling) datasets; conversational "
+          "messages or prompt/completion rows ignore it.")
+    if cfg.get("push_to_hub"):
+        W("push_to_hub is on: training pushes to the Hugging Face Hub (network + write token). Turn it off for "
+          "offline runs, and push only with the user's consent.")
+    for rep in ([cfg["report_to"]] if isinstance(cfg.get("report_to"), str) else cfg.get("report_to") or []):
+        mod = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+               "comet_ml": "comet_ml"}.get(str(rep))
+        if mod and not has_module(mod):
+            W(f"report_to {rep}: the {mod} package is not installed here (the Trainer fails at start if it "
+              "is missing on the training machine).")
+    if method in ("lora", "qlora") and cfg.get("deepspeed") is None and accel and accel.sharding == "zero3":
+        kw = cfg.get("activation_checkpointing_kwargs") or cfg.get("gradient_checkpointing_kwargs") or {}
+        if _eff(cfg, "activation_checkpointing") and not kw.get("use_reentrant"):
+            W("PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing: TRL forces it through the deprecated "
+              "gradient_checkpointing_kwargs, which transformers 5.23 no longer reads when "
+              "activation_checkpointing_kwargs is unset. Set activation_checkpointing_kwargs: "
+              "{use_reentrant: true}.")
+
+    # --- hardware
+    attn = cfg.get("attn_implementation")
+    gpu_only = []
+    if cfg.get("use_liger_kernel"):
+        gpu_only.append(("use_liger_kernel", "liger_kernel", "liger-kernel's first forward fails without a GPU"))
+    if attn in FLASH_ATTN:
+        gpu_only.append(("attn_implementation", "flash_attn", f"{attn} needs the flash-attn package and a GPU"))
+    for key, mod, why in gpu_only:
+        if cpu_target:
+            E(f"{key}: {why}; this recipe trains on CPU. Remove it (attn_implementation: sdpa).")
+        elif not has_module(mod):
+            W(f"{key}: the {mod} package is not installed here; install it on the training machine or "
+              f"{'use attn_implementation: sdpa' if key == 'attn_implementation' else 'set it false'}.")
+    if t.kind == "gpu?" and not use_cpu:
+        if bf16 or q4 or fp16:
+            W("this machine has no CUDA GPU: the recipe (bf16/fp16/4-bit) is meant for a GPU machine. To run "
+              "it here set use_cpu: true, bf16: false, and drop load_in_4bit/liger/flash-attn.")
+    if t.kind == "gpu" and not t.bf16 and bf16:
+        E(f"bf16 on {t.gpu_name}, which has no bf16 (compute capability < 8.0): set bf16: false, fp16: true.")
+    if t.kind == "gpu" and not t.bf16 and cfg.get("tf32"):
+        E(f"tf32 needs an Ampere or newer GPU; {t.gpu_name} has none. Remove tf32.")
+    if cpu_target and cfg.get("tf32"):
+        E("tf32 on CPU: TrainingArguments raises. Remove tf32.")
+    if cpu_target and q4:
+        W("4-bit QLoRA on CPU runs (bitsandbytes CPU backend) but very slowly; use LoRA or full on tiny models.")
+    if accel:
+        for p in accel.problems:
+            E(f"accelerate config: {p}")
+        mp = accel.mixed_precision
+        want = "bf16" if bf16 else "fp16" if fp16 else "no"
+        if mp and mp != want:
+            W(f"accelerate mixed_precision is {mp} but the recipe trains in {want}: the Trainer's flags win; "
+              "set both the same.")
+        if accel.use_cpu != use_cpu:
+            W(f"accelerate use_cpu={accel.use_cpu} but the recipe's use_cpu={use_cpu}.")
+        if q4 and accel.sharding in ("fsdp", "zero3") and not qs:
+            E(f"QLoRA with {accel.sharding.upper()} needs bnb_4bit_quant_storage (= dtype, e.g. bfloat16): with "
+              "the default uint8 storage the 4-bit weights cannot be sharded.")
+
+    # --- files and datasets
+    _check_files(cfg, root, a, method)
+
+    # --- memory
+    a.memory, mem_note = _memory(cfg, t, root, accel, method)
+    if mem_note:
+        N(mem_note)
+    if a.memory is not None:
+        a.fits = a.memory.fits
+        m = a.memory
+        if m.gpu_memory_gib and m.total_gib > m.gpu_memory_gib:
+            E(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB of "
+              f"{t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, enable "
+              "activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
+        elif m.fits is False:
+            W(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above 90% of {m.gpu_memory_gib:.1f} GiB: "
+              "little headroom (the estimate is within about +-10%).")
+    return a
+
+
+def _check_files(cfg: dict, root: Path, a: _Analysis, method: str) -> None:
+    E, W, N = a.errors.append, a.warnings.append, a.notes.append
+    model = cfg.get("model_name_or_path")
+    if not model:
+        E("model_name_or_path is missing: SFTTrainer needs the model to train.")
+    elif _looks_like_path(model) and not _is_local_ref(model, root):
+        E(f"model_name_or_path '{model}' looks like a local path but does not exist under {root}.")
+    elif not _is_local_ref(str(model), root):
+        from .models import CATALOG, catalog_lookup
+        name = catalog_lookup(str(model))
+        if name and "/" in str(model) and CATALOG[name][0].lower() != str(model).lower():
+            N(f"model_name_or_path '{model}': the hub id is now '{CATALOG[name][0]}' (the hub redirects renamed "
+              "repos); needs network or a local copy at training time.")
+    if not cfg.get("output_dir"):
+        W("output_dir is not set: the Trainer writes to ./trainer_output.")
+    ds_name, mix = cfg.get("dataset_name"), cfg.get("datasets")
+    evals = str(cfg.get("eval_strategy", "no")) != "no"
+    if not ds_name and not mix:
+        E("no dataset: set dataset_name (a convert_dataset directory or hub id) or a datasets: mixture.")
+    if ds_name and not mix:
+        local = _is_local_ref(ds_name, root)
+        if local is None and _looks_like_path(ds_name):
+            E(f"dataset_name '{ds_name}' does not exist under {root}.")
+        elif local is None:
+            W(f"dataset_name '{ds_name}' is not a directory in the workspace, so the datasets library will "
+              "fetch it from the hub (network needed); for a local dataset give the convert_dataset output "
+              "directory.")
+        elif local is not None and local.is_file():
+            W(f"dataset_name '{ds_name}' is a file: load it through a datasets: mixture "
+              "(path: json, data_files: <file>) instead.")
+        elif local is not None and local.is_dir():
+            names = {p.stem for p in local.iterdir() if p.is_file()}
+            tr, te = cfg.get("dataset_train_split", "train"), cfg.get("dataset_test_split", "test")
+            if names and tr not in names and not (local / "dataset_dict.json").exists():
+                W(f"dataset_name '{ds_name}' has no '{tr}' file (files: {', '.join(sorted(names)[:6])}).")
+            if evals and names and te not in names and not (local / "dataset_dict.json").exists():
+                E(f"eval_strategy is {cfg.get('eval_strategy')} but '{ds_name}' has no '{te}' split: add a test "
+                  "split (convert_dataset test_size) or set eval_strategy: 'no'.")
+    if isinstance(mix, list):
+        for i, d in enumerate(mix):
+            if not isinstance(d, dict) or "path" not in d:
+                E(f"datasets[{i}] needs a 'path' (e.g. path: json, data_files: data/train.jsonl).")
+                continue
+            files = d.get("data_files")
+            for f in ([files] if isinstance(files, str) else (files.values() if isinstance(files, dict)
+                                                               else files or [])):
+                if isinstance(f, str) and not any(c in f for c in "*?[") and not _is_local_ref(f, root):
+                    E(f"datasets[{i}].data_files '{f}' does not exist under {root}.")
+        if evals and cfg.get("test_split_size") is None:
+            E("eval_strategy is on but the datasets mixture has no test split: set test_split_size (e.g. 0.05) "
+              "or eval_strategy: 'no'.")
+    ct = cfg.get("chat_template_path")
+    if ct and str(ct).endswith((".jinja", ".j2")) and _is_local_ref(ct, root) and not cfg.get("eos_token"):
+        eot = end_of_turn_token(template_text(str(ct), root)[0] or "")
+        if eot:
+            W(f"chat_template_path is a .jinja file: TRL sets only the template, so the tokenizer keeps its own "
+              f"EOS. Set eos_token: '{eot}' (the template's end of turn) so the model learns to stop.")
+    if ct and _looks_like_path(ct) and not _is_local_ref(ct, root):
+        E(f"chat_template_path '{ct}' does not exist under {root}.")
+    elif ct and not _is_local_ref(ct, root):
+        N(f"chat_template_path '{ct}' is a hub id: TRL clones that tokenizer's template and special tokens "
+          "(network needed at training time).")
+    for key in ("deepspeed",):
+        v = cfg.get(key)
+        if isinstance(v, str) and not v.lstrip().startswith("{") and not _is_local_ref(v, root):
+            E(f"{key} file '{v}' does not exist under {root}.")
+    if method == "spectrum":
+        sp = cfg.get(SPECTRUM_KEY)
+        local = _is_local_ref(str(sp), root)
+        if local is None or not local.is_file():
+            E(f"spectrum_config_path '{sp}' does not exist under {root}: run spectrum_scan first.")
+        else:
+            _, problem = _spectrum_patterns(local)
+            if problem:
+                E(f"spectrum_config_path '{sp}' {problem}")
+    if cfg.get("assistant_only_loss"):
+        ref = ct or model
+        text, where = template_text(str(ref), root) if ref else (None, "")
+        if text is None:
+            W(f"assistant_only_loss: could not read the chat template of '{ref}' to check its "
+              "{% generation %} markers; verify_masking shows what is trained.")
+        elif not has_generation_markers(text):
+            known = trl_known_templates().get(text)
+            if known:
+                N(f"assistant_only_loss: the template ({where}) has no {{% generation %}} markers; TRL swaps in "
+                  f"its '{known}_training' variant.")
+            else:
+                E(f"assistant_only_loss needs {{% generation %}} markers in the chat template ({where} has none, "
+                  "and TRL has no training variant for it): TRL raises. Use prompt/completion data with "
+                  "completion_only_loss, or a template with the markers (TRL's *_training.jinja).")
+
+
+def _memory(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary], method: str
+            ) -> tuple[Optional[MemoryEstimate], Optional[str]]:
+    from .memory import estimate_memory
+    from .models import get_model_facts
+    model = cfg.get("model_name_or_path")
+    if not model:
+        return None, None
+    try:
+        facts = get_model_facts(str(model))
+    except Exception as exc:  # noqa: BLE001 - unknown model, offline: no estimate
+        return None, f"memory estimate skipped: {exc}"
+    bf16, fp16 = _eff(cfg, "bf16"), bool(cfg.get("fp16"))
+    dt = str(cfg.get("dtype", "float32"))
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+        dt, "bf16" if bf16 else "fp16" if fp16 else "fp32")
+    if t.kind == "cpu" or cfg.get("use_cpu"):
+        dtype = "fp32"
+    tm = cfg.get("lora_target_modules") or ["q_proj", "v_proj"]  # PEFT's Llama default when unset
+    spectrum_fraction = 0.3
+    if method == "spectrum":
+        local = _is_local_ref(str(cfg.get(SPECTRUM_KEY)), root)
+        pats = _spectrum_patterns(local)[0] if local and local.is_file() else None
+        if pats:
+            spectrum_fraction = _spectrum_fraction(pats, facts.num_layers)
+    num_gpus, sharding, offload = max(1, t.num_gpus), "none", False
+    if accel:
+        num_gpus, sharding, offload = max(1, accel.num_processes), accel.sharding, accel.cpu_offload
+    if num_gpus < 2:
+        sharding, offload = "none", False
+    attn = cfg.get("attn_implementation") or "sdpa"
+    try:
+        est = estimate_memory(
+            facts.name if facts.source == "catalog" else str(model), method=method,
+            seq_len=int(cfg.get("max_length") or 1024), micro_batch=int(_eff(cfg, "per_device_train_batch_size")),
+            gradient_checkpointing=_eff(cfg, "activation_checkpointing"), packing=bool(cfg.get("packing")),
+            optimizer=str(_eff(cfg, "optim")), dtype=dtype, liger=bool(cfg.get("use_liger_kernel")),
+            lora_r=int(cfg.get("lora_r", 16)), lora_target_modules=tm,
+            modules_to_save=cfg.get("lora_modules_to_save") if method in ("lora", "qlora") else None,
+            spectrum_fraction=spectrum_fraction, num_gpus=num_gpus, sharding=sharding, cpu_offload=offload,
+            gpu=None, gpu_memory_gib=t.gpu_memory_gib if t.kind == "gpu" else None,
+            attn_implementation=attn if attn in ("sdpa", "flash_attention_2", "eager") else "sdpa",
+            lora_dropout=float(cfg.get("lora_dropout", 0.05)))
+    except Exception as exc:  # noqa: BLE001 - an estimator limit must not hide the rest of the report
+        return None, f"memory estimate skipped: {exc}"
+    note = None
+    if est.fits is None and (t.kind == "cpu" or cfg.get("use_cpu")):
+        note = f"memory: CPU training, estimated {est.total_gib:.2f} GiB of RAM (the estimate counts a CUDA context)."
+    elif est.fits is None:
+        note = ("memory: no GPU size known (describe one with gpu= or gpu_memory_gib=), so fits is null; "
+                f"estimated {est.total_gib:.1f} GiB per GPU.")
+    return est, note
+
+
+# ----------------------------------------------------------------------------- validate_recipe
+def _load_recipe(recipe: str) -> tuple[str, Optional[Path]]:
+    ws = get_workspace()
+    s = recipe if isinstance(recipe, str) else str(recipe)
+    stripped = s.strip()
+    if not stripped:
+        raise UserError("is empty.", field="recipe", fix="Give a recipe path in the workspace or the YAML text.")
+    is_text = "\n" in stripped or stripped.startswith("{") or (
+        ": " in stripped and not stripped.endswith((".yaml", ".yml")))
+    if is_text:
+        return s, None
+    path = ws.resolve(stripped, field="recipe", must_exist=True, kind="file")
+    return path.read_text(encoding="utf-8"), path
+
+
+def parse_yaml_mapping(text: str, field: str = "recipe") -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else field
+        raise UserError(f"is not valid YAML: {getattr(exc, 'problem', None) or exc}.", field=where,
+                        fix="Fix the YAML syntax (indentation, a missing ':' or quote).") from None
+    if not isinstance(data, dict):
+        raise UserError("must be a YAML mapping of recipe keys (key: value per line).", field=field,
+                        fix="Write one `key: value` per line, e.g. `model_name_or_path: Qwen/Qwen2.5-0.5B`.")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"keys must be names, got {bad[:3]!r}.", field=field,
+                        fix="Use TRL field names as keys (e.g. learning_rate).")
+    return data
+
+
+def validate_recipe(
+    recipe: Annotated[str, Field(description="Recipe path in the workspace, or the YAML text itself.")],
+    write_migrated: Annotated[Optional[str], Field(
+        description="Write the migrated recipe to this path in the workspace (may be the recipe's own path).")] = None,
+    gpu: Annotated[Optional[str], Field(description="Target GPU model, e.g. 'L4', 'H100'. Omit to check "
+                                                    "against this machine.")] = None,
+    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="Target VRAM per GPU in GiB.")] = None,
+    num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs the run will use.")] = None,
+    accelerate_config: Annotated[Optional[str], Field(
+        description="The accelerate config the run will use (checked, and sets GPUs/sharding for the "
+                    "memory fit).")] = None,
+) -> RecipeValidation:
+    """Check a TRL recipe (YAML for `trl sft` / `python -m tools.train`) against the INSTALLED TRL and
+    migrate 2024-era keys: renames (max_seq_length, torch_dtype, use_liger, warmup_ratio,
+    tokenizer_name_or_path, evaluation_strategy, gradient_checkpointing...) each with its reason;
+    unknown keys with the closest valid names; the real TrlParser parse; contradictions (fp16+bf16,
+    4-bit without PEFT, liger/flash-attn without GPU or package, assistant_only_loss without
+    {% generation %}, bf16 on a GPU without it, missing dataset/template/Spectrum files); and the memory
+    fit on the target GPU. Returns valid, errors, warnings, changes, the migrated YAML (written when
+    write_migrated is given). Spectrum recipes are parsed without spectrum_config_path, whose file
+    must exist."""
+    ws = get_workspace()
+    text, path = _load_recipe(recipe)
+    raw = parse_yaml_mapping(text)
+    cfg, changes, mig_warns = migrate(raw)
+    t = _target(gpu, gpu_memory_gib, num_gpus, recipe_use_cpu=bool(cfg.get("use_cpu")))
+    accel = None
+    if accelerate_config:
+        ap = ws.resolve(accelerate_config, field="accelerate_config", must_exist=True, kind="file")
+        accel = read_accelerate_config(ap, ws.rel(ap))
+    a = _analyse(cfg, t, ws.root, accel)
+    v = versions()
+    header = []
+    if changes:
+        header = [f"Migrated by validate_recipe for trl {v.get('trl')} / transformers {v.get('transformers')}:"]
+        for c in changes:
+            header.append(f"  {c.key}: {c.old!r} -> {c.new!r}")
+    comments: dict[str, str] = {}
+    for c in changes:
+        if isinstance(c.new, dict):
+            for k in c.new:
+                k0 = k.split(".")[0]
+                if k0 in cfg and k0 != c.key:
+                    comments[k0] = f"migrated from {c.key}"
+        elif c.new is not None and c.key in cfg:
+            comments[c.key] = f"migrated from {c.old!r}"
+    migrated = dump_yaml(cfg, header=header, comments=comments)
+    out_path = None
+    if write_migrated:
+        out_path = ws.write_text(write_migrated, migrated, field="write_migrated")
+    return RecipeValidation(
+        valid=not a.errors, method=infer_method(cfg),
+        recipe_path=ws.rel(out_path) if out_path else (ws.rel(path) if path else None),
+        migrated_path=ws.rel(out_path) if out_path else None,
+        errors=a.errors, warnings=mig_warns + a.warnings, changes=changes, unknown_keys=a.unknown,
+        trl_parse_ok=a.parse_ok, target=t.description, memory=a.memory, fits=a.fits, accelerate=accel,
+        migrated_yaml=migrated, versions=v, notes=t.notes + a.notes)
+
+
+# ----------------------------------------------------------------------------- generate_recipe
+def _slug(s: str) -> str:
+    s = s.rstrip("/").split("/")[-1]
+    return re.sub(r"[^a-z0-9.]+", "-", s.lower()).strip("-") or "model"
+
+
+def _count_rows(path: Path) -> Optional[int]:
+    if path.suffix.lower() != ".jsonl":
+        return None
+    n = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                n += 1
+    return n
+
+
+def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> tuple[dict, Optional[int], bool, list[str]]:
+    ws = get_workspace()
+    notes: list[str] = []
+    p = Path(dataset).expanduser()
+    local = p if p.is_absolute() else ws.root / p
+    if local.exists():
+        path = ws.resolve(dataset, field="dataset", must_exist=True)
+        rel = ws.rel(path)
+        if path.is_dir():
+            files = {f.name: f for f in path.iterdir() if f.is_file()}
+            train = next((files[n] for n in ("train.jsonl", "train.json", "train.parquet", "train.csv")
+                          if n in files), None)
+            if train is None:
+                raise UserError(f"'{dataset}' has no train.jsonl.", field="dataset",
+                                fix="Point at the output directory of convert_dataset (train.jsonl and "
+                                    "optionally test.jsonl), or at a .jsonl file.")
+            test = next((files[n] for n in ("test.jsonl", "test.json", "test.parquet", "test.csv")
+                         if n in files), None)
+            if test_split and test is None:
+                raise UserError(f"'{dataset}' has no test split (test.jsonl).", field="test_split",
+                                fix="Run convert_dataset with a test split, or pass test_split=false.")
+            use_test = bool(test) if test_split is None else bool(test_split)
+            cfg = {"dataset_name": rel, "dataset_train_split": "train"}
+            if use_test:
+                cfg["dataset_test_split"] = "test"
+            return cfg, _count_rows(train), use_test, notes
+        ext = path.suffix.lower().lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise UserError(f"'{dataset}' is not a .jsonl/.json/.csv/.parquet file.", field="dataset",
+                            fix="Convert it with convert_dataset and pass the output directory.")
+        cfg = {"datasets": [{"path": builder, "data_files": rel, "split": "train"}]}
+        use_test = bool(test_split)
+        if use_test:
+            cfg["test_split_size"] = 0.05
+            notes.append("test split: 5% of the file is held out at load time (test_split_size: 0.05).")
+        return cfg, _count_rows(path), use_test, notes
+    if "/" in dataset and not _looks_like_path(dataset):
+        notes.append(f"dataset '{dataset}' is read from the hub at training time (network needed); check its "
+                     "format with inspect_dataset and convert it locally when possible.")
+        cfg = {"dataset_name": dataset, "dataset_train_split": "train"}
+        if test_split:
+            cfg["dataset_test_split"] = "test"
+        return cfg, None, bool(test_split), notes
+    raise UserError(f"'{dataset}' does not exist in the workspace.", field="dataset",
+                    fix="Give the convert_dataset output directory (with train.jsonl) or a .jsonl file.")
+
+
+def _default_epochs(rows: Optional[int], method: str) -> float:
+    e = 1.0 if rows is None else 3.0 if rows < 1000 else 2.0 if rows < 10000 else 1.0
+    return min(e, 2.0) if method == "full" else e
+
+
+def _plan(model: str, method: str, t: Target, rows: Optional[int], seq_len: int, epochs: float,
+          warnings_: list[str]):
+    """recommend_method's layout, restricted to `method` unless auto; None when it has none."""
+    from .recommend import recommend_method
+    kw = dict(dataset_rows=rows, seq_len=seq_len, epochs=epochs)
+    if t.described:
+        kw.update(gpu=None, gpu_memory_gib=t.gpu_memory_gib, num_gpus=t.num_gpus)
+        from .memory import find_gpu
+        if t.gpu_name and find_gpu(t.gpu_name):
+            kw.update(gpu=t.gpu_name)
+    elif t.kind == "gpu":
+        kw.update(num_gpus=t.num_gpus)
+    if method != "auto":
+        kw["allow_methods"] = [method]
+    if t.kind == "cpu" and method in ("qlora", "spectrum"):
+        warnings_.append(f"{method} on CPU: recommend_method plans only full/LoRA without a GPU; using "
+                         "micro-batch 1 without checkpointing (check the memory estimate).")
+        return None
+    try:
+        return recommend_method(model, **kw)
+    except UserError as exc:
+        if method == "auto":
+            raise
+        warnings_.append(f"recommend_method found no layout for {method} here ({exc}); using micro-batch 1 "
+                         "with checkpointing. Check the memory estimate below.")
+        return None
+
+
+def _accelerate_text(t: Target, method: str, sharding: str, offload: bool, mixed: str) -> tuple[str, str]:
+    """(template name, YAML text) of the accelerate config for this target and layout."""
+    if t.kind == "cpu":
+        name = "cpu"
+    elif t.num_gpus <= 1:
+        name = "single_gpu"
+    elif sharding == "zero2":
+        name = "deepspeed_zero2"
+    elif sharding == "zero3":
+        name = "deepspeed_zero3_offload" if offload else "deepspeed_zero3"
+    elif sharding == "fsdp":
+        name = "fsdp_qlora" if method == "qlora" else "fsdp2"
+    else:
+        name = "multi_gpu_ddp"
+    src = REPO / "recipes" / "accelerate" / f"{name}.yaml"
+    if src.is_file():
+        text = src.read_text(encoding="utf-8")
+    else:  # installed without the repo's recipes/: TRL ships equivalent launch configs
+        import importlib.resources as res
+        trl_name = {"single_gpu": "single_gpu", "multi_gpu_ddp": "multi_gpu", "deepspeed_zero2": "zero2",
+                    "deepspeed_zero3": "zero3", "deepspeed_zero3_offload": "zero3", "fsdp2": "fsdp2",
+                    "fsdp_qlora": "fsdp2", "cpu": "single_gpu"}[name]
+        text = res.files("trl.accelerate_configs").joinpath(f"{trl_name}.yaml").read_text(encoding="utf-8")
+
+    def put(txt: str, key: str, value: str) -> str:
+        pat = re.compile(rf"^(\s*){re.escape(key)}:.*$", re.M)
+        return pat.sub(lambda m: f"{m.group(1)}{key}: {value}", txt) if pat.search(txt) else txt + f"{key}: {value}\n"
+
+    n = 1 if t.kind == "cpu" else max(1, t.num_gpus)
+    text = put(text, "num_processes", str(n))
+    text = put(text, "mixed_precision", "'no'" if mixed == "no" else mixed)
+    text = put(text, "use_cpu", "true" if t.kind == "cpu" else "false")
+    if offload and sharding == "fsdp":
+        text = put(text, "fsdp_offload_params", "true")
+    if name == "single_gpu" and "distributed_type" in text:
+        text = put(text, "distributed_type", '"NO"')
+    return name, text
+
+
+def generate_recipe(
+    model: Annotated[str, Field(description="Model dir in the workspace, hub id or catalog name.")],
+    dataset: Annotated[str, Field(description="convert_dataset output dir (train.jsonl, test.jsonl), a .jsonl "
+                                              "file in the workspace, or a hub dataset id.")],
+    method: Annotated[Literal["auto", "qlora", "lora", "spectrum", "full"], Field(
+        description="auto: recommend_method decides from the model and hardware.")] = "auto",
+    output_path: Annotated[Optional[str], Field(description="Where to write the recipe (default "
+                                                            "recipes/<name>.yaml in the workspace).")] = None,
+    output_dir: Annotated[Optional[str], Field(description="Training output dir (default runs-out/<name>).")] = None,
+    gpu: Annotated[Optional[str], Field(description="Target GPU model, e.g. 'RTX 4090', 'H100'. Omit to "
+                                                    "detect this machine.")] = None,
+    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="Target VRAM per GPU in GiB.")] = None,
+    num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs to train on.")] = None,
+    dataset_rows: Annotated[Optional[int], Field(ge=1, description="Training rows (default: counted).")] = None,
+    seq_len: Annotated[Optional[int], Field(ge=16, description="max_length, tokens per sequence / packed block "
+                                                               "(default 1024, capped at the model's "
+                                                               "context).")] = None,
+    chat_template: Annotated[Optional[str], Field(
+        description="A .jinja chat template (or tokenizer dir) to train a base model with, e.g. the Instruct "
+                    "model's; LoRA/QLoRA then also train embed_tokens and lm_head (modules_to_save).")] = None,
+    spectrum_config: Annotated[Optional[str], Field(
+        description="Spectrum YAML from spectrum_scan (method spectrum; scanned automatically if omitted).")] = None,
+    epochs: Annotated[Optional[float], Field(gt=0, description="num_train_epochs (default from the dataset "
+                                                               "size: 3 under 1k rows, 2 under 10k, else 1).")] = None,
+    test_split: Annotated[Optional[bool], Field(
+        description="Evaluate on the test split during training (default: when the dataset has one).")] = None,
+    overrides: Annotated[Optional[dict[str, Any]], Field(
+        description="Recipe keys to set last (TRL field names; null removes a key), e.g. "
+                    "{'learning_rate': 1e-4, 'assistant_only_loss': true}.")] = None,
+) -> RecipeResult:
+    """Write a TRL recipe (flat YAML for `python -m tools.train` / `trl sft`) plus the matching
+    accelerate config (single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA, CPU) for a model
+    and a converted dataset. Method, micro-batch, gradient accumulation, checkpointing and sharding
+    come from recommend_method (method=auto) or fill the layout of the method asked for; learning
+    rate, schedule, warm-up and clipping follow the per-method defaults; precision, attention kernel
+    and liger follow the hardware. The recipe is parsed by the installed TRL before it is written.
+    Returns the paths, the YAML, launch commands, why each setting, and the memory estimate."""
+    from .models import CATALOG, catalog_lookup, get_model_facts
+    ws = get_workspace()
+    facts = get_model_facts(model)
+    if seq_len is None:
+        seq_len = min(1024, facts.max_position_embeddings or 1024)
+    warns: list[str] = []
+    notes: list[str] = []
+    why: dict[str, str] = {}
+
+    if facts.source == "local":
+        model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
+    elif "/" in model:
+        model_ref = model.strip()
+    else:
+        name = catalog_lookup(model)
+        model_ref = CATALOG[name][0] if name else model.strip()
+    ds_cfg, rows, use_test, ds_notes = _dataset_cfg(dataset, test_split)
+    notes += ds_notes
+    rows = dataset_rows or rows
+    t = _target(gpu, gpu_memory_gib, num_gpus)
+    if t.kind == "cpu" and num_gpus and num_gpus > 1:
+        raise UserError("no GPU here and none described.", field="num_gpus",
+                        fix="Describe the GPUs (gpu=..., num_gpus=...) or drop num_gpus.")
+
+    ep_method = method if method != "auto" else "lora"
+    ep = epochs or _default_epochs(rows, ep_method)
+    rec = _plan(model, method, t, rows, seq_len, ep, warns)
+    chosen: str = rec.method if rec else method
+    if epochs is None:
+        ep = _default_epochs(rows, chosen)
+    if rec:
+        mb, ga, gc = rec.micro_batch, rec.gradient_accumulation_steps, rec.gradient_checkpointing
+        sharding, offload, optim = rec.sharding, rec.cpu_offload, rec.optimizer
+        packing = rec.packing
+        why["method"] = (f"{chosen}: " + rec.reasons[0]) if method == "auto" else f"{chosen}: asked for."
+        why["per_device_train_batch_size"] = rec.reasons[1] if len(rec.reasons) > 1 else ""
+        mem_notes = set(rec.memory.notes)
+        warns += [w for w in rec.warnings if "flash-attn" not in w and "liger" not in w and w not in mem_notes]
+        notes += [n for n in rec.warnings if n in mem_notes]
+    else:
+        mb, gc, packing = 1, t.kind != "cpu", True
+        ga = max(1, math.ceil(16 / max(1, t.num_gpus)))
+        sharding = "zero3" if t.num_gpus > 1 and chosen in ("full", "spectrum") else "none"
+        offload, optim = False, "adamw_torch" if t.kind == "cpu" else "adamw_torch_fused"
+        why["method"] = f"{chosen}: asked for."
+    if t.kind == "cpu":
+        optim, gc = "adamw_torch", False if rec is None else gc
+
+    d = METHOD_DEFAULTS[chosen]
+    cfg: dict[str, Any] = {}
+    cfg["model_name_or_path"] = model_ref
+    # precision
+    if t.kind == "cpu":
+        dtype_name, mixed = "float32", "no"
+        why["dtype"] = "CPU: fp32 weights and compute (use_cpu: true, bf16: false)."
+    elif t.bf16:
+        dtype_name, mixed = "bfloat16", "bf16"
+        why["dtype"] = f"{t.gpu_name} supports bf16: bf16 weights and mixed precision."
+    else:
+        dtype_name = "float16" if chosen in ("lora", "qlora") else "float32"
+        mixed = "fp16"
+        why["dtype"] = (f"{t.gpu_name} has no bf16: fp16 mixed precision; "
+                        + ("frozen base in fp16." if dtype_name == "float16" else
+                           "fp32 master weights (AMP cannot unscale fp16 gradients)."))
+    cfg["dtype"] = dtype_name
+    flash = t.kind == "gpu" and t.cuda_here and has_module("flash_attn")
+    cfg["attn_implementation"] = "flash_attention_2" if flash else "sdpa"
+    why["attn_implementation"] = ("flash-attn is installed and a CUDA GPU is present." if flash else
+                                  "PyTorch SDPA: flash-attn " + ("is not installed" if t.kind == "gpu" and
+                                                                 not has_module("flash_attn") else
+                                                                 "needs a local CUDA GPU") + ".")
+    # method
+    spectrum_rel = None
+    if chosen in ("lora", "qlora"):
+        cfg["use_peft"] = True
+        if chosen == "qlora":
+            cfg["load_in_4bit"] = True
+            cfg["bnb_4bit_quant_type"] = "nf4"
+            cfg["use_bnb_nested_quant"] = True
+            why["load_in_4bit"] = "QLoRA: NF4 4-bit base with double quantization; compute in dtype."
+            if sharding in ("fsdp", "zero3"):
+                cfg["bnb_4bit_quant_storage"] = dtype_name
+                why["bnb_4bit_quant_storage"] = (f"{sharding.upper()} can shard the 4-bit weights only when "
+                                                 "they are stored in the same float dtype as the rest.")
+        cfg["lora_r"] = 16
+        cfg["lora_alpha"] = 16
+        cfg["lora_dropout"] = 0.05
+        cfg["lora_target_modules"] = "all-linear"
+        why["lora_r"] = "r 16, alpha 16 (scale 1), dropout 0.05 on every linear layer of the decoder."
+    elif chosen == "spectrum":
+        spectrum_rel = _spectrum_file(model, spectrum_config, notes)
+        cfg[SPECTRUM_KEY] = spectrum_rel
+        why[SPECTRUM_KEY] = "Spectrum: train only the layers spectrum_scan selected (highest SNR per type)."
+    elif spectrum_config:
+        warns.append("spectrum_config is ignored: the method is not spectrum.")
+    # data
+    cfg.update(ds_cfg)
+    cfg["max_length"] = seq_len
+    cfg["packing"] = bool(packing)
+    why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
+                      "packing so completion/assistant masks survive.")
+    if chat_template:
+        ct_path = _is_local_ref(chat_template, ws.root)
+        if ct_path is not None:
+            ct_path = ws.resolve(chat_template, field="chat_template", must_exist=True)
+            cfg["chat_template_path"] = ws.rel(ct_path)
+            text, _ = template_text(str(ct_path), ws.root)
+        elif "/" in chat_template and not _looks_like_path(chat_template):
+            cfg["chat_template_path"] = chat_template
+            text = None
+            notes.append(f"chat_template '{chat_template}' is a hub tokenizer: TRL clones its template at "
+                         "training time (network needed).")
+        else:
+            raise UserError(f"'{chat_template}' does not exist in the workspace.", field="chat_template",
+                            fix="Give a .jinja file or a tokenizer directory in the workspace.")
+        eot = end_of_turn_token(text) if text else None
+        if eot:
+            cfg["eos_token"] = eot
+            why["eos_token"] = f"the template ends each turn with {eot}: it must be the EOS the model learns."
+        if chosen in ("lora", "qlora"):
+            cfg["lora_modules_to_save"] = ["lm_head", "embed_tokens"]
+            why["lora_modules_to_save"] = ("a base model with a new chat template: its special tokens' "
+                                           "embeddings and output rows are untrained, so both are trained "
+                                           "fully (never LoRA on lm_head: TRL rejects it).")
+            if facts.tie_word_embeddings:
+                warns.append("the model ties embed_tokens and lm_head: PEFT trains two separate copies, and a "
+                             "merged model with tie_word_embeddings=true reloads lm_head from embed_tokens. "
+                             "Prefer the model's own Instruct variant, or Spectrum/full.")
+    # training
+    cfg["num_train_epochs"] = ep
+    why["num_train_epochs"] = (f"{ep:g}: " + ("asked for." if epochs else
+                                              f"default for {rows if rows else 'an unknown number of'} rows "
+                                              "(3 under 1k, 2 under 10k, else 1; full at most 2)."))
+    cfg["per_device_train_batch_size"] = mb
+    cfg["gradient_accumulation_steps"] = ga
+    world = 1 if t.kind == "cpu" else max(1, t.num_gpus)
+    why["gradient_accumulation_steps"] = f"{mb} x {ga} x {world} process(es) = {mb * ga * world} sequences per step."
+    cfg["activation_checkpointing"] = bool(gc)
+    why["activation_checkpointing"] = ("recompute each layer in backward to fit memory." if gc else
+                                       "off: memory fits without it, and it costs ~20% speed.")
+    if gc and chosen in ("lora", "qlora") and sharding == "zero3":
+        cfg["activation_checkpointing_kwargs"] = {"use_reentrant": True}
+        why["activation_checkpointing_kwargs"] = "PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing."
+    cfg["learning_rate"] = d["learning_rate"]
+    cfg["lr_scheduler_type"] = d["lr_scheduler_type"]
+    cfg["warmup_steps"] = d["warmup_steps"]
+    cfg["max_grad_norm"] = d["max_grad_norm"]
+    why["learning_rate"] = (f"{chosen} default {d['learning_rate']:g}, {d['lr_scheduler_type']}, warm-up "
+                            f"{d['warmup_steps']:g} of the steps (a float warmup_steps < 1 is a ratio; "
+                            "'constant' would ignore warm-up).")
+    why["max_grad_norm"] = f"clip gradients at {d['max_grad_norm']:g}."
+    cfg["optim"] = optim
+    why["optim"] = f"{optim}" + (" (fused AdamW kernel on GPU)." if optim == "adamw_torch_fused" else ".")
+    if t.kind == "cpu":
+        cfg["use_cpu"] = True
+        cfg["bf16"] = False
+    elif t.bf16:
+        cfg["bf16"] = True
+    else:
+        cfg["bf16"] = False
+        cfg["fp16"] = True
+    liger = t.kind == "gpu" and t.cuda_here and has_module("liger_kernel")
+    if liger:
+        cfg["use_liger_kernel"] = True
+        why["use_liger_kernel"] = "liger-kernel installed and a CUDA GPU present: fused RMSNorm/RoPE/SwiGLU."
+    elif t.kind == "gpu":
+        notes.append("use_liger_kernel is off: liger-kernel needs a local CUDA GPU and the package; set it true "
+                     "on the training machine if it has both.")
+    cfg["seed"] = 42
+    steps = None
+    if rows:
+        steps = math.ceil(rows / (mb * ga * world)) * ep
+    if use_test:
+        cfg["eval_strategy"] = "steps"
+        cfg["eval_steps"] = 0.2
+        cfg["per_device_eval_batch_size"] = mb
+        why["eval_strategy"] = "evaluate on the test split 5 times (eval_steps 0.2 of the steps)."
+    cfg["logging_steps"] = max(1, min(10, int(steps // 20))) if steps else 10
+    cfg["report_to"] = "none"
+    why["report_to"] = "none: tools.train writes metrics.jsonl itself; no tracker account or network needed."
+    cfg["save_strategy"] = "steps"
+    cfg["save_steps"] = 0.25
+    cfg["save_total_limit"] = 2
+    why["save_steps"] = "a checkpoint every quarter of the run (resume after a stop), keep the last 2."
+    name = f"{_slug(model_ref)}-{chosen}"
+    cfg["output_dir"] = output_dir or f"runs-out/{name}"
+
+    if overrides:
+        cfg = _apply_overrides(cfg, overrides, notes)
+        chosen = infer_method(cfg)
+
+    rec_path = ws.resolve(output_path or f"recipes/{name}.yaml", field="output_path")
+    acc_path = rec_path.with_name(rec_path.stem + ".accelerate.yaml")
+    acc_name, acc_text = _accelerate_text(t, chosen, sharding, offload, mixed)
+    accel = None
+    if acc_text:
+        import tempfile
+        with tempfile.TemporaryDirectory() as td:
+            tp = Path(td) / "accelerate.yaml"
+            tp.write_text(acc_text, encoding="utf-8")
+            accel = read_accelerate_config(tp, ws.rel(acc_path))
+    a = _analyse(cfg, t, ws.root, accel)
+    if a.errors:
+        raise UserError("the recipe would not train: " + " | ".join(a.errors), field="overrides" if overrides
+                        else "generate_recipe",
+                        fix="Fix the values named above (see validate_recipe for the full report).")
+    header = [f"{chosen} fine-tune of {model_ref} on {dataset} - written by generate_recipe",
+              f"target: {t.description}; trl {versions().get('trl')}, transformers {versions().get('transformers')}",
+              f"train:  python -m tools.train --config {ws.rel(rec_path)}",
+              f"multi:  accelerate launch --config_file {ws.rel(acc_path)} -m tools.train --config {ws.rel(rec_path)}"]
+    text = dump_yaml(cfg, header=header)
+    ws.write_text(rec_path, text, field="output_path")
+    ws.write_text(acc_path, f"# Written by generate_recipe for {ws.rel(rec_path)} (from {acc_name}.yaml)\n"
+                  + acc_text, field="output_path")
+    r, ac = ws.rel(rec_path), ws.rel(acc_path)
+    cmds = {"train": f"python -m tools.train --config {r}",
+            "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
+    if chosen != "spectrum":
+        cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
+    else:
+        notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
+    return RecipeResult(
+        recipe_path=r, accelerate_config_path=ac, method=chosen, yaml=text, launch_commands=cmds,
+        target=t.description, settings_explained={k: v for k, v in why.items() if v}, plan=rec,
+        memory=a.memory, fits=a.fits, spectrum_config_path=spectrum_rel, dataset_rows=rows,
+        warnings=warns + a.warnings, notes=notes + a.notes)
+
+
+def _apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
+    if not isinstance(overrides, dict):
+        raise UserError("must be a mapping of recipe keys to values.", field="overrides",
+                        fix="e.g. {'learning_rate': 1e-4}.")
+    fields = trl_fields()
+    migrated, changes, _ = migrate({k: v for k, v in overrides.items()})
+    for c in changes:
+        notes.append(f"override {c.key} migrated: {c.reason}")
+    bad = [k for k in migrated if k not in fields and k not in EXTRA_KEYS]
+    if bad:
+        hints = "; ".join(f"{k} -> {', '.join(suggest(k)) or '?'}" for k in bad)
+        raise UserError(f"unknown recipe keys {', '.join(bad)} (closest: {hints}).", field="overrides",
+                        fix="Use TRL field names (ScriptArguments, SFTConfig, ModelConfig).")
+    out = dict(cfg)
+    for k, v in migrated.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def _spectrum_file(model: str, spectrum_config: Optional[str], notes: list[str]) -> str:
+    ws = get_workspace()
+    if spectrum_config:
+        p = ws.resolve(spectrum_config, field="spectrum_config", must_exist=True, kind="file")
+        _, problem = _spectrum_patterns(p)
+        if problem:
+            raise UserError(problem, field="spectrum_config", fix="Write it with spectrum_scan.")
+        return ws.rel(p)
+    from .spectrum import spectrum_scan
+    res = spectrum_scan(model)
+    notes.append(f"spectrum_scan ran: {res.output_path} ({res.top_percent:g}% of each module type by SNR).")
+    return res.output_path
