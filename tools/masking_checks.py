@@ -1,0 +1,436 @@
+"""The engine behind `verify_masking`: run TRL's own SFT preparation, then attribute every token.
+
+1. `run_trl` builds an `SFTTrainer` on a throw-away tiny model (no forward pass ever runs), so
+   the trainer's own constructor decides what training would decide: the pad token, whether
+   completion-only loss applies, the `{% generation %}` training template swapped in for
+   `assistant_only_loss` (or the error TRL raises), padding-free/packing, and it prepares the
+   dataset with `_prepare_dataset` (ChatML conversion, EOS, tokenisation, labels, truncation,
+   dropping fully masked rows, BFD packing). The real `DataCollatorForLanguageModeling` then
+   builds the batches whose `labels` (-100 = not trained) are the ground truth.
+   The same trainer prepares the rows once more with `max_length=None`: the untruncated view
+   that tells what truncation cut.
+2. `analyse_row` maps each token to the message it renders (system/user/assistant/tool) or to
+   the template (headers, end-of-turn markers, BOS), by rendering the conversation
+   incrementally with the chat template and tokenizing with character offsets. Nothing is
+   hard-coded per template.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT_ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "function": "tool",
+                "observation": "tool", "ipython": "tool", "developer": "system",
+                "function_call": "assistant"}
+TEMPLATE = "template"
+TEXT = "text"
+CONTEXT = "assistant_context"
+
+
+class TrlRefused(Exception):
+    """TRL refused the settings or data (its own ValueError/RuntimeError): a finding, not a crash."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class TrlRun:
+    """What TRL produced: untruncated rows, final per-row labels, and the trainer's decisions."""
+    full: list[dict]                      # one per input row: input_ids, labels (+ source columns)
+    final: dict[int, tuple[list[int], list[int]]]  # row -> (input_ids, labels) after collator
+    unmatched_segments: int
+    completion_only_loss: bool
+    padding_free: bool
+    pad_token_id: int | None
+    pad_token: str | None
+    training_template: str | None       # TRL's swapped-in template, None = the tokenizer's
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):  # pragma: no cover - trivial
+        with contextlib.suppress(Exception):
+            msg = record.getMessage()
+            if msg not in self.messages:
+                self.messages.append(msg)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars, nothing on stdout (the MCP stdio stream), TRL warnings captured."""
+    import warnings
+
+    from datasets.utils import logging as ds_logging
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    cap = _Capture()
+    trl_log = logging.getLogger("trl")
+    trl_log.addHandler(cap)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield cap
+    finally:
+        trl_log.removeHandler(cap)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+def _dummy_model(tokenizer):
+    """A 1-layer Llama sized to the vocabulary: SFTTrainer needs a model, it never runs here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=max(len(tokenizer), 8), hidden_size=8, intermediate_size=8,
+                      num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def run_trl(rows: list[dict], tokenizer, *, completion_only_loss: bool | None,
+            assistant_only_loss: bool, packing: bool, max_length: int | None,
+            batch_size: int = 8) -> TrlRun:
+    """Prepare `rows` exactly as SFTTrainer would and collate them with its collator."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_list([{**r, "__row": i} for i, r in enumerate(rows)])
+    with _quiet() as cap, tempfile.TemporaryDirectory(prefix="verify-masking-") as tmp:
+        args = SFTConfig(
+            output_dir=tmp, max_length=max_length, completion_only_loss=completion_only_loss,
+            assistant_only_loss=assistant_only_loss, packing=packing, dataset_num_proc=None,
+            report_to="none", use_cpu=True, bf16=False, fp16=False,
+            gradient_checkpointing=False, per_device_train_batch_size=batch_size,
+            save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        try:
+            trainer = SFTTrainer(model=_dummy_model(tokenizer), args=args, train_dataset=ds,
+                                 processing_class=tokenizer)
+        except RuntimeError as exc:
+            if "assistant" in str(exc):
+                raise TrlRefused("no_assistant_tokens", str(exc)) from exc
+            raise
+        except ValueError as exc:
+            text = str(exc)
+            if "not training-compatible" in text or "generation" in text:
+                raise TrlRefused("no_generation_markers", text) from exc
+            if "not conversational" in text:
+                raise TrlRefused("not_conversational", text) from exc
+            raise TrlRefused("trl_value_error", text) from exc
+
+        # The untruncated view: same trainer, same decisions, no truncation, no packing.
+        full_args = copy.copy(trainer.args)
+        full_args.max_length = None
+        full_ds = trainer._prepare_dataset(ds, tokenizer, full_args, False, None, "verify")
+        full = [dict(r) for r in full_ds]
+        full.sort(key=lambda r: r["__row"])
+
+        final, unmatched = _collate(trainer, full, batch_size)
+        return TrlRun(full=full, final=final, unmatched_segments=unmatched,
+                      completion_only_loss=bool(trainer.completion_only_loss),
+                      padding_free=bool(trainer.padding_free),
+                      pad_token_id=getattr(trainer.data_collator, "pad_token_id", None),
+                      pad_token=tokenizer.pad_token, training_template=trainer.chat_template,
+                      warnings=list(cap.messages))
+
+
+def _collate(trainer, full: list[dict], batch_size: int):
+    """Run the trainer's collator over its prepared dataset; split back into rows."""
+    prepared = trainer.train_dataset
+    collator = trainer.data_collator
+    keys = [k for k in ("input_ids", "labels", "seq_lengths") if k in prepared.column_names]
+    has_row = "__row" in prepared.column_names
+    items = [{k: r[k] for k in keys} | ({"__row": r["__row"]} if has_row else {})
+             for r in prepared]
+    segments: list[tuple[int | None, list[int], list[int]]] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        out = collator([{k: v for k, v in b.items() if k != "__row"} for b in batch])
+        ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
+        if "cu_seq_lens_q" in out:  # padding-free: one flat sequence, split at each start
+            cu = out["cu_seq_lens_q"].tolist()
+            flat_rows = [b.get("__row") for b in batch for _ in range(
+                len(b["seq_lengths"]) if "seq_lengths" in b else 1)]
+            for j in range(len(cu) - 1):
+                a, b_ = cu[j], cu[j + 1]
+                row = flat_rows[j] if has_row and j < len(flat_rows) else None
+                segments.append((row, ids[0][a:b_], labels[0][a:b_]))
+        else:
+            for j, b in enumerate(batch):
+                n = len(b["input_ids"])
+                segments.append((b.get("__row"), ids[j][:n], labels[j][:n]))
+
+    final: dict[int, tuple[list[int], list[int]]] = {}
+    unmatched = 0
+    if has_row:
+        for row, ids, labels in segments:
+            final[row] = (ids, labels)
+        return final, unmatched
+    # Packed: every segment is the start of one prepared row (BFD truncates, never mixes).
+    by_head: dict[tuple, list[int]] = {}
+    for r in full:
+        by_head.setdefault(tuple(r["input_ids"][:8]), []).append(r["__row"])
+    ids_of = {r["__row"]: r["input_ids"] for r in full}
+    for _, ids, labels in segments:
+        cands = [c for c in by_head.get(tuple(ids[:8]), [])
+                 if c not in final and ids_of[c][:len(ids)] == ids]
+        if cands:
+            final[cands[0]] = (ids, labels)
+        else:
+            unmatched += 1
+    return final, unmatched
+
+
+# --------------------------------------------------------------------------------------------
+# Token attribution
+# --------------------------------------------------------------------------------------------
+def norm_role(role: Any) -> str:
+    r = str(role or "").strip().lower()
+    r = ROLE_ALIASES.get(r, r)
+    return r if r in CONTENT_ROLES else r or "unknown"
+
+
+def _content_texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content] if content else []
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]:
+                out.append(part["text"])
+            elif isinstance(part, str) and part:
+                out.append(part)
+        return out
+    return []
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def common_prefix_ids(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _clean(msg: dict) -> dict:
+    return {k: v for k, v in msg.items() if v is not None}
+
+
+@dataclass
+class Conversation:
+    """The text TRL tokenised, with per-character role/turn and the assistant turns."""
+    text: str
+    char_role: list[str]
+    char_turn: list[int]
+    assistant_turns: list[dict]  # {turn, out_start, content_end, trained_expected}
+    gen_prompts: list[tuple[int, str]]  # (turn index, generation prompt by the inference tpl)
+    missing: list[tuple[int, str]] = field(default_factory=list)  # (turn, role) not rendered
+
+
+def render(tokenizer, messages, *, template, tools, kwargs, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(
+        [_clean(m) for m in messages], tokenize=False, chat_template=template, tools=tools,
+        add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def conversation_view(tokenizer, messages: list[dict], *, first_trained_turn: int,
+                      train_template: str | None, infer_template: str | None, tools,
+                      kwargs: dict) -> Conversation:
+    """Render `messages` with the training template; attribute every character."""
+    full = render(tokenizer, messages, template=train_template, tools=tools, kwargs=kwargs)
+    n = len(full)
+    char_role = [TEMPLATE] * n
+    char_turn = [0] * n
+    # Turn boundaries: the longest common prefix of each partial rendering with the full one.
+    bounds = [0]
+    for k in range(1, len(messages) + 1):
+        if k == len(messages):
+            b = n
+        else:
+            try:
+                part = render(tokenizer, messages[:k], template=train_template, tools=tools,
+                              kwargs=kwargs)
+                b = _common_prefix(part, full)
+            except Exception:  # noqa: BLE001 - some templates refuse partial chats
+                b = bounds[-1]
+        bounds.append(max(b, bounds[-1]))
+    for k in range(len(messages)):
+        for c in range(bounds[k], bounds[k + 1]):
+            char_turn[c] = k
+
+    claimed = [False] * n
+
+    def locate(text: str, lo: int, hi: int) -> tuple[int, int] | None:
+        # as written, trimmed, or without the reasoning some templates strip from old turns
+        for cand in (text, text.strip(), text.split("</think>")[-1].strip()):
+            if not cand:
+                continue
+            j = full.find(cand, lo, hi)
+            if j >= 0:
+                return j, j + len(cand)
+        return None
+
+    spans: dict[int, list[tuple[int, int]]] = {}
+    missing: list[tuple[int, str]] = []
+    for k, msg in enumerate(messages):
+        role = norm_role(msg.get("role"))
+        if role == "assistant" and k < first_trained_turn:
+            role = CONTEXT  # an earlier reply given in the prompt: context, not trained
+        for text in _content_texts(msg.get("content")):
+            loc = locate(text, bounds[k], bounds[k + 1])
+            if loc is None:  # the template moved it (e.g. system folded into a user turn)
+                j = 0
+                while True:
+                    loc = locate(text, j, n)
+                    if loc is None or not any(claimed[loc[0]:loc[1]]):
+                        break
+                    j = loc[0] + 1
+            if loc is None:
+                missing.append((k, str(msg.get("role"))))
+                continue
+            a, b = loc
+            for c in range(a, b):
+                char_role[c] = role
+                claimed[c] = True
+            spans.setdefault(k, []).append((a, b))
+
+    added = set(tokenizer.get_added_vocab().keys()) | set(tokenizer.all_special_tokens)
+    assistant_turns = []
+    gen_prompts = []
+    for k, msg in enumerate(messages):
+        if norm_role(msg.get("role")) != "assistant":
+            continue
+        lo, hi = bounds[k], bounds[k + 1]
+        out_start = lo
+        try:  # where the model's own output starts: after the generation prompt
+            gp = render(tokenizer, messages[:k], template=train_template, tools=tools,
+                        kwargs=kwargs, add_generation_prompt=True) if k else ""
+            if k and full.startswith(gp) and lo <= len(gp) <= hi:
+                out_start = len(gp)
+        except Exception:  # noqa: BLE001
+            pass
+        if k >= first_trained_turn and k:
+            try:
+                gen_prompts.append((k, render(tokenizer, messages[:k], template=infer_template,
+                                              tools=tools, kwargs=kwargs,
+                                              add_generation_prompt=True)))
+            except Exception:  # noqa: BLE001
+                pass
+        if k in spans:
+            content_end = max(b for _, b in spans[k])
+        else:  # tool calls, no content: the output runs up to its last special marker
+            region = full[out_start:hi]
+            content_end = hi
+            best = -1
+            for tok in added:
+                if tok and tok.strip():
+                    j = region.rfind(tok)
+                    if j > best:
+                        best = j
+            if best > 0:
+                content_end = out_start + best
+            for c in range(out_start, content_end):
+                if not claimed[c]:
+                    char_role[c] = "assistant"
+        assistant_turns.append({"turn": k, "out_start": out_start, "content_end": content_end,
+                                "trained_expected": k >= first_trained_turn})
+    return Conversation(full, char_role, char_turn, assistant_turns, gen_prompts,
+                        missing=missing)
+
+
+def text_view(prompt: str | None, completion: str | None, text: str | None,
+              eos_token: str | None) -> Conversation:
+    """Standard (non-chat) rows: prompt -> user, completion -> assistant, text -> text."""
+    if text is not None:
+        return Conversation(text, [TEXT] * len(text), [0] * len(text), [], [])
+    prompt, completion = prompt or "", completion or ""
+    full = prompt + completion
+    body = completion[:-len(eos_token)] if eos_token and completion.endswith(eos_token) \
+        else completion
+    roles = ["user"] * len(prompt) + ["assistant"] * len(body) + \
+        [TEMPLATE] * (len(completion) - len(body))
+    turns = [0] * len(prompt) + [1] * len(completion)
+    turn = {"turn": 1, "out_start": len(prompt), "content_end": len(prompt) + len(body),
+            "trained_expected": True}
+    return Conversation(full, roles, turns, [turn], [(1, prompt)])
+
+
+def token_offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]] | None:
+    """Character span of each token of `ids` in `text` (None when they cannot be aligned)."""
+    for special in (False, True):
+        try:
+            enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        except Exception:  # noqa: BLE001 - slow tokenizers have no offsets
+            return None
+        if list(enc["input_ids"]) == list(ids):
+            return [tuple(o) for o in enc["offset_mapping"]]
+    return None
+
+
+def token_roles(conv: Conversation, offsets: list[tuple[int, int]]):
+    """Role and turn of each token (content role wins over template within a token)."""
+    roles, turns = [], []
+    n = len(conv.text)
+    for a, b in offsets:
+        a, b = max(0, min(a, n)), max(0, min(b, n))
+        counts: dict[str, int] = {}
+        for c in range(a, b):
+            counts[conv.char_role[c]] = counts.get(conv.char_role[c], 0) + 1
+        # Majority of the token's characters; content beats template on a tie.
+        role = max(counts, key=lambda r: (counts[r], r != TEMPLATE)) if counts else TEMPLATE
+        roles.append(role)
+        turns.append(conv.char_turn[min(a, n - 1)] if n else 0)
+    return roles, turns
+
+
+def decoded_view(tokenizer, ids: list[int], trained: list[bool], cut: int,
+                 limit: int = 4000, note: str = "") -> str:
+    """The example as text, trained spans between [[ and ]]."""
+    parts = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and trained[j] == trained[i]:
+            j += 1
+        text = tokenizer.decode(ids[i:j], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+        parts.append(f"[[{text}]]" if trained[i] else text)
+        i = j
+    view = "".join(parts)
+    if note:
+        view += f" <<{note}>>"
+    elif cut:
+        view += f" <<{cut} tokens cut by truncation>>"
+    if len(view) > limit:
+        head = limit // 3
+        view = view[:head] + f" <<... {len(view) - limit} chars elided ...>> " + \
+            view[-(limit - head):]
+    return view
+
+
+def json_tools(value):
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
