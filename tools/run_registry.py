@@ -1,0 +1,408 @@
+"""Background jobs on disk: `<workspace>/runs/<run_id>/` with status.json, command.json, log.txt.
+
+`start_job(kind, argv)` starts `python -m tools.run_registry supervise <run_dir> -- <argv...>`
+in a new session (its own process group) and returns the run id at once. The supervisor runs
+the command with stdout/stderr in log.txt, waits, and records the exit code and end time in
+status.json, so the outcome is on disk even when the MCP server is gone. Every state is derived
+from disk: a restarted server (a new process) sees every run.
+
+States: queued (created, no process yet) -> running -> completed | failed | stopped.
+A run whose process is gone without a recorded exit (supervisor killed, machine rebooted) is
+failed, with the log tail as its reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+from .workspace import get_workspace
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNS_DIRNAME = "runs"
+STATUS, COMMAND, LOG = "status.json", "command.json", "log.txt"
+ACTIVE = ("queued", "running")
+QUEUED_GRACE_S = 60  # a run without a pid for longer than this never started
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def now_iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(ts if ts is not None else time.time(), timezone.utc).isoformat(
+        timespec="seconds")
+
+
+# ---------------------------------------------------------------- files
+
+def runs_root() -> Path:
+    return get_workspace().root / RUNS_DIRNAME
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run (server and supervisor both update status.json)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return {}
+
+
+def update_status(run_dir: Path, **fields: Any) -> dict:
+    """Merge `fields` into run_dir/status.json atomically, under the run's lock."""
+    with _locked(run_dir):
+        st = read_json(run_dir / STATUS)
+        st.update(fields)
+        _atomic_json(run_dir / STATUS, st)
+        return st
+
+
+def run_dir_for(run_id: str, *, must_exist: bool = True) -> Path:
+    """The run's directory; UserError for a malformed or unknown id."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise UserError(f"'{run_id}' is not a run id.", field="run_id",
+                        fix="Use an id returned by launch_training (list_runs shows them all).")
+    d = runs_root() / run_id
+    if must_exist and not (d / STATUS).is_file():
+        known = [p.name for p in list_run_dirs()][-5:]
+        raise UserError(f"no run '{run_id}' in {runs_root()}.", field="run_id",
+                        fix=f"Call list_runs to see the runs; recent ids: {known or 'none'}.")
+    return d
+
+
+def list_run_dirs() -> list[Path]:
+    root = runs_root()
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and (d / STATUS).is_file()]
+    return sorted(dirs, key=lambda d: (read_json(d / STATUS).get("created_ts", 0), d.name))
+
+
+def log_tail(run_dir: Path, n: int = 20, *, max_bytes: int = 256_000) -> list[str]:
+    """The last n lines of the run's log (carriage-return progress bars collapsed)."""
+    p = run_dir / LOG
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = [ln.rsplit("\r", 1)[-1].rstrip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln.strip()]
+    return lines[-n:] if n > 0 else []
+
+
+# ---------------------------------------------------------------- processes
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """Process start time in clock ticks (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
+    """True when `pid` runs (not a zombie) and, if known, started at `start_ticks`."""
+    if not pid:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    stat_path = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        if fields[0] in ("Z", "X"):
+            return False
+        if start_ticks is not None and int(fields[19]) != int(start_ticks):
+            return False
+        return True
+    try:  # no /proc (macOS): signal 0 probes existence
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendant pids of `pid` (Linux /proc), children first. torchrun puts its workers in
+    sessions of their own, so a process-group signal does not reach them."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def signal_run(status: dict, sig: int) -> list[int]:
+    """Send `sig` to the run's process group and to every descendant; returns the pids hit."""
+    hit: list[int] = []
+    pid = status.get("pid")
+    if not pid or not pid_alive(pid, status.get("pid_start_ticks")):
+        return hit
+    targets = descendants(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(status.get("pgid") or pid, sig)
+        hit.append(pid)
+    if sig == signal.SIGKILL:  # workers outside the group (torchrun sessions) die too
+        for p in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+                hit.append(p)
+    return hit
+
+
+# ---------------------------------------------------------------- state
+
+def output_dir_of(status: dict) -> Path | None:
+    """meta.output_dir as an absolute path (relative ones are taken from the workspace root)."""
+    out = (status.get("meta") or {}).get("output_dir")
+    if not out:
+        return None
+    p = Path(out)
+    return p if p.is_absolute() else get_workspace().root / p
+
+
+def _summary_of(status: dict) -> dict:
+    out = output_dir_of(status)
+    return read_json(out / "summary.json") if out else {}
+
+
+def derive_state(run_dir: Path, status: dict | None = None) -> tuple[str, str | None]:
+    """(state, reason) from what is on disk and whether the process still lives."""
+    st = status if status is not None else read_json(run_dir / STATUS)
+    if st.get("exit_code") is not None:
+        rc = st["exit_code"]
+        if st.get("stop_requested"):
+            return "stopped", f"stopped on request (exit code {rc})"
+        if rc == 0:
+            if _summary_of(st).get("status") == "stopped":
+                return "stopped", "stopped by a signal; a checkpoint was saved"
+            return "completed", None
+        return "failed", f"exit code {rc}" + (f" (killed by signal {-rc})" if rc < 0 else "")
+    if st.get("state") == "stopped":  # stop_training had to kill it; it wrote this itself
+        return "stopped", st.get("reason") or "stopped on request"
+    if st.get("state") == "failed":  # failed to start
+        return "failed", st.get("reason")
+    pid = st.get("pid")
+    if not pid:
+        if time.time() - float(st.get("created_ts", 0)) < QUEUED_GRACE_S:
+            return "queued", None
+        return "failed", "the job never started (no process was recorded)"
+    if pid_alive(pid, st.get("pid_start_ticks")):
+        return "running", ("stop requested" if st.get("stop_requested") else None)
+    # The supervisor writes exit_code before it exits: re-read once in case it just did.
+    st2 = read_json(run_dir / STATUS)
+    if st2.get("exit_code") is not None:
+        return derive_state(run_dir, st2)
+    if st.get("stop_requested"):
+        return "stopped", "stopped on request (process gone before recording an exit code)"
+    return "failed", ("the process ended without recording an exit code (its supervisor was killed, "
+                      "or the machine restarted)")
+
+
+def active_runs() -> list[dict]:
+    out = []
+    for d in list_run_dirs():
+        st = read_json(d / STATUS)
+        state, _ = derive_state(d, st)
+        if state in ACTIVE:
+            out.append({**st, "state": state})
+    return out
+
+
+def _devices(gpu_ids: list[int] | None) -> set[int] | None:
+    return None if gpu_ids is None else {int(g) for g in gpu_ids}
+
+
+def check_devices_free(gpu_ids: list[int] | None = None, *, force: bool = False,
+                       kinds: tuple[str, ...] | None = None) -> None:
+    """UserError when an active run uses any of these devices (None = all / the CPU)."""
+    if force:
+        return
+    want = _devices(gpu_ids)
+    for st in active_runs():
+        if kinds is not None and st.get("kind") not in kinds:
+            continue
+        have = _devices(st.get("gpu_ids"))
+        if want is None or have is None or (want & have):
+            where = ("all devices (GPUs or the CPU)" if want is None or have is None
+                     else f"GPUs {sorted(want & have)}")
+            raise UserError(
+                f"run '{st['run_id']}' ({st.get('kind')}, {st['state']}) is already using {where}.",
+                field="force",
+                fix=f"Wait for it (training_status run_id='{st['run_id']}'), stop it with "
+                    f"stop_training run_id='{st['run_id']}', or pass force=true to run both at once "
+                    "(they will compete for memory and compute).")
+
+
+def new_run_id(kind: str, name: str | None = None) -> str:
+    """A fresh id `<kind>-<name>-<UTC time>-<hex>`, its directory created."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "").strip("-._")[:40]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    kind_slug = re.sub(r"[^A-Za-z0-9]+", "-", kind).strip("-")[:20] or "job"
+    root = runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        rid = "-".join(x for x in (kind_slug, slug, stamp, secrets.token_hex(2)) if x)
+        try:
+            (root / rid).mkdir()
+            return rid
+        except FileExistsError:
+            continue
+
+
+def _child_env(gpu_ids: list[int] | None, env: dict[str, str] | None) -> dict[str, str]:
+    e = dict(os.environ)
+    pp = [str(REPO_ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]
+    e["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pp))
+    e["PYTHONUNBUFFERED"] = "1"
+    e["LLM_FT_WORKSPACE"] = str(get_workspace().root)
+    # torchrun waits this long for workers to save a checkpoint after SIGTERM (default 30 s).
+    e.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    if gpu_ids is not None:
+        e["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+    for k in [k for k in e if k.startswith("PYTEST_")]:
+        e.pop(k)
+    if env:
+        e.update({k: str(v) for k, v in env.items()})
+    return e
+
+
+def start_job(kind: str, argv: list[str], *, name: str | None = None, meta: dict | None = None,
+              gpu_ids: list[int] | None = None, force: bool = False, run_id: str | None = None,
+              env: dict[str, str] | None = None) -> str:
+    """Start `argv` detached (cwd = workspace root) under a supervisor; return the run id at once.
+
+    kind: "train", "evaluate", ...; name: a label; meta: stored in status.json (e.g. output_dir);
+    gpu_ids: devices it uses (None = all, or the CPU) - one active run per device set unless
+    force; run_id: a directory made by new_run_id (to copy inputs into it first); env: extra
+    environment variables."""
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise UserError("argv must be a non-empty list of strings.", field="argv")
+    check_devices_free(gpu_ids, force=force)
+    ws = get_workspace()
+    rid = run_id or new_run_id(kind, name)
+    rdir = run_dir_for(rid, must_exist=False)
+    rdir.mkdir(parents=True, exist_ok=True)
+    created = time.time()
+    cmd = [sys.executable, "-m", "tools.run_registry", "supervise", str(rdir), "--", *argv]
+    _atomic_json(rdir / COMMAND, {"argv": list(argv), "supervisor_argv": cmd, "cwd": str(ws.root),
+                                  "env": dict(env or {}), "gpu_ids": gpu_ids, "kind": kind})
+    update_status(rdir, run_id=rid, kind=kind, name=name, state="queued", created=now_iso(created),
+                  created_ts=created, gpu_ids=gpu_ids, meta=meta or {}, log_path=str(rdir / LOG),
+                  force=force)
+    try:
+        with open(rdir / LOG, "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=str(ws.root), env=_child_env(gpu_ids, env),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)
+    except OSError as exc:
+        update_status(rdir, state="failed", reason=f"could not start: {exc}", ended=now_iso())
+        raise
+    update_status(rdir, pid=proc.pid, pgid=proc.pid, pid_start_ticks=_proc_start_ticks(proc.pid),
+                  started=now_iso(), state="running")
+    return rid
+
+
+def describe(run_dir: Path) -> dict:
+    """status.json plus the derived state and reason."""
+    st = read_json(run_dir / STATUS)
+    state, reason = derive_state(run_dir, st)
+    return {**st, "state": state, "reason": reason}
+
+
+# ---------------------------------------------------------------- supervisor
+
+def supervise(run_dir: str, argv: list[str]) -> int:
+    """Run argv, wait, record exit_code/ended in status.json. Signals: SIGTERM/SIGINT/SIGHUP are
+    forwarded to the child unless stop_training already signalled the whole process group."""
+    rdir = Path(run_dir)
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        st = read_json(rdir / STATUS)
+        if child is not None and child.poll() is None and not st.get("stop_requested"):
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)  # a Python handler, reset to default in the exec'd child
+    print(f"[supervisor] {now_iso()} start: {' '.join(argv)}", flush=True)
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        print(f"[supervisor] could not start: {exc}", flush=True)
+        update_status(rdir, exit_code=127, ended=now_iso(), ended_ts=time.time(),
+                      reason=f"could not start {argv[0]}: {exc}")
+        return 127
+    update_status(rdir, child_pid=child.pid, supervisor_pid=os.getpid())
+    rc = child.wait()
+    update_status(rdir, exit_code=rc, ended=now_iso(), ended_ts=time.time())
+    print(f"[supervisor] {now_iso()} exit code {rc}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) >= 3 and args[0] == "supervise" and "--" in args:
+        i = args.index("--")
+        return supervise(args[1], args[i + 1:])
+    print("usage: python -m tools.run_registry supervise <run_dir> -- <command...>", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

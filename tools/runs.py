@@ -1,0 +1,628 @@
+"""Training runs as background jobs: launch_training, training_status, stop_training, list_runs.
+
+The registry itself (start_job, the supervisor, state from disk) is tools/run_registry.py;
+`start_job` is re-exported here for other areas (evaluation) that start background jobs.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from .errors import UserError
+from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describe, list_run_dirs,
+                           log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
+                           signal_run, start_job, update_status)
+from .workspace import get_workspace
+
+__all__ = ["start_job", "launch_training", "training_status", "stop_training", "list_runs",
+           "LaunchResult", "TrainingStatus", "StopResult", "RunList", "RunInfo"]
+
+State = Literal["queued", "running", "completed", "failed", "stopped"]
+TRAIN_KIND = "train"
+
+
+# ============================================================================ launch
+
+class LaunchResult(BaseModel):
+    """A started training run."""
+    run_id: str
+    state: State
+    command: list[str] = Field(description="the command the run executes (cwd = workspace root).")
+    command_line: str
+    run_dir: str
+    log_path: str
+    output_dir: str
+    recipe_copy: str = Field(description="the recipe as launched, copied into the run directory.")
+    method: Optional[str] = None
+    resumes_from: Optional[str] = Field(None, description="checkpoint the run will resume from, if any.")
+    checks: list[str] = Field(description="what was verified before starting.")
+    warnings: list[str] = []
+    next_step: str
+
+
+def _load_recipe_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "recipe"
+        raise UserError(f"is not valid YAML: {exc}", field=where,
+                        fix="Fix the YAML (validate_recipe shows the problems).") from exc
+    if not isinstance(data, dict):
+        raise UserError("must be a YAML mapping of recipe keys.", field="recipe",
+                        fix="Write the recipe with generate_recipe.")
+    return data
+
+
+def _infer_method(cfg: dict) -> str:
+    if cfg.get("spectrum_config_path"):
+        return "spectrum"
+    if cfg.get("use_peft"):
+        return "qlora" if cfg.get("load_in_4bit") else "lora"
+    return "full"
+
+
+def _call_filtered(fn, **kwargs):
+    """Call fn with the kwargs its signature accepts (contracts shared with other modules)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_memory_fit: bool,
+                  checks: list[str], warnings: list[str]) -> None:
+    from tools.recipes import validate_recipe  # lazy: its module pulls in the recipe machinery
+
+    v = _call_filtered(validate_recipe, recipe=str(recipe_path), accelerate_config=accelerate_config)
+    if not v.valid:
+        errs = "; ".join(v.errors) or "(no details)"
+        raise UserError(f"the recipe is not valid: {errs}", field="recipe",
+                        fix="Fix these (validate_recipe lists them with the migrated YAML), or regenerate "
+                            "the recipe with generate_recipe, then launch again.")
+    checks.append("validate_recipe: valid")
+    warnings.extend(f"recipe: {w}" for w in (getattr(v, "warnings", None) or []))
+    mem = getattr(v, "memory", None)
+    fits = getattr(v, "fits", None)
+    if fits is None and mem is not None:
+        fits = getattr(mem, "fits", None)
+    total = getattr(mem, "total_gib", None)
+    gpu = getattr(mem, "gpu_memory_gib", None)
+    if fits is False:
+        msg = (f"the estimated peak memory ({total} GiB) does not fit the GPU ({gpu} GiB)."
+               if total is not None else "the estimated peak memory does not fit the GPU.")
+        if require_memory_fit:
+            raise UserError(msg, field="recipe",
+                            fix="Lower per_device_train_batch_size (raise gradient_accumulation_steps), "
+                                "turn gradient_checkpointing on, shorten max_length, or switch to qlora "
+                                "(recommend_method / estimate_memory show what fits); or pass "
+                                "require_memory_fit=false to launch anyway.")
+        warnings.append(f"memory: {msg} Launched anyway (require_memory_fit=false).")
+    elif fits is True:
+        checks.append(f"memory fit: {total} GiB estimated, fits {gpu} GiB")
+    else:
+        checks.append("memory fit: unknown (no GPU size known; CPU run or no GPU described)")
+
+
+def _masking_inputs(cfg: dict) -> list[tuple[str, str]]:
+    """(dataset path, split) pairs a masking report must cover."""
+    out: list[tuple[str, str]] = []
+    mixture = cfg.get("datasets")
+    if isinstance(mixture, list) and mixture:
+        for d in mixture:
+            if not isinstance(d, dict):
+                continue
+            files = d.get("data_files")
+            if isinstance(files, dict):
+                files = files.get(d.get("split", "train")) or next(iter(files.values()), None)
+            if isinstance(files, str):
+                files = [files]
+            if isinstance(files, list) and files:
+                out.extend((str(f), "train") for f in files)
+            elif d.get("path"):
+                out.append((str(d["path"]), d.get("split", "train")))
+    elif cfg.get("dataset_name"):
+        out.append((str(cfg["dataset_name"]), str(cfg.get("dataset_train_split") or "train")))
+    return out
+
+
+def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
+    from tools.masking import find_masking_report  # lazy
+
+    tokenizer = cfg.get("model_name_or_path")
+    settings = dict(completion_only_loss=cfg.get("completion_only_loss"),
+                    assistant_only_loss=bool(cfg.get("assistant_only_loss", False)),
+                    packing=bool(cfg.get("packing", False)),
+                    max_length=cfg.get("max_length", 1024),
+                    chat_template_path=cfg.get("chat_template_path"))
+    inputs = _masking_inputs(cfg)
+    if not inputs or not tokenizer:
+        raise UserError("names no dataset or no model, so no masking report can match it.", field="recipe",
+                        fix="Set dataset_name (or datasets:) and model_name_or_path in the recipe.")
+    for dataset, split in inputs:
+        call_args = ", ".join(
+            [f"dataset='{dataset}'", f"tokenizer='{tokenizer}'"]
+            + [f"{k if k != 'chat_template_path' else 'chat_template'}={v!r}" for k, v in settings.items()]
+            + ([f"split='{split}'"] if split != "train" else []))
+        rep = _call_filtered(find_masking_report, dataset_path=dataset, tokenizer_path=str(tokenizer),
+                             split=split, **settings)
+        if rep is None:
+            raise UserError(
+                f"no masking report matches this dataset ({dataset}), tokenizer ({tokenizer}) and these "
+                f"masking settings {settings}.", field="recipe",
+                fix=f"Call verify_masking({call_args}) and check that its verdict is pass, then launch "
+                    "again; or pass require_masking_report=false to skip this check.")
+        verdict = getattr(rep, "verdict", None)
+        if verdict == "fail":
+            problems = getattr(rep, "reasons", None) or []
+            raise UserError(
+                f"the masking report for {dataset} failed: TRL would train on the wrong tokens"
+                + (f" ({'; '.join(getattr(r, 'message', str(r)) for r in problems if getattr(r, 'severity', 'fail') == 'fail')[:600]})"
+                   if problems else "") + ".",
+                field="recipe",
+                fix="Read the verify_masking report, fix the dataset (convert_dataset) or the masking "
+                    "settings (completion_only_loss / assistant_only_loss / chat_template_path), run "
+                    "verify_masking again, then launch.")
+        if verdict == "warn":
+            warnings.append(f"masking report for {dataset}: verdict warn (read it before trusting the run)")
+        checks.append(f"masking report for {dataset} [{split}]: {verdict}")
+
+
+def launch_training(
+    recipe: Annotated[str, Field(description="Recipe YAML in the workspace (from generate_recipe; "
+                                             "validated again here).")],
+    num_processes: Annotated[int, Field(ge=1, le=1024, description="Processes (GPUs) for data-parallel "
+                                                                   "training; >1 uses accelerate launch.")] = 1,
+    accelerate_config: Annotated[Optional[str], Field(
+        description="accelerate config YAML (DeepSpeed ZeRO / FSDP / multi-GPU) in the workspace; "
+                    "implies accelerate launch.")] = None,
+    require_masking_report: Annotated[bool, Field(
+        description="Refuse to start without a verify_masking report (pass or warn) for exactly this "
+                    "dataset, tokenizer and masking settings.")] = True,
+    require_memory_fit: Annotated[bool, Field(
+        description="Refuse to start when the memory estimate says it does not fit the GPU.")] = True,
+    force: Annotated[bool, Field(description="Start even if another run is using the same GPUs "
+                                             "(or the CPU).")] = False,
+    name: Annotated[Optional[str], Field(max_length=60, description="A label for the run (default: the "
+                                                                    "output_dir name).")] = None,
+) -> LaunchResult:
+    """Start training in the background and return its run id at once. Checks first: the recipe is
+    valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
+    its dataset/tokenizer/settings, and no other run holds the GPUs. Runs `python -m tools.train
+    --config <recipe>` (or `accelerate launch --num_processes N [--config_file F] -m tools.train`)
+    with the workspace as cwd; output in <workspace>/runs/<run_id>/log.txt. If output_dir already
+    holds a checkpoint-* the run resumes from the last one. Then poll training_status every
+    30-60 s; stop_training stops it with a checkpoint."""
+    ws = get_workspace()
+    rpath = ws.resolve(recipe, field="recipe", must_exist=True, kind="file")
+    cfg = _load_recipe_yaml(rpath)
+    checks: list[str] = []
+    warnings: list[str] = []
+
+    out = cfg.get("output_dir")
+    if not out:
+        raise UserError("has no output_dir.", field="recipe",
+                        fix="Add `output_dir: <dir in the workspace>` (checkpoints, adapter, metrics go there).")
+    output_dir = ws.resolve(out, field="output_dir")
+    acc_path = None
+    if accelerate_config:
+        acc_path = ws.resolve(accelerate_config, field="accelerate_config", must_exist=True, kind="file")
+
+    # Cheap conflicts first (no heavy imports).
+    for st in active_runs():
+        if output_dir_of(st) == output_dir:
+            raise UserError(f"run '{st['run_id']}' ({st['state']}) is already writing to {out}.",
+                            field="recipe",
+                            fix=f"Wait for it or stop it (stop_training run_id='{st['run_id']}'), or set "
+                                "another output_dir.")
+    check_devices_free(None, force=force)
+    if force:
+        checks.append("device check skipped (force=true)")
+    else:
+        checks.append("no other run active on these devices")
+
+    _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
+    if require_masking_report:
+        _check_masking(cfg, checks, warnings)
+    else:
+        checks.append("masking report: not required (require_masking_report=false)")
+
+    resumes_from = None
+    if output_dir.is_dir():
+        ckpts = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                       key=lambda p: int(p.name[11:]))
+        if ckpts:
+            resumes_from = str(ckpts[-1])
+
+    method = _infer_method(cfg)
+    run_name = name or output_dir.name
+    rid = new_run_id(TRAIN_KIND, run_name)
+    rdir = run_dir_for(rid, must_exist=False)
+    recipe_copy = rdir / "recipe.yaml"
+    shutil.copyfile(rpath, recipe_copy)
+    if acc_path:
+        shutil.copyfile(acc_path, rdir / "accelerate_config.yaml")
+
+    train_args = ["-m", "tools.train", "--config", str(recipe_copy)]
+    if num_processes > 1 or acc_path:
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+        if acc_path:
+            argv += ["--config_file", str(rdir / "accelerate_config.yaml")]
+        elif num_processes > 1:
+            # Without a config, accelerate runs ONE process unless told it is multi-device; with
+            # use_cpu in the recipe the workers use gloo on CPU.
+            argv += ["--multi_gpu"]
+        argv += train_args
+    else:
+        argv = [sys.executable, *train_args]
+    meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
+            "method": method, "base_model": cfg.get("model_name_or_path"),
+            "num_processes": num_processes, "accelerate_config": str(acc_path) if acc_path else None,
+            "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
+    try:
+        start_job(TRAIN_KIND, argv, name=run_name, meta=meta, force=force, run_id=rid,
+                  env={"TOKENIZERS_PARALLELISM": "false"})
+    except BaseException:
+        if not (rdir / STATUS).exists():
+            shutil.rmtree(rdir, ignore_errors=True)
+        raise
+    import shlex
+    return LaunchResult(
+        run_id=rid, state="running", command=argv, command_line=shlex.join(argv), run_dir=str(rdir),
+        log_path=str(rdir / LOG), output_dir=str(output_dir), recipe_copy=str(recipe_copy),
+        method=method, resumes_from=resumes_from, checks=checks, warnings=warnings,
+        next_step=f"Poll training_status(run_id='{rid}') every 30-60 s.")
+
+
+# ============================================================================ status
+
+class TrainingStatus(BaseModel):
+    """Where a run stands: state, progress, latest metrics, ETA, log tail, error when failed."""
+    run_id: str
+    kind: Optional[str] = None
+    name: Optional[str] = None
+    state: State
+    reason: Optional[str] = Field(None, description="why it is failed/stopped (or a note while running).")
+    exit_code: Optional[int] = None
+    created: Optional[str] = None
+    started: Optional[str] = None
+    ended: Optional[str] = None
+    elapsed_s: Optional[float] = None
+    method: Optional[str] = None
+    output_dir: Optional[str] = None
+    step: Optional[int] = None
+    max_steps: Optional[int] = None
+    progress_pct: Optional[float] = None
+    epoch: Optional[float] = None
+    loss: Optional[float] = Field(None, description="latest logged training loss.")
+    first_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    grad_norm: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    seconds_per_step: Optional[float] = None
+    eta_s: Optional[float] = None
+    eta: Optional[str] = None
+    peak_memory_gib: Optional[float] = None
+    num_tokens: Optional[float] = None
+    last_checkpoint: Optional[str] = None
+    summary: Optional[dict[str, Any]] = Field(None, description="summary.json of the run once written.")
+    error: Optional[str] = Field(None, description="the exception line from the log when it failed.")
+    warnings: list[str] = []
+    log_path: Optional[str] = None
+    log_tail: list[str] = []
+    loss_plot_path: Optional[str] = Field(None, description="PNG of the loss curve (also returned as an image).")
+    next_step: Optional[str] = None
+
+
+def _read_metrics(output_dir: Path) -> list[dict]:
+    p = output_dir / "metrics.jsonl"
+    recs = []
+    try:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            if isinstance(r, dict):
+                recs.append(r)
+    except FileNotFoundError:
+        pass
+    return recs
+
+
+_WRAPPER_ERRORS = ("ChildFailedError", "CalledProcessError")
+
+
+def error_from_log(lines: list[str]) -> Optional[str]:
+    """The most telling exception line of a log: the last `XxxError: message` that is not a
+    launcher wrapper (torchrun's ChildFailedError), with any `[rankN]:` prefix removed."""
+    import re
+    pat = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))"
+                     r"(?::\s*(.*))?$")
+    found = []
+    for ln in lines:
+        m = pat.match(ln.strip())
+        if m:
+            found.append((m.group(1), ln.strip()))
+    if not found:
+        return None
+    real = [line for exc, line in found if not exc.endswith(_WRAPPER_ERRORS)]
+    best = (real or [line for _, line in found])[-1]
+    return re.sub(r"^\[rank\d+\]:\s*", "", best)[:1000]
+
+
+def _fmt_eta(s: float | None) -> str | None:
+    if s is None or not math.isfinite(s):
+        return None
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _plot_loss(metrics: list[dict], png: Path, title: str) -> Optional[Path]:
+    train = [(r["step"], r["loss"]) for r in metrics if isinstance(r.get("loss"), (int, float))
+             and isinstance(r.get("step"), (int, float)) and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    src = png.parent / ".plot_source"
+    key = json.dumps([train[-1:], len(train), len(evals), title])
+    if png.exists() and src.exists() and src.read_text() == key:
+        return png  # nothing new since the last render
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    try:
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1.5)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = png.with_name(f".{png.name}.tmp.png")
+        fig.savefig(tmp, format="png")
+        tmp.replace(png)
+        src.write_text(key)
+    finally:
+        plt.close(fig)
+    return png
+
+
+def _ts(iso: Optional[str]) -> Optional[float]:
+    if not iso:
+        return None
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
+def training_status(
+    run_id: Annotated[str, Field(description="Run id from launch_training or list_runs.")],
+    log_lines: Annotated[int, Field(ge=0, le=500, description="Last log lines to include.")] = 20,
+    plot: Annotated[bool, Field(description="Render the loss curve PNG (returned as an image).")] = True,
+) -> TrainingStatus:
+    """State of a run (queued/running/completed/failed/stopped) with step/total, epoch, latest
+    loss, learning rate, tokens/s, ETA, peak memory, the last log lines, the exit code and, when
+    failed, the exception from the log; plus a loss-curve image. Works for any run in the
+    workspace, including those started before a server restart."""
+    rdir = run_dir_for(run_id)
+    d = describe(rdir)
+    meta = d.get("meta") or {}
+    state = d["state"]
+    out_dir = output_dir_of(d)
+    res = TrainingStatus(run_id=run_id, kind=d.get("kind"), name=d.get("name"), state=state,
+                         reason=d.get("reason"), exit_code=d.get("exit_code"), created=d.get("created"),
+                         started=d.get("started"), ended=d.get("ended"), method=meta.get("method"),
+                         output_dir=str(out_dir) if out_dir else None, log_path=str(rdir / LOG))
+    start_ts = d.get("created_ts")
+    end_ts = d.get("ended_ts") or (_ts(d.get("ended")) if d.get("ended") else None)
+    if start_ts:
+        res.elapsed_s = round((end_ts or time.time()) - float(start_ts), 1)
+
+    tail = log_tail(rdir, max(log_lines, 200))
+    res.log_tail = tail[-log_lines:] if log_lines else []
+
+    metrics: list[dict] = []
+    if res.output_dir:
+        out = Path(res.output_dir)
+        metrics = _read_metrics(out)
+        prog = read_json(out / "progress.json")
+        summ = read_json(out / "summary.json")
+        # summary.json / progress.json left by an earlier run in the same output_dir are stale.
+        fresh = (lambda rec: not start_ts or float(rec.get("timestamp") or rec.get("started") or 0)
+                 >= float(start_ts) - 1)
+        if summ and fresh(summ):
+            res.summary = summ
+        if prog and fresh(prog):
+            res.step = prog.get("step")
+            res.max_steps = prog.get("max_steps")
+            res.epoch = prog.get("epoch")
+            res.seconds_per_step = prog.get("seconds_per_step")
+        train_recs = [r for r in metrics if isinstance(r.get("loss"), (int, float))]
+        if train_recs:
+            last = train_recs[-1]
+            res.loss = last.get("loss")
+            res.first_loss = train_recs[0].get("loss")
+            res.learning_rate = last.get("learning_rate")
+            res.grad_norm = last.get("grad_norm")
+            res.num_tokens = last.get("num_tokens")
+            tps = [r["tokens_per_second"] for r in train_recs[-5:]
+                   if isinstance(r.get("tokens_per_second"), (int, float))]
+            res.tokens_per_second = round(sum(tps) / len(tps), 1) if tps else None
+            res.peak_memory_gib = max((r.get("peak_memory_gib") or 0) for r in metrics) or None
+            if res.step is None:
+                res.step, res.epoch = last.get("step"), last.get("epoch")
+        evals = [r for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
+        if evals:
+            res.eval_loss = evals[-1]["eval_loss"]
+        if res.summary:
+            s = res.summary
+            res.step = s.get("steps", res.step)
+            res.max_steps = s.get("max_steps", res.max_steps)
+            res.peak_memory_gib = s.get("peak_memory_gib") or res.peak_memory_gib
+            res.last_checkpoint = s.get("last_checkpoint")
+        if res.max_steps is None and isinstance(meta.get("max_steps"), int) and meta["max_steps"] > 0:
+            res.max_steps = meta["max_steps"]
+        if res.last_checkpoint is None and out.is_dir():
+            ck = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+            if ck:
+                res.last_checkpoint = str(max(ck, key=lambda p: int(p.name[11:])))
+        if res.step is not None and res.max_steps:
+            res.progress_pct = round(100.0 * res.step / res.max_steps, 1)
+            if state == "running" and res.seconds_per_step:
+                res.eta_s = round(max(res.max_steps - res.step, 0) * res.seconds_per_step, 1)
+                res.eta = _fmt_eta(res.eta_s)
+        losses = [r["loss"] for r in train_recs]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in losses):
+            res.warnings.append("loss is NaN/inf: see references/troubleshooting.md (NaN or zero loss).")
+        elif len(losses) >= 3 and all(x == 0 for x in losses[-3:]):
+            res.warnings.append("loss is exactly 0: nothing is trained on (every label masked?) - "
+                                "see references/troubleshooting.md.")
+
+    if state == "failed":
+        res.error = error_from_log(tail) or (res.summary or {}).get("error") or d.get("reason")
+        res.next_step = ("Read `error` and log_tail (references/troubleshooting.md lists the usual causes), "
+                         "fix the recipe, then launch_training again; it resumes from the last checkpoint "
+                         "in output_dir if there is one.")
+    elif state == "stopped":
+        res.next_step = ("Relaunch the same recipe to resume from " + res.last_checkpoint
+                         if res.last_checkpoint else "Relaunch the recipe to start again.")
+    elif state == "completed":
+        method = res.method or ""
+        res.next_step = ("merge_adapter, then evaluate (base vs fine-tuned)." if method in ("lora", "qlora")
+                         else "evaluate (base vs fine-tuned)." if d.get("kind") == TRAIN_KIND else None)
+    else:
+        res.next_step = "Poll again in 30-60 s."
+
+    if plot and metrics:
+        try:
+            p = _plot_loss(metrics, rdir / "loss.png", f"{run_id} ({state})")
+            res.loss_plot_path = str(p) if p else None
+        except Exception as exc:  # noqa: BLE001 - a plot must never hide the status
+            res.warnings.append(f"loss plot not rendered: {type(exc).__name__}: {exc}")
+    return res
+
+
+# ============================================================================ stop
+
+class StopResult(BaseModel):
+    run_id: str
+    state: State
+    previous_state: State
+    signal_sent: Optional[str] = None
+    killed: bool = Field(False, description="SIGKILL was needed (no graceful exit within timeout_s).")
+    waited_s: float = 0.0
+    last_checkpoint: Optional[str] = None
+    message: str
+
+
+def stop_training(
+    run_id: Annotated[str, Field(description="Run id to stop.")],
+    timeout_s: Annotated[int, Field(ge=0, le=3600, description="Seconds to wait for the graceful stop "
+                                                               "(checkpoint save) before SIGKILL.")] = 60,
+) -> StopResult:
+    """Stop a run: SIGTERM to its process group (tools.train saves a checkpoint at the end of the
+    current step and exits), wait up to timeout_s, then SIGKILL everything left. The run's state
+    becomes stopped; relaunching the same recipe resumes from the checkpoint."""
+    rdir = run_dir_for(run_id)
+    d = describe(rdir)
+    prev = d["state"]
+    out = output_dir_of(d)
+
+    def last_ckpt() -> Optional[str]:
+        if not out or not out.is_dir():
+            return None
+        ck = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+        return str(max(ck, key=lambda p: int(p.name[11:]))) if ck else None
+
+    if prev not in ("queued", "running"):
+        return StopResult(run_id=run_id, state=prev, previous_state=prev, last_checkpoint=last_ckpt(),
+                          message=f"run is already {prev}; nothing to stop.")
+    st = update_status(rdir, stop_requested=True, stop_requested_at=now_iso())
+    t0 = time.time()
+    if not st.get("pid"):
+        update_status(rdir, state="stopped", reason="stopped before it started", ended=now_iso(),
+                      ended_ts=time.time())
+        return StopResult(run_id=run_id, state="stopped", previous_state=prev,
+                          message="stopped before its process started.")
+    signal_run(st, signal.SIGTERM)
+    killed = False
+    while time.time() - t0 < timeout_s:
+        if describe(rdir)["state"] != "running":
+            break
+        time.sleep(0.5)
+    else:
+        if describe(rdir)["state"] == "running":
+            signal_run(st, signal.SIGKILL)
+            killed = True
+            time.sleep(0.5)
+    d2 = describe(rdir)
+    if d2["state"] == "running" or (killed and d2.get("exit_code") is None):
+        update_status(rdir, state="stopped", reason=f"killed (SIGKILL) after {timeout_s}s without a "
+                      "graceful exit", ended=now_iso(), ended_ts=time.time())
+        d2 = describe(rdir)
+    ck = last_ckpt()
+    msg = ("stopped gracefully" if not killed else f"no graceful exit within {timeout_s}s: killed") + \
+        (f"; last checkpoint {ck} (relaunch the same recipe to resume)." if ck else "; no checkpoint saved.")
+    return StopResult(run_id=run_id, state=d2["state"], previous_state=prev, signal_sent="SIGTERM" +
+                      ("+SIGKILL" if killed else ""), killed=killed, waited_s=round(time.time() - t0, 1),
+                      last_checkpoint=ck, message=msg)
+
+
+# ============================================================================ list
+
+class RunInfo(BaseModel):
+    run_id: str
+    kind: Optional[str] = None
+    name: Optional[str] = None
+    state: State
+    created: Optional[str] = None
+    ended: Optional[str] = None
+    output_dir: Optional[str] = None
+    method: Optional[str] = None
+    exit_code: Optional[int] = None
+
+
+class RunList(BaseModel):
+    runs: list[RunInfo]
+    active: list[str] = Field(description="ids of queued/running runs.")
+    runs_dir: str
+
+
+def list_runs() -> RunList:
+    """Every run in the workspace (oldest first) with its state, kind, name, creation time and
+    output_dir; read from disk, so runs from before a server restart are included."""
+    from .run_registry import runs_root
+    runs = []
+    for d in list_run_dirs():
+        s = describe(d)
+        meta = s.get("meta") or {}
+        out = output_dir_of(s)
+        runs.append(RunInfo(run_id=s.get("run_id") or d.name, kind=s.get("kind"), name=s.get("name"),
+                            state=s["state"], created=s.get("created"), ended=s.get("ended"),
+                            output_dir=str(out) if out else None, method=meta.get("method"),
+                            exit_code=s.get("exit_code")))
+    return RunList(runs=runs, active=[r.run_id for r in runs if r.state in ("queued", "running")],
+                   runs_dir=str(runs_root()))
