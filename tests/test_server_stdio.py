@@ -108,7 +108,7 @@ def test_stdout_carries_only_protocol(tmp_path):
                     obj = json.loads(line)
                     if "id" in obj:
                         replies[obj["id"]] = obj
-        proc.stdin.close()
+        # communicate() closes stdin (EOF ends the server) and drains what is left on stdout.
         rest, _ = proc.communicate(timeout=60)
         lines += rest.splitlines(keepends=True)
     finally:
