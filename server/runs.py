@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from mcp_types import CallToolResult, ImageContent, TextContent
+from mcp_types import CallToolResult, TextContent
 
 from server.common import DESTRUCTIVE, READ_ONLY, STARTS, add_tool
 

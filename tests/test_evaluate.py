@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import socket
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

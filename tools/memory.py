@@ -50,6 +50,15 @@ GPUS: dict[str, GPUSpec] = {g.name: g for g in [
 ]}
 
 
+def require_gpu(name: str, field: str = "gpu") -> GPUSpec:
+    """The catalog GPU for `name`, or a UserError listing the known ones."""
+    spec = find_gpu(name)
+    if spec is None:
+        raise UserError(f"unknown GPU '{name}'.", field=field,
+                        fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+    return spec
+
+
 def _gkey(s: str) -> str:
     s = s.lower().replace("nvidia", "").replace("geforce", "").replace("tesla", "")
     return re.sub(r"[^a-z0-9]", "", s.replace("gib", "gb"))
@@ -184,12 +193,7 @@ def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpoin
     if optimizer not in _OPT_BYTES:
         raise UserError(f"unknown optimizer '{optimizer}'.", field="optimizer",
                         fix=f"Use one of {', '.join(sorted(_OPT_BYTES))}.")
-    spec = None
-    if gpu:
-        spec = find_gpu(gpu)
-        if spec is None:
-            raise UserError(f"unknown GPU '{gpu}'.", field="gpu",
-                            fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+    spec = require_gpu(gpu) if gpu else None
     vram = gpu_memory_gib or (spec.memory_gib if spec else None)
 
     h, I, L, V = f.hidden_size, f.intermediate_size, f.num_layers, f.vocab_size

@@ -93,15 +93,10 @@ class Target:
 
 def _target(gpu: Optional[str], gpu_memory_gib: Optional[float], num_gpus: Optional[int],
             recipe_use_cpu: Optional[bool] = None) -> Target:
-    from .memory import GPUS, find_gpu
+    from .memory import require_gpu
     cuda_here = _cuda_here()
     if gpu or gpu_memory_gib:
-        spec = None
-        if gpu:
-            spec = find_gpu(gpu)
-            if spec is None:
-                raise UserError(f"unknown GPU '{gpu}'.", field="gpu",
-                                fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+        spec = require_gpu(gpu) if gpu else None
         mem = gpu_memory_gib or spec.memory_gib
         name = spec.name if spec else f"{mem:g} GiB GPU"
         n = num_gpus or 1

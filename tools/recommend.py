@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
-from .memory import FITS_FRACTION, GPUS, MemoryEstimate, estimate_for, find_gpu
+from .memory import FITS_FRACTION, MemoryEstimate, estimate_for, find_gpu, require_gpu
 from .models import ModelFacts, get_model_facts
 
 H100_TFLOPS = 989.0
@@ -135,12 +135,7 @@ def recommend_method(
         raise UserError(f"{seq_len} exceeds {f.name}'s max_position_embeddings ({f.max_position_embeddings}).",
                         field="seq_len", fix=f"Use seq_len <= {f.max_position_embeddings}.")
     warnings: list[str] = []
-    spec = None
-    if gpu:
-        spec = find_gpu(gpu)
-        if spec is None:
-            raise UserError(f"unknown GPU '{gpu}'.", field="gpu",
-                            fix=f"Use one of {', '.join(GPUS)}, or give gpu_memory_gib.")
+    spec = require_gpu(gpu) if gpu else None
     liger = False
     ram = None
     if spec is None and gpu_memory_gib is None:
