@@ -677,7 +677,8 @@ def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> tuple[dict, Option
             cfg["test_split_size"] = 0.05
             notes.append("test split: 5% of the file is held out at load time (test_split_size: 0.05).")
         return cfg, _count_rows(path), use_test, notes
-    if "/" in dataset and not _looks_like_path(dataset):
+    # "owner/name" is a hub id unless "owner" is a folder of the workspace (a mistyped local path).
+    if "/" in dataset and not _looks_like_path(dataset) and not (ws.root / dataset.split("/")[0]).is_dir():
         notes.append(f"dataset '{dataset}' is read from the hub at training time (network needed); check its "
                      "format with inspect_dataset and convert it locally when possible.")
         cfg = {"dataset_name": dataset, "dataset_train_split": "train"}

@@ -1,0 +1,77 @@
+"""Every tool through an in-memory MCP client on the full server: a real call's structured output
+validates against the tool's advertised outputSchema, and a bad argument comes back as an error
+result that names the field and the fix, with the server still answering."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+
+QA = [{"question": f"What is {a}+{b}?", "answer": f"#### {a + b}"} for a in range(6) for b in range(5)]
+
+
+@pytest.fixture
+def contract_ws(ws, tiny_model):
+    (ws.root / "data").mkdir()
+    with (ws.root / "data" / "qa.jsonl").open("w") as fh:
+        for r in QA:
+            fh.write(json.dumps(r) + "\n")
+    return ws
+
+
+# tool -> (good arguments, bad arguments, text the error must contain)
+CASES = {
+    "detect_hardware": ({}, None, None),
+    "get_model_facts": ({"model": "Qwen2.5-7B"}, {"model": "no-such-model-xyz"}, "model"),
+    "estimate_memory": ({"model": "Llama-3.1-8B", "method": "lora", "gpu": "A100 80GB"},
+                        {"model": "Llama-3.1-8B", "gpu": "Voodoo 3"}, "gpu"),
+    "recommend_method": ({"model": "models/tiny-llama", "dataset_rows": 30, "seq_len": 64},
+                         {"model": "Llama-3.1-8B", "seq_len": 10 ** 7}, "seq_len"),
+    "inspect_dataset": ({"dataset": "data/qa.jsonl"}, {"dataset": "data/missing.jsonl"}, "dataset"),
+    "convert_dataset": ({"dataset": "data/qa.jsonl", "output_dir": "data/qa"},
+                        {"dataset": "data/qa.jsonl", "output_dir": "data/qa2",
+                         "column_mapping": {"prompt": "nope", "completion": "answer"}}, "nope"),
+    "verify_masking": ({"dataset": "data/qa", "tokenizer": "models/tiny-llama", "max_length": 64},
+                       {"dataset": "data/qa", "tokenizer": "models/missing"}, "tokenizer"),
+    "generate_recipe": ({"model": "models/tiny-llama", "dataset": "data/qa", "method": "lora",
+                         "output_path": "recipes/r.yaml", "output_dir": "out/r", "seq_len": 64},
+                        {"model": "models/tiny-llama", "dataset": "data/none"}, "dataset"),
+    "validate_recipe": ({"recipe": "recipes/r.yaml"}, {"recipe": "recipes/missing.yaml"}, "recipe"),
+    "spectrum_scan": ({"model": "models/tiny-llama", "top_percent": 50},
+                      {"model": "models/tiny-llama", "top_percent": 0}, "top_percent"),
+    "launch_training": (None, {"recipe": "recipes/missing.yaml"}, "recipe"),
+    "training_status": (None, {"run_id": "no-such-run"}, "run_id"),
+    "stop_training": (None, {"run_id": "no-such-run"}, "run_id"),
+    "list_runs": ({}, None, None),
+    "merge_adapter": (None, {"adapter_dir": "models/tiny-llama", "output_dir": "models/m"},
+                      "adapter_config.json"),
+    "evaluate": (None, {"model": "models/missing", "local_task": "data/qa/train.jsonl"}, "model"),
+}
+
+
+def test_every_tool_honours_its_schema_and_error_contract(contract_ws):
+    from mcp import Client
+
+    from server.app import create_server
+
+    async def main():
+        async with Client(create_server()) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert set(tools) == set(CASES), set(tools) ^ set(CASES)
+            # Order matters: convert before masking/recipe, generate before validate.
+            for name, (good, bad, needle) in CASES.items():
+                schema = tools[name].output_schema
+                if good is not None:
+                    r = await c.call_tool(name, good)
+                    assert not r.is_error, (name, r.content[0].text[:500])
+                    jsonschema.validate(r.structured_content, schema)
+                if bad is not None:
+                    r = await c.call_tool(name, bad)
+                    text = r.content[0].text
+                    assert r.is_error, (name, text[:300])
+                    assert needle in text, (name, text[:300])
+                    assert "failed unexpectedly" not in text, (name, text[:300])
+            assert (await c.call_tool("list_runs", {})).is_error is False
+    asyncio.run(main())
