@@ -335,12 +335,12 @@ def test_hub_id_offline_is_a_clear_error(ws):
 
 def test_hub_unreachable_fails_fast(ws, monkeypatch):
     import time
-    from tools import data_io
+    from tools import hub
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY",
                 "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setattr(data_io, "_probe", {})
+    monkeypatch.setattr(hub, "_probe", {})
     t = time.monotonic()
     with pytest.raises(UserError, match="unreachable"):
         convert_dataset("someone/some-dataset", "o")

@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 from .data_formats import (MAPPING_KEYS, PROBLEM_HELP, SOURCE_FORMATS, Detection, RowError,
                            add_system, build_row, detect, format_from_mapping, normalized, problems,
                            to_messages, trim_trailing)
-from .data_io import HUB_ID, hub_offline, hub_unreachable, jsonable, open_source
+from .data_io import HUB_ID, jsonable, open_source
+from .hub import hub_offline, hub_unreachable
 from .errors import UserError
 from .workspace import get_workspace
 

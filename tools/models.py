@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .hub import hub_unreachable
 from .workspace import get_workspace
 
 
@@ -179,33 +180,11 @@ def _read_config(path: Path, model: str) -> dict:
     return cfg
 
 
-_REACH: dict[str, tuple[float, bool]] = {}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connect to the hub, remembered for 5 minutes (offline machines pay once)."""
-    import socket
-    import time
-    from urllib.parse import urlparse
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    hit = _REACH.get(host)
-    if hit and time.monotonic() - hit[0] < 300:
-        return hit[1]
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        ok = True
-    except OSError:
-        ok = False
-    _REACH[host] = (time.monotonic(), ok)
-    return ok
-
-
 def _hub_config(repo_id: str) -> dict | None:
     """config.json from the hub with a short timeout; None when offline or on any error."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "/" not in repo_id:
         return None
-    if not _hub_reachable():
+    if hub_unreachable():
         return None
     try:
         from huggingface_hub import hf_hub_download
