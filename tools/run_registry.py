@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
-from .workspace import get_workspace
+from .workspace import get_workspace, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIRNAME = "runs"
@@ -45,15 +45,6 @@ def now_iso(ts: float | None = None) -> str:
 
 def runs_root() -> Path:
     return get_workspace().root / RUNS_DIRNAME
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -85,7 +76,7 @@ def update_status(run_dir: Path, **fields: Any) -> dict:
     with _locked(run_dir):
         st = read_json(run_dir / STATUS)
         st.update(fields)
-        _atomic_json(run_dir / STATUS, st)
+        write_json_atomic(run_dir / STATUS, st)
         return st
 
 
@@ -339,7 +330,7 @@ def start_job(kind: str, argv: list[str], *, name: str | None = None, meta: dict
     rdir.mkdir(parents=True, exist_ok=True)
     created = time.time()
     cmd = [sys.executable, "-m", "tools.run_registry", "supervise", str(rdir), "--", *argv]
-    _atomic_json(rdir / COMMAND, {"argv": list(argv), "supervisor_argv": cmd, "cwd": str(ws.root),
+    write_json_atomic(rdir / COMMAND, {"argv": list(argv), "supervisor_argv": cmd, "cwd": str(ws.root),
                                   "env": dict(env or {}), "gpu_ids": gpu_ids, "kind": kind})
     update_status(rdir, run_id=rid, kind=kind, name=name, state="queued", created=now_iso(created),
                   created_ts=created, gpu_ids=gpu_ids, meta=meta or {}, log_path=str(rdir / LOG),

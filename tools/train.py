@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .workspace import write_json_atomic
+
 GIB = 2 ** 30
 EXTRA_KEYS = ("spectrum_config_path",)  # recipe keys only this entrypoint accepts
 
@@ -42,22 +44,6 @@ def _on_signal(signum, _frame) -> None:
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (temp file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def infer_method(recipe: dict[str, Any]) -> str:
@@ -175,7 +161,7 @@ def _make_callback(output_dir: Path):
                 rate = None
                 if self.first and state.global_step > self.first[0]:
                     rate = (now - self.first[1]) / (state.global_step - self.first[0])
-                _write_json(self.progress_path, {
+                write_json_atomic(self.progress_path, {
                     "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
                     "num_train_epochs": state.num_train_epochs, "start_step": self.start_step,
                     "seconds_per_step": rate, "timestamp": now,
@@ -207,7 +193,7 @@ def _make_callback(output_dir: Path):
 
         def on_train_end(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                _write_json(self.progress_path, {
+                write_json_atomic(self.progress_path, {
                     "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
                     "num_train_epochs": state.num_train_epochs, "start_step": self.start_step,
                     "timestamp": time.time(), "finished": True,
@@ -387,7 +373,7 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
             summary["next_step"] = ("Relaunch the same recipe (same output_dir) to resume from "
                                     f"{last_ckpt}.")
         if trainer.is_world_process_zero():
-            _write_json(output_dir / "summary.json", summary)
+            write_json_atomic(output_dir / "summary.json", summary)
         if Version(transformers.__version__) >= Version("5.18.0"):
             trainer.end()  # finish trackers and destroy the process group, as trl's sft script does
         return summary
@@ -396,7 +382,7 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
             summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], ended=time.time(),
                            peak_memory_gib=_peak_memory_gib())
             try:
-                _write_json(output_dir / "summary.json", summary)
+                write_json_atomic(output_dir / "summary.json", summary)
             except OSError:
                 pass
         raise
