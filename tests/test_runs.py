@@ -5,14 +5,12 @@ server's view of the registry."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -23,17 +21,6 @@ POLL_TIMEOUT_S = 420
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-
-@pytest.fixture(autouse=True)
-def _recipes_module(monkeypatch):
-    """launch_training calls tools.recipes.validate_recipe; stub it only while that module is
-    not written yet (the contract: .valid, .errors, .memory with .fits)."""
-    if importlib.util.find_spec("tools.recipes") is None:
-        stub = types.ModuleType("tools.recipes")
-        stub.validate_recipe = lambda recipe, **kw: types.SimpleNamespace(valid=True, errors=[], warnings=[],
-                                                                            memory=None, fits=None)
-        monkeypatch.setitem(sys.modules, "tools.recipes", stub)
-
 
 @pytest.fixture
 def runs_ws(ws, tiny_model):
@@ -99,6 +86,16 @@ async def wait_done(c, run_id: str, timeout: float = POLL_TIMEOUT_S, until=None)
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def launch_and_wait(recipe_path: str, timeout: float = POLL_TIMEOUT_S, **launch_args) -> tuple[dict, dict]:
+    """launch_training (no masking report needed) then poll until the run ends: (launch, status)."""
+    async def main():
+        async with __import__("mcp").Client(server()) as c:
+            res = (await call(c, "launch_training", recipe=recipe_path, require_masking_report=False,
+                              **launch_args)).structured_content
+            return res, await wait_done(c, res["run_id"], timeout=timeout)
+    return run(main())
 
 
 def metrics(out: Path) -> list[dict]:
@@ -173,13 +170,8 @@ def test_qlora_4bit_on_cpu(runs_ws):
     r = recipe(ws, "qlora", use_peft=True, load_in_4bit=True, lora_r=4, lora_alpha=8,
                lora_target_modules="all-linear")
 
-    async def main():
-        async with __import__("mcp").Client(server()) as c:
-            res = (await call(c, "launch_training", recipe=r, require_masking_report=False)).structured_content
-            assert res["method"] == "qlora" and res["command"][1:4] == ["-m", "tools.train", "--config"]
-            return res, await wait_done(c, res["run_id"])
-
-    res, s = run(main())
+    res, s = launch_and_wait(r)
+    assert res["method"] == "qlora" and res["command"][1:4] == ["-m", "tools.train", "--config"]
     out = Path(res["output_dir"])
     summ = check_completed(s, out, "qlora")
     assert summ["load_in_4bit"] is True and summ["loaded_in_4bit"] is True  # really NF4 on CPU
@@ -195,13 +187,8 @@ def test_spectrum_trains_only_selected_layers(runs_ws, tiny_model):
         "unfrozen_parameters:\n- ^lm_head.weight$\n- ^model.layers.0.self_attn.q_proj\n- ^model.layers.1.mlp.down_proj\n")
     r = recipe(ws, "spectrum", spectrum_config_path="spectrum/tiny.yaml")
 
-    async def main():
-        async with __import__("mcp").Client(server()) as c:
-            res = (await call(c, "launch_training", recipe=r, require_masking_report=False)).structured_content
-            assert res["method"] == "spectrum"
-            return res, await wait_done(c, res["run_id"])
-
-    res, s = run(main())
+    res, s = launch_and_wait(r)
+    assert res["method"] == "spectrum"
     out = Path(res["output_dir"])
     summ = check_completed(s, out, "spectrum")
     assert summ["spectrum_unfrozen"] == 3 and summ["model_path"] == str(out)
@@ -219,13 +206,8 @@ def test_full_with_chat_template_path(runs_ws, tiny_model):
     (ws.root / "chatml.jinja").write_text(tpl)
     r = recipe(ws, "full", chat_template_path="chatml.jinja")
 
-    async def main():
-        async with __import__("mcp").Client(server()) as c:
-            res = (await call(c, "launch_training", recipe=r, require_masking_report=False)).structured_content
-            assert res["method"] == "full"
-            return res, await wait_done(c, res["run_id"])
-
-    res, s = run(main())
+    res, s = launch_and_wait(r)
+    assert res["method"] == "full"
     out = Path(res["output_dir"])
     summ = check_completed(s, out, "full")
     assert summ["chat_template"] == "chatml.jinja" and summ["model_path"] == str(out)
@@ -302,14 +284,8 @@ def test_deepspeed_zero3_two_processes_cpu(runs_ws, tiny_model):
     (ws.root / "accelerate_zero3.yaml").write_text(ZERO3)
     r = recipe(ws, "z3")
 
-    async def main():
-        async with __import__("mcp").Client(server()) as c:
-            res = (await call(c, "launch_training", recipe=r, num_processes=2, accelerate_config="accelerate_zero3.yaml",
-                              require_masking_report=False)).structured_content
-            assert "--config_file" in res["command"] and "--multi_gpu" not in res["command"]
-            return res, await wait_done(c, res["run_id"], timeout=540)
-
-    res, s = run(main())
+    res, s = launch_and_wait(r, timeout=540, num_processes=2, accelerate_config="accelerate_zero3.yaml")
+    assert "--config_file" in res["command"] and "--multi_gpu" not in res["command"]
     out = Path(res["output_dir"])
     summ = check_completed(s, out, "full")
     assert summ["world_size"] == 2
