@@ -344,16 +344,18 @@ def test_curated_accelerate_set_is_complete():
 
 
 def test_server_registers_the_three_tools():
+    import asyncio
+
+    from mcp import Client
+    from mcp.server.mcpserver import MCPServer
+
     from server import recipes as srv
-    seen = {}
+    mcp = MCPServer("recipes-test")
+    srv.register(mcp)
 
-    class FakeMCP:
-        def tool(self, name=None, title=None, annotations=None):
-            def deco(fn):
-                seen[name] = annotations
-                return fn
-            return deco
-
-    srv.register(FakeMCP())
+    async def listed():
+        async with Client(mcp) as c:
+            return {t.name: t.annotations for t in (await c.list_tools()).tools}
+    seen = asyncio.run(listed())
     assert set(seen) == {"generate_recipe", "validate_recipe", "spectrum_scan"}
     assert all(a.read_only_hint is False for a in seen.values())
