@@ -23,6 +23,7 @@ from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSum
                              dump_yaml, end_of_turn_token, has_generation_markers, has_module, migrate,
                              read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
                              trl_parse, versions)
+from .train import infer_method
 from .workspace import get_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,16 +131,6 @@ def _cuda_here() -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
-def infer_method(cfg: dict) -> Method:
-    """As tools.train infers it: spectrum_config_path -> spectrum; use_peft + load_in_4bit -> qlora;
-    use_peft -> lora; else full."""
-    if cfg.get(SPECTRUM_KEY):
-        return "spectrum"
-    if cfg.get("use_peft"):
-        return "qlora" if cfg.get("load_in_4bit") else "lora"
-    return "full"
-
-
 def _default(key: str) -> Any:
     f = trl_fields().get(key)
     if f is None:

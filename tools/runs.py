@@ -5,7 +5,6 @@ The registry itself (start_job, the supervisor, state from disk) is tools/run_re
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
@@ -21,6 +20,7 @@ from .errors import UserError
 from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describe, list_run_dirs,
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
+from .train import infer_method
 from .workspace import get_workspace
 
 __all__ = ["start_job", "launch_training", "training_status", "stop_training", "list_runs",
@@ -64,40 +64,23 @@ def _load_recipe_yaml(path: Path) -> dict:
     return data
 
 
-def _infer_method(cfg: dict) -> str:
-    if cfg.get("spectrum_config_path"):
-        return "spectrum"
-    if cfg.get("use_peft"):
-        return "qlora" if cfg.get("load_in_4bit") else "lora"
-    return "full"
-
-
-def _call_filtered(fn, **kwargs):
-    """Call fn with the kwargs its signature accepts (contracts shared with other modules)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
 def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_memory_fit: bool,
                   checks: list[str], warnings: list[str]) -> None:
     from tools.recipes import validate_recipe  # lazy: its module pulls in the recipe machinery
 
-    v = _call_filtered(validate_recipe, recipe=str(recipe_path), accelerate_config=accelerate_config)
+    v = validate_recipe(recipe=str(recipe_path), accelerate_config=accelerate_config)
     if not v.valid:
         errs = "; ".join(v.errors) or "(no details)"
         raise UserError(f"the recipe is not valid: {errs}", field="recipe",
                         fix="Fix these (validate_recipe lists them with the migrated YAML), or regenerate "
                             "the recipe with generate_recipe, then launch again.")
     checks.append("validate_recipe: valid")
-    warnings.extend(f"recipe: {w}" for w in (getattr(v, "warnings", None) or []))
-    mem = getattr(v, "memory", None)
-    fits = getattr(v, "fits", None)
+    warnings.extend(f"recipe: {w}" for w in v.warnings)
+    mem, fits = v.memory, v.fits
     if fits is None and mem is not None:
-        fits = getattr(mem, "fits", None)
-    total = getattr(mem, "total_gib", None)
-    gpu = getattr(mem, "gpu_memory_gib", None)
+        fits = mem.fits
+    total = mem.total_gib if mem else None
+    gpu = mem.gpu_memory_gib if mem else None
     if fits is False:
         msg = (f"the estimated peak memory ({total} GiB) does not fit the GPU ({gpu} GiB)."
                if total is not None else "the estimated peak memory does not fit the GPU.")
@@ -154,21 +137,19 @@ def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
             [f"dataset='{dataset}'", f"tokenizer='{tokenizer}'"]
             + [f"{k if k != 'chat_template_path' else 'chat_template'}={v!r}" for k, v in settings.items()]
             + ([f"split='{split}'"] if split != "train" else []))
-        rep = _call_filtered(find_masking_report, dataset_path=dataset, tokenizer_path=str(tokenizer),
-                             split=split, **settings)
+        rep = find_masking_report(dataset, str(tokenizer), split=split, **settings)
         if rep is None:
             raise UserError(
                 f"no masking report matches this dataset ({dataset}), tokenizer ({tokenizer}) and these "
                 f"masking settings {settings}.", field="recipe",
                 fix=f"Call verify_masking({call_args}) and check that its verdict is pass, then launch "
                     "again; or pass require_masking_report=false to skip this check.")
-        verdict = getattr(rep, "verdict", None)
+        verdict = rep.verdict
         if verdict == "fail":
-            problems = getattr(rep, "reasons", None) or []
+            failed = "; ".join(r.message for r in rep.reasons if r.severity == "fail")[:600]
             raise UserError(
                 f"the masking report for {dataset} failed: TRL would train on the wrong tokens"
-                + (f" ({'; '.join(getattr(r, 'message', str(r)) for r in problems if getattr(r, 'severity', 'fail') == 'fail')[:600]})"
-                   if problems else "") + ".",
+                + (f" ({failed})" if failed else "") + ".",
                 field="recipe",
                 fix="Read the verify_masking report, fix the dataset (convert_dataset) or the masking "
                     "settings (completion_only_loss / assistant_only_loss / chat_template_path), run "
@@ -244,7 +225,7 @@ def launch_training(
         if ckpts:
             resumes_from = str(ckpts[-1])
 
-    method = _infer_method(cfg)
+    method = infer_method(cfg)
     run_name = name or output_dir.name
     rid = new_run_id(TRAIN_KIND, run_name)
     rdir = run_dir_for(rid, must_exist=False)

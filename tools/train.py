@@ -47,7 +47,8 @@ def _is_rank0() -> bool:
 
 
 def infer_method(recipe: dict[str, Any]) -> str:
-    """spectrum | qlora | lora | full, from recipe keys (the rule the whole project uses)."""
+    """spectrum | qlora | lora | full, from recipe keys: spectrum_config_path -> spectrum; use_peft +
+    load_in_4bit -> qlora; use_peft -> lora; else full (the rule the whole project uses)."""
     if recipe.get("spectrum_config_path"):
         return "spectrum"
     if recipe.get("use_peft"):
