@@ -1,15 +1,23 @@
 """Shared MCP wiring: tool annotations and the wrapper that turns tool errors into ToolErrors."""
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
+import math
+import os
 from typing import Any, Callable
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 
 from tools.errors import UserError
+from tools.heavy import TRAINING_STACK, warm
+from tools.workspace import field_of, short, tracking_fields
+
+__all__ = ["READ_ONLY", "READ_ONLY_OPEN", "WRITES", "WRITES_OPEN", "STARTS", "DESTRUCTIVE",
+           "TRAINING_STACK", "add_tool", "expose", "explain"]
 
 log = logging.getLogger("llm_fine_tuning.server")
 
@@ -30,23 +38,105 @@ DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idemp
                               open_world_hint=False)
 
 
-def _to_tool_error(name: str, exc: BaseException) -> ToolError:
+MAX_ERROR_CHARS = 4000  # a tool error is read by an agent: long enough for a list of problems
+
+
+def _os_error(exc: OSError, field: str | None) -> str | None:
+    """A plain message for the OS errors bad paths and folders cause."""
+    where = f"'{short(os.fsdecode(exc.filename))}'" if exc.filename else "a path"
+    name = field or "path"
+    if isinstance(exc, PermissionError):
+        return (f"{name}: permission denied for {where}. Fix: choose a folder you can write in the "
+                "workspace, or fix its permissions (chmod/chown).")
+    if isinstance(exc, IsADirectoryError):
+        return f"{name}: {where} is a directory where a file is expected. Fix: give a file path."
+    if isinstance(exc, NotADirectoryError):
+        return f"{name}: a part of {where} is a file, not a directory. Fix: check the path."
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"{name}: a file name in {where} is too long (255 bytes at most). Fix: shorten it."
+    if exc.errno == errno.ENOSPC:
+        return f"{name}: the disk is full while writing {where}. Fix: free space or write elsewhere."
+    if exc.errno == errno.EROFS:
+        return f"{name}: {where} is on a read-only file system. Fix: write inside a writable workspace."
+    if exc.errno == errno.ELOOP:
+        return f"{name}: {where} is a symlink loop. Fix: remove the loop."
+    return None
+
+
+def explain(exc: BaseException, seen: dict | None = None) -> str | None:
+    """A field-and-fix message for the errors that bad input raises deep in a tool (OS errors on
+    the paths it was given, NUL bytes, nesting too deep, numbers too large), or None."""
+    if isinstance(exc, OSError):
+        return _os_error(exc, field_of(exc.filename, seen or {}))
+    text = str(exc)
+    if isinstance(exc, ValueError) and ("null byte" in text or "null character" in text):
+        return "path: contains a NUL byte. Fix: remove the \\x00 from the path."
+    if isinstance(exc, RecursionError):
+        return ("input: nested too deeply (JSON/YAML nesting beyond Python's recursion limit). "
+                "Fix: flatten the data; real datasets and recipes are a few levels deep.")
+    if isinstance(exc, OverflowError):
+        return f"input: a number is too large or infinite ({short(text, 120)}). Fix: give a finite value."
+    if isinstance(exc, UnicodeEncodeError):
+        return ("input: contains characters that cannot be encoded (a lone surrogate such as "
+                "\\ud800). Fix: send valid UTF-8 text.")
+    return None
+
+
+def _to_tool_error(name: str, exc: BaseException, seen: dict | None = None) -> ToolError:
     if isinstance(exc, ToolError):
-        return exc
+        return ToolError(short(str(exc), MAX_ERROR_CHARS))
     if isinstance(exc, UserError):
-        return ToolError(str(exc))
+        return ToolError(short(str(exc), MAX_ERROR_CHARS))
+    known = explain(exc, seen)
+    if known:
+        return ToolError(known)
     # Unanticipated: keep the server alive and still tell the agent what happened.
     log.exception("tool %s failed", name)
-    return ToolError(f"{name} failed unexpectedly: {type(exc).__name__}: {exc}. "
+    return ToolError(f"{name} failed unexpectedly: {type(exc).__name__}: {short(exc)}. "
                      "Check the inputs; if they are right this is a bug (the server log has the traceback).")
 
 
-def expose(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a tools/ function for MCP: same signature and docstring, errors become ToolErrors."""
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The argument path of the first inf/NaN number in `value` (JSON allows neither, but
+    Python's parser takes Infinity and NaN), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "argument"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _call(name: str, fn: Callable[..., Any], heavy: tuple[str, ...], args, kwargs):
+    bad = _non_finite(kwargs)
+    if bad:
+        raise ToolError(f"{bad}: inf and NaN are not accepted. Fix: give a finite number.")
+    if heavy:
+        warm(*heavy)
+    with tracking_fields() as seen:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise _to_tool_error(name, exc, seen) from exc
+
+
+def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """Wrap a tools/ function for MCP: same signature and docstring, errors become ToolErrors
+    that name the field; `heavy` libraries are first imported one thread at a time."""
     name = fn.__name__
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def awrapper(*args, **kwargs):
+            bad = _non_finite(kwargs)
+            if bad:
+                raise ToolError(f"{bad}: inf and NaN are not accepted. Fix: give a finite number.")
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed
@@ -55,14 +145,12 @@ def expose(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            raise _to_tool_error(name, exc) from exc
+        return _call(name, fn, heavy, args, kwargs)
     return wrapper
 
 
 def add_tool(mcp, fn: Callable[..., Any], annotations: ToolAnnotations, *, name: str | None = None,
-             title: str | None = None) -> None:
-    """Register `fn` (a tools/ function with typed parameters and a docstring) as an MCP tool."""
-    mcp.tool(name=name or fn.__name__, title=title, annotations=annotations)(expose(fn))
+             title: str | None = None, heavy: tuple[str, ...] = ()) -> None:
+    """Register `fn` (a tools/ function with typed parameters and a docstring) as an MCP tool.
+    heavy: libraries (tools.heavy.GROUPS) it imports, warmed one thread at a time."""
+    mcp.tool(name=name or fn.__name__, title=title, annotations=annotations)(expose(fn, heavy))

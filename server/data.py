@@ -1,7 +1,7 @@
 """MCP wiring for the data tools: inspect and convert datasets, verify the loss masking."""
 from __future__ import annotations
 
-from server.common import READ_ONLY_OPEN, WRITES, add_tool
+from server.common import READ_ONLY_OPEN, TRAINING_STACK, WRITES, add_tool
 
 
 def register(mcp) -> None:
@@ -14,4 +14,5 @@ def register(mcp) -> None:
     add_tool(mcp, inspect_dataset, READ_ONLY_OPEN, title="Inspect a dataset")
     add_tool(mcp, convert_dataset, WRITES, title="Convert a dataset to TRL JSONL")
     # Saves its report under reports/masking/ (launch_training looks it up): writes.
-    add_tool(mcp, verify_masking, WRITES, title="Verify loss masking with TRL's own preparation")
+    add_tool(mcp, verify_masking, WRITES, title="Verify loss masking with TRL's own preparation",
+             heavy=TRAINING_STACK)

@@ -1,7 +1,7 @@
 """MCP wiring for the post-training tools: merge_adapter, evaluate."""
 from __future__ import annotations
 
-from server.common import DESTRUCTIVE, WRITES_OPEN, add_tool
+from server.common import DESTRUCTIVE, TRAINING_STACK, WRITES_OPEN, add_tool
 
 # overwrite=true replaces an existing output directory (destructive), and a base model named by
 # a hub id in adapter_config.json is loaded from the hub (open world).
@@ -13,7 +13,9 @@ def register(mcp) -> None:
     from tools.evaluate import evaluate
     from tools.merge import merge_adapter
 
-    add_tool(mcp, merge_adapter, MERGE, title="Merge a LoRA adapter into its base model")
+    add_tool(mcp, merge_adapter, MERGE, title="Merge a LoRA adapter into its base model",
+             heavy=TRAINING_STACK)
     # Writes results in the workspace; may reach a served endpoint (base_url) or download hub
     # datasets (tasks): open world.
-    add_tool(mcp, evaluate, WRITES_OPEN, title="Evaluate with lm-evaluation-harness")
+    add_tool(mcp, evaluate, WRITES_OPEN, title="Evaluate with lm-evaluation-harness",
+             heavy=TRAINING_STACK)

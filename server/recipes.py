@@ -1,7 +1,7 @@
 """MCP wiring for the recipe tools: generate_recipe, validate_recipe, spectrum_scan."""
 from __future__ import annotations
 
-from server.common import WRITES, WRITES_OPEN, add_tool
+from server.common import TRAINING_STACK, WRITES, WRITES_OPEN, add_tool
 
 
 def register(mcp) -> None:
@@ -10,8 +10,9 @@ def register(mcp) -> None:
     from tools.spectrum import spectrum_scan
 
     # Writes the recipe and its accelerate config; may read a hub config.json for model facts.
-    add_tool(mcp, generate_recipe, WRITES_OPEN, title="Generate a TRL recipe")
+    add_tool(mcp, generate_recipe, WRITES_OPEN, title="Generate a TRL recipe", heavy=TRAINING_STACK)
     # Writes only when write_migrated is given; otherwise it only reads. Hub config for memory.
-    add_tool(mcp, validate_recipe, WRITES_OPEN, title="Validate and migrate a TRL recipe")
+    add_tool(mcp, validate_recipe, WRITES_OPEN, title="Validate and migrate a TRL recipe",
+             heavy=TRAINING_STACK)
     # Reads local safetensors (or the local hub cache), writes the Spectrum YAML and scores.
     add_tool(mcp, spectrum_scan, WRITES, title="Spectrum layer selection (SNR scan)")

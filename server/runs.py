@@ -10,7 +10,7 @@ from typing import Annotated
 
 from mcp_types import CallToolResult, TextContent
 
-from server.common import DESTRUCTIVE, READ_ONLY, STARTS, add_tool
+from server.common import DESTRUCTIVE, READ_ONLY, STARTS, TRAINING_STACK, add_tool
 
 
 def _with_loss_image(fn):
@@ -38,7 +38,7 @@ def register(mcp) -> None:
     """Register this area's tools on the server."""
     from tools.runs import launch_training, list_runs, stop_training, training_status
 
-    add_tool(mcp, launch_training, STARTS, title="Launch training (background)")
+    add_tool(mcp, launch_training, STARTS, title="Launch training (background)", heavy=TRAINING_STACK)
     add_tool(mcp, _with_loss_image(training_status), READ_ONLY, title="Training status and loss curve")
     add_tool(mcp, stop_training, DESTRUCTIVE, title="Stop a training run (checkpoint saved)")
     add_tool(mcp, list_runs, READ_ONLY, title="List runs")

@@ -230,6 +230,8 @@ def _keys_doc(fmt: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(src: str, mtime: float):
+    from .heavy import warm
+    warm("transformers")  # concurrent first imports race (tools/heavy.py)
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(src)
 
@@ -242,6 +244,7 @@ def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
     if p.exists():
         if p.is_file():
             p = p.parent
+        ws.contain_tree(p, field=field)
         if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                               "tokenizer.model", "vocab.json")):
             raise UserError(f"'{tokenizer}' has no tokenizer files (tokenizer.json, "

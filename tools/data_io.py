@@ -170,7 +170,7 @@ def open_source(dataset: str, *, split: str = "train", subset: str | None = None
 
 def _split_files(d: Path, split: str, field_name: str) -> list[Path]:
     """Data files of `split` in a directory: `<split>.<ext>`, `<split>-*.<ext>`, `data/<split>*`."""
-    cands = [p for p in sorted(d.rglob("*")) if p.is_file() and p.suffix.lower() in DATA_EXT
+    cands = [p for p in sorted(d.rglob("*")) if p.suffix.lower() in DATA_EXT and not p.is_dir()
              and not any(part.startswith(".") for part in p.relative_to(d).parts)]
     pat = re.compile(rf"(^|[-_.]){re.escape(split)}([-_.0-9]|$)")
     picked = [p for p in cands if pat.search(p.stem)]
@@ -182,6 +182,10 @@ def _split_files(d: Path, split: str, field_name: str) -> list[Path]:
                         field=field_name,
                         fix="Name the file directly, or pass the split its files are named after "
                             "(e.g. split='test' for test.jsonl).")
+    ws = get_workspace()
+    for p in picked:  # a link inside the folder must not lead out of the workspace
+        ws.resolve(ws.contain(p, field=field_name, given=ws.rel(p) if p.is_relative_to(ws.root) else p),
+                   field=field_name, kind="file")
     return picked
 
 

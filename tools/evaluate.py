@@ -159,7 +159,7 @@ def _known_task_names() -> set[str]:
     """Every task, group and tag of lm-eval's registry (TaskManager index, cached on disk in the
     workspace per lm-eval version because indexing takes tens of seconds)."""
     ws = get_workspace()
-    cache = ws.root / "eval_tasks" / f".lm_eval_task_names-{_lm_eval_version()}.json"
+    cache = ws.owned_dir("eval_tasks") / f".lm_eval_task_names-{_lm_eval_version()}.json"
     try:
         return set(json.loads(cache.read_text()))
     except (OSError, ValueError):

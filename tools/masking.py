@@ -189,6 +189,10 @@ def _template_text(chat_template: Optional[str]) -> tuple[Optional[str], str]:
 
 
 def _split_file(path: Path, split: str) -> Path:
+    return get_workspace().resolve(_find_split_file(path, split), field="dataset", kind="file")
+
+
+def _find_split_file(path: Path, split: str) -> Path:
     """The data file of `split` in a converted dataset directory (or the file itself)."""
     if path.is_file():
         if path.suffix.lower() not in DATA_EXT:
@@ -827,6 +831,7 @@ def _finish(fields: dict, reasons: list[Reason], zero: int = 0) -> MaskingReport
     report = MaskingReport(verdict=verdict, reasons=reasons, **fields)
     ws = get_workspace()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    ws.owned_dir(REPORT_DIR)  # a real folder: a symlink out is refused
     rel = f"{REPORT_DIR}/{stamp}-{report.key[:12]}.json"
     report.report_path = str(ws.resolve(rel, field="report_path"))
     ws.write_text(rel, report.model_dump_json(indent=2), field="report_path")
@@ -862,9 +867,7 @@ def find_masking_report(dataset_path: str, tokenizer_path: str, *,
         tpl = chat_template_path
     key = _make_key(dataset_hash(d_path), tokenizer_hash(t_path), template_hash(tpl), split,
                     completion_only_loss, assistant_only_loss, packing, max_length)
-    folder = ws.root / REPORT_DIR
-    if not folder.is_dir():
-        return None
+    folder = ws.owned_dir(REPORT_DIR)  # a report planted outside the workspace is never read
     best: tuple[str, str, dict] | None = None
     for f in folder.glob(f"*-{key[:12]}.json"):
         try:

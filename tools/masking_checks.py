@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from .workspace import TMP_DIR, get_workspace
+
 CONTENT_ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "function": "tool",
                 "observation": "tool", "ipython": "tool", "developer": "system",
@@ -108,7 +110,8 @@ def run_trl(rows: list[dict], tokenizer, *, completion_only_loss: bool | None,
     from trl import SFTConfig, SFTTrainer
 
     ds = Dataset.from_list([{**r, "__row": i} for i, r in enumerate(rows)])
-    with _quiet() as cap, tempfile.TemporaryDirectory(prefix="verify-masking-") as tmp:
+    with _quiet() as cap, tempfile.TemporaryDirectory(
+            prefix="verify-masking-", dir=get_workspace().owned_dir(TMP_DIR)) as tmp:
         args = SFTConfig(
             output_dir=tmp, max_length=max_length, completion_only_loss=completion_only_loss,
             assistant_only_loss=assistant_only_loss, packing=packing, dataset_num_proc=None,

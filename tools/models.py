@@ -212,7 +212,7 @@ def get_model_facts(
         raise UserError("is empty.", field="model", fix="Give a model directory, hub id or catalog name.")
     model = model.strip()
     ws = get_workspace()
-    candidate = Path(model).expanduser()
+    candidate = Path(model)
     local = candidate if candidate.is_absolute() else ws.root / candidate
     if local.exists() or _looks_local(model) and not catalog_lookup(model):
         path = ws.resolve(model, field="model", must_exist=True)

@@ -316,7 +316,8 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
     caught: list[str] = []
     out = None
     error = None
-    with tempfile.TemporaryDirectory(prefix="llmft-recipe-") as d:
+    from .workspace import TMP_DIR, get_workspace
+    with tempfile.TemporaryDirectory(prefix="llmft-recipe-", dir=get_workspace().owned_dir(TMP_DIR)) as d:
         path = Path(d) / "recipe.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
@@ -409,7 +410,7 @@ def dump_yaml(cfg: dict, *, header: list[str] | None = None, comments: dict[str,
 def template_text(ref: str, root: Path) -> tuple[Optional[str], str]:
     """The chat template a recipe points at: a .jinja file or a tokenizer dir; (text, where)."""
     import json
-    p = Path(ref).expanduser()
+    p = Path(ref)
     p = (p if p.is_absolute() else root / p).resolve()
     if p != root and root not in p.parents:  # only files inside the workspace are read
         return None, str(ref)

@@ -24,7 +24,7 @@ from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSum
                              read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
                              trl_parse, versions)
 from .train import infer_method
-from .workspace import get_workspace
+from .workspace import TMP_DIR, get_workspace, short
 
 REPO = Path(__file__).resolve().parent.parent
 Method = Literal["full", "lora", "qlora", "spectrum"]
@@ -160,11 +160,78 @@ def _eff(cfg: dict, key: str) -> Any:
 
 def _is_local_ref(value: str, root: Path) -> Optional[Path]:
     """The existing file/dir a recipe value names, inside the workspace only (path policy)."""
-    p = Path(str(value)).expanduser()
+    p = Path(str(value))
     p = (p if p.is_absolute() else root / p).resolve()
     if p != root and root not in p.parents:
         return None
     return p if p.exists() else None
+
+
+# Recipe keys that name files or folders the training process reads or writes.
+PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint", "chat_template_path", SPECTRUM_KEY,
+             "deepspeed", "accelerator_config", "dataset_name", "model_name_or_path",
+             "tokenizer_name_or_path")
+DATASET_PATH_KEYS = ("path", "data_dir", "data_files")
+
+
+def _outside(value: Any, root: Path) -> Optional[Path]:
+    """Where `value` resolves when that is outside the workspace (symlinks followed), else None.
+    A hub id ("org/name") is a relative path inside the workspace, so it is never outside."""
+    if not isinstance(value, str) or not value.strip() or value.lstrip().startswith("{"):
+        return None
+    if "\x00" in value:
+        return Path("<NUL byte>")
+    if value.startswith("~"):
+        return Path(value)
+    p = Path(value)
+    try:
+        r = (p if p.is_absolute() else root / p).resolve()
+    except (OSError, RuntimeError):
+        return Path(value)
+    return None if r == root or root in r.parents else r
+
+
+def recipe_paths(cfg: dict) -> list[tuple[str, Any]]:
+    """(key, value) for every path a recipe names, datasets mixture entries included."""
+    out = [(k, cfg.get(k)) for k in PATH_KEYS if isinstance(cfg.get(k), str)]
+    mix = cfg.get("datasets")
+    for i, d in enumerate(mix if isinstance(mix, list) else []):
+        if not isinstance(d, dict):
+            continue
+        for k in DATASET_PATH_KEYS:
+            v = d.get(k)
+            vals = [v] if isinstance(v, str) else list(v.values()) if isinstance(v, dict) else \
+                v if isinstance(v, list) else []
+            out.extend((f"datasets[{i}].{k}", x) for x in vals if isinstance(x, str))
+    return out
+
+
+def _check_boundary(cfg: dict, root: Path, a: "_Analysis") -> None:
+    """Every path in the recipe stays in the workspace (the training process reads and writes
+    them with no path policy of its own)."""
+    for key, value in recipe_paths(cfg):
+        out = _outside(value, root)
+        if out is not None:
+            a.errors.append(f"{key} '{short(value)}' resolves to {short(out)}, outside the workspace {root}: "
+                            "the run would read or write there. Use a path inside the workspace.")
+
+
+REMOTE_CODE_WARNING = (
+    "trust_remote_code: true runs Python code from the model's repository (its modeling_*.py) inside "
+    "the training process, with your user's rights. Read that code first; launch_training refuses it "
+    "unless allow_remote_code=true.")
+
+
+def _check_side_effects(cfg: dict, a: "_Analysis") -> None:
+    """Settings that run foreign code or send data out: said plainly, never silent."""
+    if cfg.get("trust_remote_code"):
+        a.warnings.append(REMOTE_CODE_WARNING)
+    reps = cfg.get("report_to")
+    reps = [reps] if isinstance(reps, str) else reps if isinstance(reps, list) else []
+    if "all" in reps:
+        a.warnings.append("report_to: all sends metrics to EVERY tracker installed on the training machine "
+                          "(wandb, mlflow, comet_ml... upload over the network). Name the trackers you want "
+                          "(e.g. tensorboard for local logs) or use none.")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -357,6 +424,8 @@ def _analyse(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary
               "the default uint8 storage the 4-bit weights cannot be sharded.")
 
     # --- files and datasets
+    _check_boundary(cfg, root, a)
+    _check_side_effects(cfg, a)
     _check_files(cfg, root, a, method)
 
     # --- memory
@@ -634,7 +703,7 @@ def _count_rows(path: Path) -> Optional[int]:
 def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> tuple[dict, Optional[int], bool, list[str]]:
     ws = get_workspace()
     notes: list[str] = []
-    p = Path(dataset).expanduser()
+    p = Path(dataset)
     local = p if p.is_absolute() else ws.root / p
     if local.exists():
         path = ws.resolve(dataset, field="dataset", must_exist=True)
@@ -974,6 +1043,8 @@ def generate_recipe(
     cfg["save_total_limit"] = 2
     why["save_steps"] = "a checkpoint every quarter of the run (resume after a stop), keep the last 2."
     name = f"{_slug(model_ref)}-{chosen}"
+    if output_dir:
+        ws.resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
     cfg["output_dir"] = output_dir or f"runs-out/{name}"
 
     if overrides:
@@ -986,7 +1057,7 @@ def generate_recipe(
     accel = None
     if acc_text:
         import tempfile
-        with tempfile.TemporaryDirectory() as td:
+        with tempfile.TemporaryDirectory(dir=ws.owned_dir(TMP_DIR)) as td:
             tp = Path(td) / "accelerate.yaml"
             tp.write_text(acc_text, encoding="utf-8")
             accel = read_accelerate_config(tp, ws.rel(acc_path))

@@ -23,13 +23,16 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import UserError
-from .workspace import get_workspace, write_json_atomic
+from .workspace import get_workspace, short, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIRNAME = "runs"
+CACHE_DIR = ".cache"  # library caches of runs, inside the workspace
 STATUS, COMMAND, LOG = "status.json", "command.json", "log.txt"
 ACTIVE = ("queued", "running")
 QUEUED_GRACE_S = 60  # a run without a pid for longer than this never started
@@ -44,7 +47,8 @@ def now_iso(ts: float | None = None) -> str:
 # ---------------------------------------------------------------- files
 
 def runs_root() -> Path:
-    return get_workspace().root / RUNS_DIRNAME
+    """<workspace>/runs, a real directory (a symlink out of the workspace is refused)."""
+    return get_workspace().owned_dir(RUNS_DIRNAME)
 
 
 @contextlib.contextmanager
@@ -61,6 +65,59 @@ def _locked(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class StatusFile(BaseModel):
+    """The typed fields of status.json that the registry computes with; others pass through.
+    A file that breaks these types (hand-edited, copied from elsewhere) is reported for that run
+    alone instead of failing every call that lists runs."""
+    model_config = ConfigDict(extra="allow")
+    run_id: Optional[str] = None
+    kind: Optional[str] = None
+    name: Optional[str] = None
+    state: Optional[str] = None
+    reason: Optional[str] = None
+    created: Optional[str] = None
+    created_ts: Optional[float] = None
+    ended_ts: Optional[float] = None
+    pid: Optional[int] = None
+    pgid: Optional[int] = None
+    pid_start_ticks: Optional[int] = None
+    exit_code: Optional[int] = None
+    gpu_ids: Optional[list[int]] = None
+    meta: Optional[dict[str, Any]] = None
+    stop_requested: Optional[bool] = None
+
+
+def status_problem(run_dir: Path) -> Optional[str]:
+    """Why run_dir/status.json cannot be used (bad JSON, wrong field types), or None."""
+    path = run_dir / STATUS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{run_dir.name}/{STATUS} is not readable JSON ({type(exc).__name__})"
+    if not isinstance(data, dict):
+        return f"{run_dir.name}/{STATUS} is not a JSON object"
+    try:
+        st = StatusFile.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        return f"{run_dir.name}/{STATUS}: field {loc}: {e['msg']} (got {short(e.get('input'), 60)})"
+    out = (st.meta or {}).get("output_dir")
+    if out is not None and not isinstance(out, str):
+        return f"{run_dir.name}/{STATUS}: field meta.output_dir must be a string"
+    return None
+
+
+def read_status(run_dir: Path) -> dict:
+    """status.json of a run, checked: UserError naming the file and field when it is malformed."""
+    problem = status_problem(run_dir)
+    if problem:
+        raise UserError(f"{problem}.", field="run_id",
+                        fix="Fix or delete that status.json (the other runs are unaffected); list_runs "
+                            "shows which runs are skipped.")
+    return read_json(run_dir / STATUS)
 
 
 def read_json(path: Path) -> dict:
@@ -93,12 +150,21 @@ def run_dir_for(run_id: str, *, must_exist: bool = True) -> Path:
     return d
 
 
-def list_run_dirs() -> list[Path]:
+def list_run_dirs(skipped: list[str] | None = None) -> list[Path]:
+    """Run directories with a usable status.json, oldest first; the others' problems are appended
+    to `skipped` (when given)."""
     root = runs_root()
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and (d / STATUS).is_file()]
-    return sorted(dirs, key=lambda d: (read_json(d / STATUS).get("created_ts", 0), d.name))
+    good: list[tuple[float, str, Path]] = []
+    for d in root.iterdir():
+        if not (d.is_dir() and not d.is_symlink() and (d / STATUS).is_file()):
+            continue
+        problem = status_problem(d)
+        if problem:
+            if skipped is not None:
+                skipped.append(problem)
+            continue
+        good.append((float(read_json(d / STATUS).get("created_ts") or 0), d.name, d))
+    return [d for _, _, d in sorted(good)]
 
 
 def log_tail(run_dir: Path, n: int = 20, *, max_bytes: int = 256_000) -> list[str]:
@@ -128,9 +194,25 @@ def _proc_start_ticks(pid: int) -> int | None:
         return None
 
 
-def pid_alive(pid: int | None, start_ticks: int | None = None) -> bool:
-    """True when `pid` runs (not a zombie) and, if known, started at `start_ticks`."""
-    if not pid:
+def _cmdline_names(pid: int, run_id: str) -> bool | None:
+    """Whether process `pid` is this run's supervisor (its command line names the registry and
+    the run id); None where /proc is absent."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return None if not Path("/proc/self/cmdline").exists() else False
+    except OSError:
+        return False
+    return b"tools.run_registry" in cmd and run_id.encode() in cmd
+
+
+def pid_alive(pid: int | None, start_ticks: int | None = None, run_id: str | None = None) -> bool:
+    """True when `pid` runs (not a zombie), started at `start_ticks` if known, and is the run's own
+    supervisor if `run_id` is given: a pid reused after a reboot, or one named in a status.json
+    copied from another machine, is not the run."""
+    if not pid or not isinstance(pid, int) or pid <= 0:
+        return False
+    if run_id is not None and _cmdline_names(pid, run_id) is False:
         return False
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
@@ -181,7 +263,7 @@ def signal_run(status: dict, sig: int) -> list[int]:
     """Send `sig` to the run's process group and to every descendant; returns the pids hit."""
     hit: list[int] = []
     pid = status.get("pid")
-    if not pid or not pid_alive(pid, status.get("pid_start_ticks")):
+    if not pid or not pid_alive(pid, status.get("pid_start_ticks"), status.get("run_id")):
         return hit
     targets = descendants(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -200,7 +282,7 @@ def signal_run(status: dict, sig: int) -> list[int]:
 def output_dir_of(status: dict) -> Path | None:
     """meta.output_dir as an absolute path (relative ones are taken from the workspace root)."""
     out = (status.get("meta") or {}).get("output_dir")
-    if not out:
+    if not out or not isinstance(out, str):
         return None
     p = Path(out)
     return p if p.is_absolute() else get_workspace().root / p
@@ -232,7 +314,7 @@ def derive_state(run_dir: Path, status: dict | None = None) -> tuple[str, str | 
         if time.time() - float(st.get("created_ts", 0)) < QUEUED_GRACE_S:
             return "queued", None
         return "failed", "the job never started (no process was recorded)"
-    if pid_alive(pid, st.get("pid_start_ticks")):
+    if pid_alive(pid, st.get("pid_start_ticks"), st.get("run_id") or run_dir.name):
         return "running", ("stop requested" if st.get("stop_requested") else None)
     # The supervisor writes exit_code before it exits: re-read once in case it just did.
     st2 = read_json(run_dir / STATUS)
@@ -248,6 +330,8 @@ def active_runs() -> list[dict]:
     out = []
     for d in list_run_dirs():
         st = read_json(d / STATUS)
+        if st.get("run_id") is None:
+            st["run_id"] = d.name
         state, _ = derive_state(d, st)
         if state in ACTIVE:
             out.append({**st, "state": state})
@@ -300,7 +384,14 @@ def _child_env(gpu_ids: list[int] | None, env: dict[str, str] | None) -> dict[st
     pp = [str(REPO_ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]
     e["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pp))
     e["PYTHONUNBUFFERED"] = "1"
-    e["LLM_FT_WORKSPACE"] = str(get_workspace().root)
+    ws = get_workspace()
+    e["LLM_FT_WORKSPACE"] = str(ws.root)
+    # The datasets cache holds Arrow copies of the workspace's own data: it stays in the workspace
+    # (an explicit HF_DATASETS_CACHE wins). The hub cache (model downloads, shared by every
+    # project and many GB) stays where the user keeps it: references/security.md says why.
+    if "HF_DATASETS_CACHE" not in e:
+        e["HF_DATASETS_CACHE"] = str(ws.owned_dir(CACHE_DIR) / "datasets")
+    e.setdefault("MPLCONFIGDIR", str(ws.owned_dir(CACHE_DIR) / "matplotlib"))
     # torchrun waits this long for workers to save a checkpoint after SIGTERM (default 30 s).
     e.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     if gpu_ids is not None:
@@ -349,8 +440,8 @@ def start_job(kind: str, argv: list[str], *, name: str | None = None, meta: dict
 
 
 def describe(run_dir: Path) -> dict:
-    """status.json plus the derived state and reason."""
-    st = read_json(run_dir / STATUS)
+    """status.json (checked) plus the derived state and reason."""
+    st = read_status(run_dir)
     state, reason = derive_state(run_dir, st)
     return {**st, "state": state, "reason": reason}
 

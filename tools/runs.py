@@ -5,6 +5,7 @@ The registry itself (start_job, the supervisor, state from disk) is tools/run_re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describ
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
 from .train import infer_method
-from .workspace import get_workspace
+from .workspace import exclusive, get_workspace
 
 __all__ = ["start_job", "launch_training", "training_status", "stop_training", "list_runs",
            "LaunchResult", "TrainingStatus", "StopResult", "RunList", "RunInfo"]
@@ -159,46 +160,11 @@ def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
         checks.append(f"masking report for {dataset} [{split}]: {verdict}")
 
 
-def launch_training(
-    recipe: Annotated[str, Field(description="Recipe YAML in the workspace (from generate_recipe; "
-                                             "validated again here).")],
-    num_processes: Annotated[int, Field(ge=1, le=1024, description="Processes (GPUs) for data-parallel "
-                                                                   "training; >1 uses accelerate launch.")] = 1,
-    accelerate_config: Annotated[Optional[str], Field(
-        description="accelerate config YAML (DeepSpeed ZeRO / FSDP / multi-GPU) in the workspace; "
-                    "implies accelerate launch.")] = None,
-    require_masking_report: Annotated[bool, Field(
-        description="Refuse to start without a verify_masking report (pass or warn) for exactly this "
-                    "dataset, tokenizer and masking settings.")] = True,
-    require_memory_fit: Annotated[bool, Field(
-        description="Refuse to start when the memory estimate says it does not fit the GPU.")] = True,
-    force: Annotated[bool, Field(description="Start even if another run is using the same GPUs "
-                                             "(or the CPU).")] = False,
-    name: Annotated[Optional[str], Field(max_length=60, description="A label for the run (default: the "
-                                                                    "output_dir name).")] = None,
-) -> LaunchResult:
-    """Start training in the background and return its run id at once. Checks first: the recipe is
-    valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
-    its dataset/tokenizer/settings, and no other run holds the GPUs. Runs `python -m tools.train
-    --config <recipe>` (or `accelerate launch --num_processes N [--config_file F] -m tools.train`)
-    with the workspace as cwd; output in <workspace>/runs/<run_id>/log.txt. If output_dir already
-    holds a checkpoint-* the run resumes from the last one. Then poll training_status every
-    30-60 s; stop_training stops it with a checkpoint."""
-    ws = get_workspace()
-    rpath = ws.resolve(recipe, field="recipe", must_exist=True, kind="file")
-    cfg = _load_recipe_yaml(rpath)
-    checks: list[str] = []
-    warnings: list[str] = []
-
-    out = cfg.get("output_dir")
-    if not out:
-        raise UserError("has no output_dir.", field="recipe",
-                        fix="Add `output_dir: <dir in the workspace>` (checkpoints, adapter, metrics go there).")
-    output_dir = ws.resolve(out, field="output_dir")
-    acc_path = None
-    if accelerate_config:
-        acc_path = ws.resolve(accelerate_config, field="accelerate_config", must_exist=True, kind="file")
-
+def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path: Optional[Path],
+                   num_processes: int, require_masking_report: bool, require_memory_fit: bool,
+                   force: bool, name: Optional[str], checks: list[str], warnings: list[str]):
+    """The launch gates, then the start; run under the output_dir lock so two launches of one
+    recipe cannot both pass the conflict check."""
     # Cheap conflicts first (no heavy imports).
     for st in active_runs():
         if output_dir_of(st) == output_dir:
@@ -257,6 +223,67 @@ def launch_training(
         if not (rdir / STATUS).exists():
             shutil.rmtree(rdir, ignore_errors=True)
         raise
+    return rid, argv, rdir, recipe_copy, resumes_from, method
+
+
+def launch_training(
+    recipe: Annotated[str, Field(description="Recipe YAML in the workspace (from generate_recipe; "
+                                             "validated again here).")],
+    num_processes: Annotated[int, Field(ge=1, le=1024, description="Processes (GPUs) for data-parallel "
+                                                                   "training; >1 uses accelerate launch.")] = 1,
+    accelerate_config: Annotated[Optional[str], Field(
+        description="accelerate config YAML (DeepSpeed ZeRO / FSDP / multi-GPU) in the workspace; "
+                    "implies accelerate launch.")] = None,
+    require_masking_report: Annotated[bool, Field(
+        description="Refuse to start without a verify_masking report (pass or warn) for exactly this "
+                    "dataset, tokenizer and masking settings.")] = True,
+    require_memory_fit: Annotated[bool, Field(
+        description="Refuse to start when the memory estimate says it does not fit the GPU.")] = True,
+    force: Annotated[bool, Field(description="Start even if another run is using the same GPUs "
+                                             "(or the CPU).")] = False,
+    name: Annotated[Optional[str], Field(max_length=60, description="A label for the run (default: the "
+                                                                    "output_dir name).")] = None,
+    allow_remote_code: Annotated[bool, Field(
+        description="Allow a recipe with trust_remote_code: true (runs the model repo's Python code in "
+                    "the training process). Off by default.")] = False,
+) -> LaunchResult:
+    """Start training in the background and return its run id at once. Checks first: the recipe is
+    valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
+    its dataset/tokenizer/settings, and no other run holds the GPUs. Runs `python -m tools.train
+    --config <recipe>` (or `accelerate launch --num_processes N [--config_file F] -m tools.train`)
+    with the workspace as cwd; output in <workspace>/runs/<run_id>/log.txt. If output_dir already
+    holds a checkpoint-* the run resumes from the last one. Then poll training_status every
+    30-60 s; stop_training stops it with a checkpoint."""
+    ws = get_workspace()
+    rpath = ws.resolve(recipe, field="recipe", must_exist=True, kind="file")
+    cfg = _load_recipe_yaml(rpath)
+    checks: list[str] = []
+    warnings: list[str] = []
+
+    out = cfg.get("output_dir")
+    if not out:
+        raise UserError("has no output_dir.", field="recipe",
+                        fix="Add `output_dir: <dir in the workspace>` (checkpoints, adapter, metrics go there).")
+    output_dir = ws.resolve(out, field="output_dir")
+    if cfg.get("trust_remote_code") and not allow_remote_code:
+        raise UserError("sets trust_remote_code: true, which runs the model repository's own Python code "
+                        "in the training process.", field="recipe",
+                        fix="Read the model's modeling_*.py first; then pass allow_remote_code=true, or "
+                            "remove trust_remote_code from the recipe (most current models need none).")
+    acc_path = None
+    if accelerate_config:
+        acc_path = ws.resolve(accelerate_config, field="accelerate_config", must_exist=True, kind="file")
+
+    with exclusive(output_dir, field="output_dir", what="launching a run into") as created:
+        try:
+            rid, argv, rdir, recipe_copy, resumes_from, method = _checked_start(
+                cfg, rpath, output_dir, out, acc_path, num_processes, require_masking_report,
+                require_memory_fit, force, name, checks, warnings)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    output_dir.rmdir()  # only the empty folder the lock made
+            raise
     import shlex
     return LaunchResult(
         run_id=rid, state="running", command=argv, command_line=shlex.join(argv), run_dir=str(rdir),
@@ -590,6 +617,8 @@ class RunList(BaseModel):
     runs: list[RunInfo]
     active: list[str] = Field(description="ids of queued/running runs.")
     runs_dir: str
+    skipped: list[str] = Field([], description="runs whose status.json is malformed (left out, each "
+                                              "with the reason).")
 
 
 def list_runs() -> RunList:
@@ -597,7 +626,8 @@ def list_runs() -> RunList:
     output_dir; read from disk, so runs from before a server restart are included."""
     from .run_registry import runs_root
     runs = []
-    for d in list_run_dirs():
+    skipped: list[str] = []
+    for d in list_run_dirs(skipped):
         s = describe(d)
         meta = s.get("meta") or {}
         out = output_dir_of(s)
@@ -606,4 +636,4 @@ def list_runs() -> RunList:
                             output_dir=str(out) if out else None, method=meta.get("method"),
                             exit_code=s.get("exit_code")))
     return RunList(runs=runs, active=[r.run_id for r in runs if r.state in ("queued", "running")],
-                   runs_dir=str(runs_root()))
+                   runs_dir=str(runs_root()), skipped=skipped)

@@ -63,7 +63,7 @@ def _slug(s: str) -> str:
 def _weights(model: str) -> tuple[list[Path], str]:
     """The safetensors files of a local model dir (or a hub model already in the local cache)."""
     ws = get_workspace()
-    p = Path(model).expanduser()
+    p = Path(model)
     local = p if p.is_absolute() else ws.root / p
     if local.exists():
         path = ws.resolve(model, field="model", must_exist=True, kind="dir")

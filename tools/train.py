@@ -239,7 +239,7 @@ def parse_recipe(config: str, overrides: list[str] | None = None):
     if not isinstance(raw, dict):
         raise ValueError(f"{config} must contain a YAML mapping of recipe keys.")
     extras = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
-    fd, tmp = tempfile.mkstemp(prefix="recipe.", suffix=".yaml")
+    fd, tmp = tempfile.mkstemp(prefix=".recipe.", suffix=".yaml", dir=Path(config).resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(raw, fh, sort_keys=False)

@@ -8,6 +8,7 @@ so a failure never leaves a partial file behind.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Iterator
 from .errors import UserError
 
 _ENV = "LLM_FT_WORKSPACE"
+TMP_DIR = ".tmp"  # scratch files of the tools (never the system /tmp: nothing outside the workspace)
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
@@ -38,6 +40,121 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         raise
 
 
+ECHO_CHARS = 200        # echoed input is cut to this: a 10 MB argument must not come back whole
+NAME_MAX, PATH_MAX = 255, 4096   # Linux limits; checked up front so the error names the field
+
+# The paths each tool call resolved, with their fields: lets the server name the field of an
+# OSError (PermissionError, IsADirectoryError...) raised later while writing or reading them.
+_FIELDS: contextvars.ContextVar[dict[Path, str] | None] = contextvars.ContextVar("ws_fields",
+                                                                                default=None)
+
+
+def short(value: object, n: int = ECHO_CHARS) -> str:
+    """`value` as text, cut to n characters (with the full length said) for error messages."""
+    text = str(value)
+    return text if len(text) <= n else f"{text[:n]}... ({len(text):,} characters)"
+
+
+def check_path_text(text: str, field: str) -> str:
+    """Refuse path strings the OS cannot take, with the field named (not an OSError later)."""
+    if "\x00" in text:
+        raise UserError("contains a NUL byte.", field=field, fix="Remove the \\x00 from the path.")
+    if any(c in text for c in "\r\n"):
+        raise UserError(f"'{short(text)!r}' contains a line break.", field=field,
+                        fix="Give the path on one line, without CR/LF characters.")
+    if text.startswith("~"):
+        raise UserError(f"'{short(text)}': '~' is not expanded (home directories are outside the "
+                        "workspace).", field=field,
+                        fix="Give a path relative to the workspace root, or an absolute path inside it.")
+    if len(text.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        raise UserError(f"is {len(text):,} characters long; paths are limited to {PATH_MAX} bytes.",
+                        field=field, fix="Give a shorter path.")
+    long_part = next((part for part in text.split("/")
+                      if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if long_part is not None:
+        raise UserError(f"has a path component of {len(long_part):,} characters ('{short(long_part, 40)}'); "
+                        f"file names are limited to {NAME_MAX} bytes.", field=field,
+                        fix="Use shorter file and folder names.")
+    return text
+
+
+def _check_kind(resolved: Path, given: object, field: str, kind: str | None) -> None:
+    if not (resolved.is_file() or resolved.is_dir()):
+        raise UserError(f"'{short(given)}' is not a regular file or directory (a FIFO, socket or "
+                        "device).", field=field, fix="Give a regular file (or a directory of them).")
+    if kind == "file" and not resolved.is_file():
+        raise UserError(f"'{short(given)}' is not a file.", field=field, fix="Give a file path.")
+    if kind == "dir" and not resolved.is_dir():
+        raise UserError(f"'{short(given)}' is not a directory.", field=field, fix="Give a directory path.")
+
+
+def _note_field(resolved: Path, field: str) -> None:
+    seen = _FIELDS.get()
+    if seen is not None:
+        seen.setdefault(resolved, field)
+
+
+@contextlib.contextmanager
+def tracking_fields() -> Iterator[dict[Path, str]]:
+    """Record, for one tool call, which field each resolved path came from."""
+    token = _FIELDS.set({})
+    try:
+        yield _FIELDS.get()
+    finally:
+        _FIELDS.reset(token)
+
+
+def field_of(filename: str | None, seen: dict[Path, str]) -> str | None:
+    """The field whose path is `filename` or contains it (the longest match)."""
+    if not filename:
+        return None
+    try:
+        f = Path(os.fsdecode(filename)).absolute()
+    except (TypeError, ValueError):
+        return None
+    best = None
+    for p, fld in seen.items():
+        if f == p or p in f.parents or f.parent == p.parent and f.name.startswith(f".{p.name}."):
+            if best is None or len(str(p)) > len(str(best[0])):
+                best = (p, fld)
+    return best[1] if best else None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def exclusive(target: Path, *, field: str, what: str = "writing") -> Iterator[bool]:
+    """A non-blocking exclusive lock on the directory `target` (created empty when missing; yields
+    whether it was created): two calls that write the same output at once get a clear refusal
+    instead of one silently losing its result. flock on the directory itself leaves no lock file
+    behind; a directory renamed onto `target` later is a new inode, seen as non-empty by the next
+    caller."""
+    import fcntl
+    created = False
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            target.mkdir()
+            created = True
+    if not target.is_dir():
+        yield False  # a file: the caller refuses it
+        return
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another call is {what} '{short(target)}' right now.", field=field,
+                            fix="Wait for it to finish, or choose another output path.") from None
+        yield created
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class Workspace:
     """A directory that bounds every read and write of the tools."""
 
@@ -53,29 +170,72 @@ class Workspace:
                 kind: str | None = None) -> Path:
         """Return the absolute path of `path` inside the workspace, or raise UserError.
 
-        kind: None, "file" or "dir" (checked only when the path exists or must exist).
+        kind: None, "file" or "dir" (checked only when the path exists or must exist). An existing
+        path must be a regular file or a directory: FIFOs, sockets and devices are refused (a
+        FIFO would block the reader forever).
         """
         if path is None or str(path).strip() == "":
             raise UserError("is empty.", field=field, fix="Give a path inside the workspace.")
-        p = Path(str(path)).expanduser()
+        text = check_path_text(str(path), field)
+        p = Path(text)
         if not p.is_absolute():
             p = self.root / p
-        # resolve() follows symlinks, so a link pointing out of the workspace is caught here.
-        resolved = p.resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise UserError(
-                f"'{path}' resolves to {resolved}, outside the workspace {self.root}.",
-                field=field,
-                fix="Use a path inside the workspace (copy or link the file into it, or restart "
-                    "the server with --workspace pointing at a directory that contains it).")
-        if must_exist and not resolved.exists():
-            raise UserError(f"'{path}' does not exist (looked at {resolved}).", field=field,
+        try:
+            # resolve() follows symlinks, so a link pointing out of the workspace is caught here.
+            resolved = p.resolve()
+            exists = resolved.exists()
+        except (OSError, RuntimeError) as exc:  # ELOOP, ENAMETOOLONG, EACCES on a parent
+            raise UserError(f"'{short(path)}' cannot be resolved: {type(exc).__name__}: "
+                            f"{short(exc)}.", field=field,
+                            fix="Give a plain path inside the workspace (no symlink loops).") from None
+        self.contain(resolved, field=field, given=path)
+        if must_exist and not exists:
+            raise UserError(f"'{short(path)}' does not exist (looked at {short(resolved)}).", field=field,
                             fix="Check the path; relative paths are taken from the workspace root.")
-        if resolved.exists() and kind == "file" and not resolved.is_file():
-            raise UserError(f"'{path}' is not a file.", field=field, fix="Give a file path.")
-        if resolved.exists() and kind == "dir" and not resolved.is_dir():
-            raise UserError(f"'{path}' is not a directory.", field=field, fix="Give a directory path.")
+        if exists:
+            _check_kind(resolved, path, field, kind)
+            if kind == "dir":  # a folder a library opens by itself: check what is in it too
+                self.contain_tree(resolved, field=field)
+        _note_field(resolved, field)
         return resolved
+
+    def contain(self, path: str | os.PathLike, *, field: str = "path", given: object = None) -> Path:
+        """Check that `path` (after following every symlink) lies inside the workspace; return it.
+        Used for every file a tool opens that the caller did not name itself (the files of a
+        dataset directory, a tokenizer folder), so a link inside an allowed folder cannot lead out."""
+        resolved = Path(path).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            shown = short(given if given is not None else path)
+            raise UserError(
+                f"'{shown}' resolves to {short(resolved)}, outside the workspace {self.root}.",
+                field=field,
+                fix="Use a path inside the workspace (copy the file into it rather than linking it, "
+                    "or restart the server with --workspace pointing at a directory that contains it).")
+        return resolved
+
+    def contain_tree(self, folder: Path, *, field: str = "path", limit: int = 10_000) -> None:
+        """contain() for every file and link under `folder` (a model or tokenizer directory that a
+        library will open by itself), and refuse non-regular files in it."""
+        for n, f in enumerate(Path(folder).rglob("*")):
+            if n >= limit:
+                break
+            if f.is_symlink() or not f.is_dir():
+                r = self.contain(f, field=field, given=f"{self.rel(folder)}/{f.relative_to(folder)}")
+                if r.exists() and not (r.is_file() or r.is_dir()):
+                    raise UserError(f"'{self.rel(f)}' is not a regular file.", field=field,
+                                    fix="Remove the FIFO/socket/device from that folder.")
+
+    def owned_dir(self, name: str) -> Path:
+        """A folder the server owns (runs, reports, eval_tasks...): created when missing, and
+        refused when it is a symlink or not a directory, so its writes stay in the workspace."""
+        p = self.root / name
+        for part in [self.root / Path(*Path(name).parts[:i + 1]) for i in range(len(Path(name).parts))]:
+            if part.is_symlink() or (part.exists() and not part.is_dir()):
+                raise UserError(f"'{self.rel(part)}' must be a real directory inside the workspace "
+                                "(it is a symlink or a file).", field="workspace",
+                                fix=f"Remove or rename {part} so the server can create the folder itself.")
+        p.mkdir(parents=True, exist_ok=True)
+        return p
 
     def rel(self, path: Path) -> str:
         """The path relative to the workspace root, for reports."""
@@ -89,8 +249,13 @@ class Workspace:
                     mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
         """Open a temporary file next to `path`; rename it onto `path` only on success."""
         target = self.resolve(path, field=field)
+        if target.is_dir():
+            raise UserError(f"'{short(path)}' is a directory.", field=field,
+                            fix="Give a file path (e.g. <dir>/name.ext).")
         target.parent.mkdir(parents=True, exist_ok=True)
+        self.contain(target.parent, field=field, given=path)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides
         try:
             with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
                 yield fh
@@ -112,14 +277,36 @@ class Workspace:
         """Yield a temporary directory; on success it replaces `path` (refused if non-empty
         unless overwrite). On failure nothing is left behind."""
         target = self.resolve(path, field=field)
+        if target == self.root:
+            raise UserError("is the workspace root itself.", field=field,
+                            fix="Give a sub-directory, e.g. data/converted.")
+        self.check_empty(target, path, field=field, overwrite=overwrite)
+        with exclusive(target, field=field) as created:
+            self.check_empty(target, path, field=field, overwrite=overwrite)  # again, under the lock
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the user's umask decides
+            _note_field(tmp, field)
+            try:
+                yield from self._fill_dir(tmp, target)
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):
+                        target.rmdir()  # only the empty folder this call made
+                raise
+
+    def check_empty(self, target: Path, given: object, *, field: str, overwrite: bool) -> None:
+        """UserError when `target` exists and is a file or a non-empty directory (unless overwrite)."""
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise UserError(f"'{path}' exists and is not empty.", field=field,
+            raise UserError(f"'{short(given)}' exists and is not empty.", field=field,
                             fix="Choose a new output directory, or pass overwrite=true.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+    @staticmethod
+    def _fill_dir(tmp: Path, target: Path) -> Iterator[Path]:
         try:
             yield tmp
-            if target.exists():
+            if target.is_dir() and not any(target.iterdir()):
+                os.replace(tmp, target)  # rename onto an empty directory is atomic
+            elif target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(target, old)
