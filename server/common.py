@@ -38,7 +38,7 @@ DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idemp
                               open_world_hint=False)
 
 
-MAX_ERROR_CHARS = 4000  # a tool error is read by an agent: long enough for a list of problems
+MAX_ERROR_CHARS = 2500  # a tool error is read by an agent: long enough for a list of problems
 
 
 def _os_error(exc: OSError, field: str | None) -> str | None:

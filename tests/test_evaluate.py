@@ -108,11 +108,12 @@ def fake_server():
             self.wfile.write(body)
 
         def do_GET(self):
+            requests.append({"_get": self.path, "_authorization": self.headers.get("Authorization")})
             self._send({"object": "list", "data": [{"id": "served-tiny", "object": "model"}]})
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append(req)
+            requests.append({**req, "_authorization": self.headers.get("Authorization")})
             a, b = map(int, re.findall(r"(\d+)\+(\d+)", req["messages"][-1]["content"])[0])
             ans = a + b if a % 2 == 0 else a + b + 1
             self._send({"id": "c", "object": "chat.completion", "choices": [{
@@ -137,12 +138,61 @@ def test_served_endpoint_exact_scores(ws, api_deps, fake_server):
     right = sum(a % 2 == 0 for a, _ in PAIRS)  # 7 of 10
     assert m.value == pytest.approx(right / 10)
     assert m.stderr == pytest.approx((0.7 * 0.3 / 9) ** 0.5, rel=1e-6)  # sample std / sqrt(n)
-    req = requests[0]
+    req = next(r for r in requests if "_get" not in r)
     assert req["model"] == "served-tiny" and req["temperature"] == 0 and req["max_tokens"] == 32
     assert req["messages"][0] == {"role": "system", "content": "Be brief."}
     samples = read_jsonl(ws.root / run.samples_files["local_arith"])
     s0 = next(s for s in samples if s["target"] == "19")
     assert s0["extracted"] == "19" and s0["correct"] is True and "#### 19" in s0["response"]
+
+
+def test_endpoint_key_only_when_named(ws, api_deps, fake_server, monkeypatch):
+    """$OPENAI_API_KEY is never forwarded; the key goes only from the variable the caller names,
+    and never lands in the saved results."""
+    from tools.evaluate import evaluate
+    url, requests = fake_server
+    write_arith(ws.root / "arith.jsonl")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-global-secret")
+    evaluate(base_url=url, local_task="arith.jsonl", limit=2, max_gen_toks=8, output_dir="evals/a")
+    assert requests and all(r["_authorization"] is None for r in requests), requests
+    requests.clear()
+    monkeypatch.setenv("VLLM_KEY", "vllm-secret")
+    evaluate(base_url=url, local_task="arith.jsonl", limit=2, max_gen_toks=8, api_key_env="VLLM_KEY",
+             output_dir="evals/b")
+    assert requests and all(r["_authorization"] == "Bearer vllm-secret" for r in requests)
+    saved = "".join(p.read_text() for p in (ws.root / "evals").rglob("*") if p.is_file())
+    assert "vllm-secret" not in saved and "sk-global-secret" not in saved
+    with pytest.raises(UserError, match="not set") as ei:
+        evaluate(base_url=url, local_task="arith.jsonl", api_key_env="NO_SUCH_KEY_VAR")
+    assert ei.value.field == "api_key_env"
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("http://169.254.169.254/latest/meta-data", "link-local"),
+    ("http://[fe80::1]:8000/v1", "link-local"),
+    ("http://100.100.100.200/v1", "metadata"),
+    ("http://10.1.2.3:8000/v1", "--allow-endpoint 10.1.2.3"),
+    ("http://localhost:8000/v1\r\nX-Injected: 1", "control characters"),
+    ("http://user:pw@127.0.0.1:8000/v1", "credentials"),
+])
+def test_endpoint_policy_refuses(ws, url, needle):
+    from tools.evaluate import evaluate
+    write_arith(ws.root / "arith.jsonl")
+    with pytest.raises(UserError, match=re.escape(needle)) as ei:
+        evaluate(base_url=url, local_task="arith.jsonl")
+    assert ei.value.field == "base_url"
+
+
+def test_endpoint_allowlist(monkeypatch):
+    from tools.endpoints import check_url, set_allowed_hosts
+    monkeypatch.delenv("LLM_FT_ALLOWED_ENDPOINTS", raising=False)
+    with pytest.raises(UserError, match="not loopback"):
+        check_url("http://10.1.2.3:8000/v1")
+    set_allowed_hosts(["10.1.2.3", "169.254.169.254"])
+    assert check_url("http://10.1.2.3:8000/v1") == "http://10.1.2.3:8000/v1"
+    with pytest.raises(UserError, match="refused always"):  # allowed or not
+        check_url("http://169.254.169.254/")
+    assert check_url("http://127.0.0.1:9/v1") and check_url("http://[::1]:9/v1")
 
 
 def test_unreachable_endpoint_and_bad_inputs(ws, tiny_model, api_deps):

@@ -27,6 +27,7 @@ from .data_formats import (MAPPING_KEYS, PROBLEM_HELP, SOURCE_FORMATS, Detection
 from .data_io import HUB_ID, jsonable, open_source
 from .hub import hub_offline, hub_unreachable
 from .errors import UserError
+from .template_guard import check_template
 from .workspace import get_workspace
 
 MAX_LINES = 20          # line numbers kept per problem kind
@@ -268,6 +269,7 @@ def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
                         "measured as TRL would render them.", field=field,
                         fix="Use the instruct model's tokenizer (it carries the template), or add a "
                             "chat_template to its tokenizer_config.json.")
+    check_template(tok.chat_template if isinstance(tok.chat_template, str) else None, field=field)
     return tok
 
 

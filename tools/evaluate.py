@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .endpoints import auth_header, check_url
 from .errors import UserError
 from .workspace import get_workspace, set_workspace
 
@@ -106,6 +107,15 @@ def _task_manager(include_path: str | None, include_defaults: bool):
         from lm_eval.tasks import TaskManager
         _TM_CACHE[key] = TaskManager(include_path=include_path, include_defaults=include_defaults)
     return _TM_CACHE[key]
+
+
+def _redact(obj):
+    """`obj` with every Authorization header value replaced (results are written to disk)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if str(k).lower() == "authorization" else _redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj
 
 
 def _with_metadata(tm, meta: dict):
@@ -199,11 +209,9 @@ def _lm_eval_version() -> str:
 
 # ----------------------------------------------------------------------------- endpoint
 def _chat_url(base_url: str) -> tuple[str, str]:
-    """(chat completions URL, API root ending in /v1 or what was given)."""
-    u = base_url.strip().rstrip("/")
-    if not re.match(r"https?://[^/\s]+", u):
-        raise UserError(f"'{base_url}' is not an http(s) URL.", field="base_url",
-                        fix="Pass the server's OpenAI-compatible root, e.g. http://localhost:8000/v1.")
+    """(chat completions URL, API root ending in /v1 or what was given), after the endpoint
+    policy (tools/endpoints.py) allowed the URL."""
+    u = check_url(base_url).rstrip("/")
     if u.endswith("/chat/completions"):
         return u, u[: -len("/chat/completions")]
     if u.endswith("/completions"):
@@ -214,15 +222,19 @@ def _chat_url(base_url: str) -> tuple[str, str]:
     return u + "/chat/completions", u
 
 
-def check_endpoint(base_url: str, timeout: float = 5.0) -> tuple[str, list[str]]:
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead the probe (and the key) to another host: never follow one."""
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None
+
+
+def check_endpoint(base_url: str, timeout: float = 5.0, api_key_env: str | None = None
+                   ) -> tuple[str, list[str]]:
     """Reach `<root>/models` with a short request. Returns (chat URL, served model ids)."""
     chat, root = _chat_url(base_url)
-    headers = {"Accept": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-    req = urllib.request.Request(root + "/models", headers=headers)
+    req = urllib.request.Request(root + "/models", headers=auth_header(api_key_env))
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - user's endpoint
+        with urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout) as resp:  # noqa: S310
             data = json.loads(resp.read().decode() or "{}")
         ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
         return chat, ids
@@ -430,6 +442,8 @@ def evaluate(
                                                       "e.g. http://localhost:8000/v1; instead of model.")] = None,
     served_model: Annotated[str | None, Field(description="Model name the endpoint serves "
                                                           "(default: the first of GET /v1/models).")] = None,
+    api_key_env: Annotated[str | None, Field(description="NAME of the environment variable holding "
+                                                         "base_url's API key (no key is sent otherwise).")] = None,
     tasks: Annotated[list[str] | None, Field(description="lm-eval task/group names, e.g. "
                                                          "['gsm8k_cot'] (datasets come from the hub).")] = None,
     local_task: Annotated[str | None, Field(description="JSONL in the workspace (or a convert_dataset "
@@ -535,7 +549,7 @@ def evaluate(
         if missing:
             raise UserError(f"lm-eval's API models need {', '.join(missing)}, which is not installed.",
                             field="base_url", fix='pip install "lm-eval[api]"')
-        chat_url, ids = check_endpoint(base_url)
+        chat_url, ids = check_endpoint(base_url, api_key_env=api_key_env)
         if not served_model:
             served_model = ids[0] if ids else "default"
             notes.append(f"served_model not given: using '{served_model}'"
@@ -553,7 +567,7 @@ def evaluate(
 
     params = dict(model=model if not base_url else None,
                   adapter=ws.rel(adapter_path) if adapter_path else None, base_url=base_url,
-                  served_model=served_model, tasks=tasks or None, local_task=local_task,
+                  served_model=served_model, api_key_env=api_key_env, tasks=tasks or None, local_task=local_task,
                   prompt_field=prompt_field, answer_field=answer_field, answer_regex=answer_regex,
                   compare_with=compare_with, apply_chat_template=apply_chat_template,
                   system_prompt=system_prompt, limit=limit, num_fewshot=num_fewshot,
@@ -619,7 +633,9 @@ def evaluate(
             backend, model_obj = "hf", lm
         else:
             margs = {"model": served_model, "base_url": chat_url, "num_concurrent": batch_size,
-                     "max_retries": 3, "tokenized_requests": False}
+                     "max_retries": 3, "tokenized_requests": False,
+                     # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
+                     "header": auth_header(api_key_env)}
             backend, model_obj, lm = "local-chat-completions", "local-chat-completions", None
         import lm_eval
         try:
@@ -629,7 +645,8 @@ def evaluate(
                     num_fewshot=num_fewshot, batch_size=batch_size, device=None if lm is None else device,
                     limit=limit, log_samples=True, apply_chat_template=use_chat,
                     fewshot_as_multiturn=use_chat, system_instruction=system_prompt,
-                    gen_kwargs=dict(gen_kwargs), task_manager=_with_metadata(tm, margs),
+                    gen_kwargs=dict(gen_kwargs),
+                    task_manager=_with_metadata(tm, {k: v for k, v in margs.items() if k != "header"}),
                     bootstrap_iters=1000)
         except UserError:
             raise
@@ -649,6 +666,7 @@ def evaluate(
                         torch.cuda.empty_cache()
         if res is None:
             raise RuntimeError("lm-eval returned no results (non-zero rank?)")
+        res = _redact(res)  # lm-eval copies model_args (our auth header) into its results
         samples = res.pop("samples", {}) or {}
         sample_files = {}
         for task, ss in samples.items():

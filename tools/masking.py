@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .template_guard import check_template
 from .workspace import get_workspace
 
 REPORT_DIR = "reports/masking"
@@ -366,6 +367,8 @@ def verify_masking(
     tok = _load_tokenizer(t_path)
     if tpl_text is not None:
         tok.chat_template = tpl_text
+    check_template(tok.chat_template if isinstance(tok.chat_template, str) else None,
+                   field="chat_template" if tpl_text is not None else "tokenizer")
     if conversational and not tok.chat_template:
         raise UserError(f"the tokenizer in {ws.rel(t_path)} has no chat template, and the data is "
                         "conversational.", field="chat_template",

@@ -172,6 +172,8 @@ PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint", "chat_templa
              "deepspeed", "accelerator_config", "dataset_name", "model_name_or_path",
              "tokenizer_name_or_path")
 DATASET_PATH_KEYS = ("path", "data_dir", "data_files")
+# env: variables the training process writes to (logging_dir migrates to TENSORBOARD_LOGGING_DIR).
+ENV_PATH_KEYS = ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "TRACKIO_DIR", "HF_DATASETS_CACHE")
 
 
 def _outside(value: Any, root: Path) -> Optional[Path]:
@@ -194,6 +196,8 @@ def _outside(value: Any, root: Path) -> Optional[Path]:
 def recipe_paths(cfg: dict) -> list[tuple[str, Any]]:
     """(key, value) for every path a recipe names, datasets mixture entries included."""
     out = [(k, cfg.get(k)) for k in PATH_KEYS if isinstance(cfg.get(k), str)]
+    env = cfg.get("env") if isinstance(cfg.get("env"), dict) else {}
+    out += [(f"env.{k}", v) for k, v in env.items() if k in ENV_PATH_KEYS and isinstance(v, str)]
     mix = cfg.get("datasets")
     for i, d in enumerate(mix if isinstance(mix, list) else []):
         if not isinstance(d, dict):

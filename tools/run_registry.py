@@ -140,7 +140,7 @@ def update_status(run_dir: Path, **fields: Any) -> dict:
 def run_dir_for(run_id: str, *, must_exist: bool = True) -> Path:
     """The run's directory; UserError for a malformed or unknown id."""
     if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-        raise UserError(f"'{run_id}' is not a run id.", field="run_id",
+        raise UserError(f"'{short(run_id)}' is not a run id.", field="run_id",
                         fix="Use an id returned by launch_training (list_runs shows them all).")
     d = runs_root() / run_id
     if must_exist and not (d / STATUS).is_file():
