@@ -1,6 +1,8 @@
 """The one error type tools raise for bad input: the server turns it into an MCP ToolError."""
 from __future__ import annotations
 
+import re
+
 
 class UserError(ValueError):
     """Bad input the caller can fix. The message names the field (or line) and the fix.
@@ -22,6 +24,13 @@ class UserError(ValueError):
         super().__init__(text)
 
 
+ECHO_CHARS = 200  # any single echoed token (a path, an id, a value) is cut to this
+
+
 def _cut(text: str, n: int) -> str:
-    text = str(text)
+    """`text` with every run of 200+ non-space characters shortened, then cut to n characters."""
+    text = _LONG_TOKEN.sub(lambda m: f"{m.group()[:ECHO_CHARS]}... ({len(m.group()):,} characters)", str(text))
     return text if len(text) <= n else f"{text[:n - 40]}... (cut, {len(text):,} characters)"
+
+
+_LONG_TOKEN = re.compile(r"\S{%d,}" % (ECHO_CHARS + 1))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .hub import hub_unreachable
-from .workspace import get_workspace
+from .workspace import check_path_text, get_workspace
 
 
 class ModelFacts(BaseModel):
@@ -212,6 +212,7 @@ def get_model_facts(
         raise UserError("is empty.", field="model", fix="Give a model directory, hub id or catalog name.")
     model = model.strip()
     ws = get_workspace()
+    check_path_text(model, "model")  # NUL bytes, over-long names: refused before any filesystem call
     candidate = Path(model)
     local = candidate if candidate.is_absolute() else ws.root / candidate
     if local.exists() or _looks_local(model) and not catalog_lookup(model):

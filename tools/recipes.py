@@ -24,7 +24,7 @@ from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSum
                              read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
                              trl_parse, versions)
 from .train import infer_method
-from .workspace import TMP_DIR, get_workspace, short
+from .workspace import TMP_DIR, check_path_text, get_workspace, short
 
 REPO = Path(__file__).resolve().parent.parent
 Method = Literal["full", "lora", "qlora", "spectrum"]
@@ -707,6 +707,7 @@ def _count_rows(path: Path) -> Optional[int]:
 def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> tuple[dict, Optional[int], bool, list[str]]:
     ws = get_workspace()
     notes: list[str] = []
+    check_path_text(dataset, "dataset")
     p = Path(dataset)
     local = p if p.is_absolute() else ws.root / p
     if local.exists():

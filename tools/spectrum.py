@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
-from .workspace import get_workspace
+from .workspace import check_path_text, get_workspace
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 GPU_BATCH_BYTES = 2 * 2 ** 30
@@ -63,6 +63,7 @@ def _slug(s: str) -> str:
 def _weights(model: str) -> tuple[list[Path], str]:
     """The safetensors files of a local model dir (or a hub model already in the local cache)."""
     ws = get_workspace()
+    check_path_text(model, "model")
     p = Path(model)
     local = p if p.is_absolute() else ws.root / p
     if local.exists():
