@@ -464,3 +464,13 @@ def test_cold_start_concurrent_calls_do_not_race_on_imports(ws, tiny_model, qa_d
     texts = [t for _, t in res]
     assert not any("cannot import name" in t or "failed unexpectedly" in t for t in texts), texts
     assert all(not err for err, _ in res), [t for err, t in res if err]
+
+
+def test_accelerate_config_naming_a_deepspeed_file_outside_is_invalid(ws, tiny_model, qa_data):
+    from tools.recipes import validate_recipe
+    (ws.root / "acc.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n"
+        "deepspeed_config:\n  deepspeed_config_file: /etc/ds_config.json\n  zero3_init_flag: false\n")
+    v = validate_recipe(RECIPE, accelerate_config="acc.yaml")
+    assert not v.valid and any("deepspeed_config_file" in e and "outside the workspace" in e
+                               for e in v.errors), v.errors

@@ -499,6 +499,15 @@ def read_accelerate_config(path: Path, shown: str) -> AccelerateSummary:
                 close = difflib.get_close_matches(dest, sorted(dests), n=2, cutoff=0.6)
                 problems.append(f"{section}.{k} is not an accelerate launch option (ignored by accelerate)"
                                 + (f"; did you mean {', '.join(close)}?" if close else "."))
+    ds_file = (getattr(c, "deepspeed_config", None) or {}).get("deepspeed_config_file")
+    if isinstance(ds_file, str) and ds_file.strip() and ds_file.lower() != "none":
+        from .workspace import get_workspace
+        root = get_workspace().root
+        p = Path(ds_file) if Path(ds_file).is_absolute() else path.parent / ds_file
+        r = p.resolve()
+        if r != root and root not in r.parents:
+            problems.append(f"deepspeed_config.deepspeed_config_file '{ds_file}' resolves to {r}, outside the "
+                            "workspace: keep the DeepSpeed JSON inside it.")
     dt = str(getattr(c.distributed_type, "value", c.distributed_type))
     ds = c.deepspeed_config or {}
     fs = c.fsdp_config or {}
