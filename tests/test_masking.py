@@ -376,3 +376,20 @@ def test_tokenizer_without_chat_template(ws, tiny_model):
     kw = dict(completion_only_loss=None, assistant_only_loss=False, packing=False, max_length=512)
     assert find_masking_report(data, "models/base-tok", **kw, chat_template_path="chatml.jinja")
     assert find_masking_report(data, "models/base-tok", **kw) is None
+
+
+@pytest.mark.parametrize("tok", ["qwen2_5", "llama3"])
+def test_roles_unattributed_says_there_is_no_evidence(ws, tok, monkeypatch):
+    """A tokenizer without offset mapping (slow, sentencepiece-only ones have none) leaves no
+    token mappable to a role. The labels are still TRL's, but the report must not claim that the
+    prompt is masked or the template matches (no evidence), and must say why. The offsets are
+    withheld as such a tokenizer would; TRL's preparation runs for real."""
+    from tools import masking_checks
+    monkeypatch.setattr(masking_checks, "token_offsets", lambda *a, **k: None)
+    rep = verify_masking(_write(ws, "pc", _gsm(4)), _tok(ws, tok))
+    reason = next(r for r in rep.reasons if r.code == "roles_unattributed")
+    assert reason.severity == "warn" and reason.rows == [0, 1, 2, 3]
+    assert "NOT checked for any example" in reason.message and "no evidence" in reason.message
+    assert rep.no_prompt_tokens_trained is None and rep.template_matches_inference is None
+    assert rep.end_of_turn_trained is None and rep.all_assistant_turns_trained is None
+    assert rep.verdict == "warn" and set(rep.trained_by_role) == {"unattributed"}

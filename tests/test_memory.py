@@ -1,4 +1,4 @@
-"""estimate_memory: +-10% of measured H100 peaks (calibration file), physics, errors, MCP."""
+"""estimate_memory: +-5% of measured H100 peaks (calibration file), physics, errors, MCP."""
 from __future__ import annotations
 
 import asyncio
@@ -22,11 +22,12 @@ def _est(r):
 
 
 @pytest.mark.parametrize("r", ROWS, ids=lambda r: f"{r['shape']}-{r['method']}-liger{int(r['liger'])}-gc{int(r['gc'])}")
-def test_calibration_within_10_percent(ws, r):
+def test_calibration_within_5_percent(ws, r):
+    """references/memory.md claims +-5% on the measured H100 runs: the test holds it to that."""
     e = _est(r)
     assert e.trainable_params == r["trainable"]
     err = e.peak_allocated_gib / r["peak_alloc_gib"] - 1
-    assert abs(err) <= 0.10, f"estimated {e.peak_allocated_gib} vs measured {r['peak_alloc_gib']} ({err:+.1%})"
+    assert abs(err) <= 0.05, f"estimated {e.peak_allocated_gib} vs measured {r['peak_alloc_gib']} ({err:+.1%})"
     # total adds context and slack: at least what the allocator reserved
     assert e.total_gib >= r["peak_reserved_gib"]
     assert e.fits is True

@@ -671,8 +671,11 @@ def _analyse(base, reasons, run, tok, idx, fmt, stop_ids, show_examples, mc):
         assistant_turns=turns_total, assistant_turns_fully_trained=turns_full,
         all_assistant_turns_trained=(turns_total == turns_full) if turns_total else None,
         end_of_turn_trained=(not eot_masked_rows and not eot_missing_rows) if turns_total else None,
-        prompt_tokens_trained=prompt_trained, no_prompt_tokens_trained=not prompt_rows,
-        template_matches_inference=not mismatch_rows, template_mismatch_examples=len(mismatch_rows),
+        prompt_tokens_trained=prompt_trained,
+        # Checked only on rows whose tokens could be mapped to roles: no such row, no evidence.
+        no_prompt_tokens_trained=(not prompt_rows) if n > len(unaligned_rows) else None,
+        template_matches_inference=(not mismatch_rows) if n > len(unaligned_rows) else None,
+        template_mismatch_examples=len(mismatch_rows),
         double_bos_examples=len(double_bos_rows), pad_token=run.pad_token,
         pad_equals_eos=pad_eq, eos_masked_examples=len(eos_masked_rows),
         stop_tokens=[tok.convert_ids_to_tokens(i) for i in sorted(stop_ids)],
@@ -810,10 +813,16 @@ def _analyse(base, reasons, run, tok, idx, fmt, stop_ids, show_examples, mc):
                      "role/content keys; convert ShareGPT human/gpt with convert_dataset), or a "
                      "template that renders every message.", rows=rws[:20]))
     if unaligned_rows:
+        none = len(unaligned_rows) == n
         R(Reason(severity="warn", code="roles_unattributed",
-                 message=f"could not map tokens to roles in {len(unaligned_rows)}/{n} examples "
-                         "(the labels above are still TRL's own).",
-                 fix="Inspect the decoded examples.", rows=unaligned_rows[:20]))
+                 message=f"could not map tokens to roles in {len(unaligned_rows)}/{n} examples, so "
+                         "prompt masking, assistant turns, end-of-turn and the inference template "
+                         + ("are NOT checked for any example (those flags are null: no evidence)"
+                            if none else "are checked on the other examples only")
+                         + "; the trained-token counts are still TRL's own.",
+                 fix="Read the decoded examples ([[...]] marks what is trained) before training; a "
+                     "template whose output is not the concatenation of its messages causes this.",
+                 rows=unaligned_rows[:20]))
     if run.unmatched_segments:
         R(Reason(severity="warn", code="packing_unmatched",
                  message=f"{run.unmatched_segments} packed segments could not be matched to rows."))

@@ -242,6 +242,14 @@ def recommend_method(
                                           fits=True, why_not=f"fits ({est.total_gib:.1f} GiB), but the "
                                           f"'{goal}' order ranks {chosen[0]} first"))
     if chosen is None:
+        slow = [c for c in alternatives if c.fits and c.why_not and "max_hours" in c.why_not]
+        if slow:
+            fastest = min(slow, key=lambda c: float(c.why_not.split("estimated ")[1].split(" h")[0]))
+            raise UserError(f"every method that fits {f.name} on {device} is slower than max_hours={max_hours:g}: "
+                            f"the fastest, {fastest.method}, is {fastest.why_not.split(' > ')[0]}.",
+                            field="max_hours",
+                            fix="Raise max_hours, train on fewer tokens (dataset_tokens / epochs), or use "
+                                "more or faster GPUs.")
         raise UserError(f"no method fits {f.name} on {device} ({vram:.1f} GiB per GPU) with seq_len {seq_len}.",
                         field="model", fix="Use a smaller model, shorter seq_len, more or larger GPUs.")
     method, sh, off, opt, tps, mb, gc, est, hours = chosen
