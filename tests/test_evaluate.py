@@ -331,3 +331,40 @@ def test_local_task_formats_load_in_lm_eval(ws):
     doc = next(iter(task.test_docs()))
     assert task.doc_to_text(doc) == "Question: Capital of France?\nAnswer:"
     assert task.doc_to_target(doc) == "Paris"
+
+
+def test_known_difference_has_the_right_stderr_and_significance(ws, tiny_model, api_deps, fake_server):
+    """Tuned = the fake server (right on 7 of 10, known), base = the random tiny model: the
+    comparison row's delta, standard error and significance follow from the per-sample results."""
+    from tools.evaluate import evaluate
+    url, _ = fake_server
+    write_arith(ws.root / "arith.jsonl")
+    r = evaluate(base_url=url, compare_with="models/tiny-llama", local_task="arith.jsonl",
+                 max_gen_toks=8, output_dir="evals/cmp")
+    tuned, base = r.runs
+    (row,) = r.comparison
+    assert row.fine_tuned == pytest.approx(0.7)
+    assert row.fine_tuned_stderr == pytest.approx((0.7 * 0.3 / 9) ** 0.5, rel=1e-6)
+    base_rows = read_jsonl(ws.root / base.samples_files["local_arith"])
+    p = sum(s["correct"] for s in base_rows) / len(base_rows)
+    assert len(base_rows) == 10 and row.base == pytest.approx(p) and p <= 0.2
+    se_b = (p * (1 - p) / 9) ** 0.5
+    assert row.base_stderr == pytest.approx(se_b, abs=1e-9)
+    assert row.delta == pytest.approx(0.7 - p)
+    assert row.delta_stderr == pytest.approx((se_b ** 2 + 0.7 * 0.3 / 9) ** 0.5, rel=1e-6)
+    assert row.significant is True  # 0.5+ > 1.96 * ~0.2
+    assert "*" in r.table
+
+
+def test_compare_marks_a_small_difference_not_significant():
+    from tools.evaluate import ModelRun, TaskMetric, _compare
+
+    def run(v, se):
+        return ModelRun(label="x", backend="hf", apply_chat_template=True, samples_files={},
+                        raw_results_file="r.json", elapsed_s=0.0,
+                        metrics=[TaskMetric(task="t", metric="exact_match", filter="f", value=v, stderr=se, n=100)])
+    (row,) = _compare(run(0.50, 0.05), run(0.55, 0.05))
+    assert row.delta == pytest.approx(0.05) and row.delta_stderr == pytest.approx(0.0707, abs=1e-4)
+    assert row.significant is False
+    (row,) = _compare(run(0.30, 0.02), run(0.50, 0.02))
+    assert row.significant is True

@@ -10,7 +10,7 @@ from tools.errors import UserError
 
 
 def make_adapter(model_dir: Path, out: Path, *, seed: int = 1, pad_token: str | None = None,
-                 summary: dict | None = None) -> Path:
+                 summary: dict | None = None, untrained: bool = False) -> Path:
     """A non-zero LoRA adapter on the tiny model, saved with its tokenizer (as training does)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -25,7 +25,7 @@ def make_adapter(model_dir: Path, out: Path, *, seed: int = 1, pad_token: str | 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:  # lora_B starts at zero: make the adapter do something
+            if "lora_B" in name and not untrained:  # lora_B starts at zero: make the adapter do something
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out))
@@ -128,3 +128,38 @@ def test_no_partial_dir_on_failure(ws, tiny_model, adapter, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         merge.merge_adapter(adapter_dir="runs/r1/output", output_dir="models/m3")
     assert sorted(p.name for p in (ws.root / "models").iterdir()) == ["tiny-llama"]
+
+
+def test_a_tampered_merge_does_not_verify(ws, tiny_model, adapter, monkeypatch):
+    """Fault injection: the merged weights written to disk are corrupted after saving (a bad
+    write). The proof reloads what was written, so it must catch it and say not to ship."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedModel
+
+    from tools.merge import merge_adapter
+    original = PreTrainedModel.save_pretrained
+
+    def save_then_tamper(self, save_directory, *a, **k):
+        out = original(self, save_directory, *a, **k)
+        f = next(Path(save_directory).glob("*.safetensors"))
+        tensors = load_file(str(f))
+        key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+        tensors[key] = tensors[key] + 0.5 * torch.ones_like(tensors[key])
+        save_file(tensors, str(f), metadata={"format": "pt"})
+        return out
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_tamper)
+    r = merge_adapter(adapter_dir="runs/r1/output", output_dir="models/tampered", dtype="fp32")
+    lc = r.logits_check
+    assert not lc.equivalent and lc.max_abs_diff > lc.tolerance
+    assert r.verified is False
+    assert any("do not ship this merge" in n for n in r.notes), r.notes
+
+
+def test_an_untrained_adapter_is_flagged(ws, tiny_model):
+    from tools.merge import merge_adapter
+    make_adapter(tiny_model, ws.root / "runs" / "r0" / "output", untrained=True)
+    r = merge_adapter(adapter_dir="runs/r0/output", output_dir="models/same", dtype="fp32")
+    assert r.logits_check.equivalent and r.logits_check.adapter_effect_max_abs <= r.logits_check.tolerance
+    assert any("looks untrained" in n for n in r.notes), r.notes
