@@ -14,11 +14,16 @@ QA = [{"question": f"What is {a}+{b}?", "answer": f"#### {a + b}"} for a in rang
 
 @pytest.fixture
 def contract_ws(ws, tiny_model):
+    from test_merge import make_adapter
     (ws.root / "data").mkdir()
     with (ws.root / "data" / "qa.jsonl").open("w") as fh:
         for r in QA:
             fh.write(json.dumps(r) + "\n")
-    return ws
+    make_adapter(tiny_model, ws.root / "adapters" / "a")
+    yield ws
+    from tools.run_registry import active_runs, signal_run
+    for st in active_runs():
+        signal_run(st, __import__("signal").SIGKILL)
 
 
 # tool -> (good arguments, bad arguments, text the error must contain)
@@ -41,13 +46,19 @@ CASES = {
     "validate_recipe": ({"recipe": "recipes/r.yaml"}, {"recipe": "recipes/missing.yaml"}, "recipe"),
     "spectrum_scan": ({"model": "models/tiny-llama", "top_percent": 50},
                       {"model": "models/tiny-llama", "top_percent": 0}, "top_percent"),
-    "launch_training": (None, {"recipe": "recipes/missing.yaml"}, "recipe"),
-    "training_status": (None, {"run_id": "no-such-run"}, "run_id"),
-    "stop_training": (None, {"run_id": "no-such-run"}, "run_id"),
+    "launch_training": ({"recipe": "recipes/r.yaml", "require_masking_report": False},
+                        {"recipe": "recipes/missing.yaml"}, "recipe"),
+    # good arguments that need an earlier result are functions of the saved results
+    "training_status": (lambda got: {"run_id": got["launch_training"]["run_id"], "log_lines": 5},
+                        {"run_id": "no-such-run"}, "run_id"),
+    "stop_training": (lambda got: {"run_id": got["launch_training"]["run_id"], "timeout_s": 60},
+                      {"run_id": "no-such-run"}, "run_id"),
     "list_runs": ({}, None, None),
-    "merge_adapter": (None, {"adapter_dir": "models/tiny-llama", "output_dir": "models/m"},
-                      "adapter_config.json"),
-    "evaluate": (None, {"model": "models/missing", "local_task": "data/qa/train.jsonl"}, "model"),
+    "merge_adapter": ({"adapter_dir": "adapters/a", "output_dir": "models/merged", "dtype": "fp32"},
+                      {"adapter_dir": "models/tiny-llama", "output_dir": "models/m"}, "adapter_config.json"),
+    "evaluate": ({"model": "models/merged", "local_task": "data/qa/train.jsonl", "limit": 2, "max_gen_toks": 4,
+                  "batch_size": 2},
+                 {"model": "models/missing", "local_task": "data/qa/train.jsonl"}, "model"),
 }
 
 
@@ -60,13 +71,17 @@ def test_every_tool_honours_its_schema_and_error_contract(contract_ws):
         async with Client(create_server()) as c:
             tools = {t.name: t for t in (await c.list_tools()).tools}
             assert set(tools) == set(CASES), set(tools) ^ set(CASES)
-            # Order matters: convert before masking/recipe, generate before validate.
+            # Order matters: convert before masking/recipe, generate before validate, launch
+            # before status/stop, merge before evaluate.
+            got: dict[str, dict] = {}
             for name, (good, bad, needle) in CASES.items():
                 schema = tools[name].output_schema
-                if good is not None:
-                    r = await c.call_tool(name, good)
-                    assert not r.is_error, (name, r.content[0].text[:500])
-                    jsonschema.validate(r.structured_content, schema)
+                assert good is not None, f"{name}: every tool is called with a real result"
+                args = good(got) if callable(good) else good
+                r = await c.call_tool(name, args)
+                assert not r.is_error, (name, r.content[0].text[:500])
+                jsonschema.validate(r.structured_content, schema)
+                got[name] = r.structured_content
                 if bad is not None:
                     r = await c.call_tool(name, bad)
                     text = r.content[0].text

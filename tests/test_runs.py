@@ -292,6 +292,12 @@ def test_deepspeed_zero3_two_processes_cpu(runs_ws, tiny_model):
     assert any((out / "checkpoint-4").glob("global_step*"))  # a DeepSpeed checkpoint
     before, after = tensors(tiny_model / "model.safetensors"), tensors(out / "model.safetensors")
     assert set(before) == set(after) and all(before[k].shape == after[k].shape for k in before)
+    # the gathered 16-bit model is the trained one, not the initial weights or zeros
+    changed = [k for k in before if not (before[k] == after[k]).all()]
+    assert len(changed) == len(before), sorted(set(before) - set(changed))
+    assert all(abs(after[k]).sum() > 0 for k in after)
+    port = res["command"][res["command"].index("--main_process_port") + 1]
+    assert port.isdigit() and port != "29500"  # a free port per run: two runs never collide
 
 
 # ------------------------------------------------------------------ failures and conflicts

@@ -160,6 +160,22 @@ def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
         checks.append(f"masking report for {dataset} [{split}]: {verdict}")
 
 
+def _free_port_unless_set(acc_path: Optional[Path]) -> Optional[int]:
+    """A free local TCP port for the rendezvous, unless the accelerate config names one (a
+    multi-node config must: every node uses the same)."""
+    import socket
+    if acc_path is not None:
+        try:
+            cfg = _load_recipe_yaml(acc_path)
+        except UserError:
+            cfg = {}
+        if cfg.get("main_process_port") or int(cfg.get("num_machines") or 1) > 1:
+            return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path: Optional[Path],
                    num_processes: int, require_masking_report: bool, require_memory_fit: bool,
                    force: bool, name: Optional[str], checks: list[str], warnings: list[str]):
@@ -203,6 +219,12 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     train_args = ["-m", "tools.train", "--config", str(recipe_copy)]
     if num_processes > 1 or acc_path:
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+        port = _free_port_unless_set(acc_path)
+        if port:
+            # accelerate's default rendezvous port is 29500 for every run: a second run on the same
+            # host (another GPU set), or one started while the last one's socket lingers, fails
+            # with "address already in use".
+            argv += ["--main_process_port", str(port)]
         if acc_path:
             argv += ["--config_file", str(rdir / "accelerate_config.yaml")]
         elif num_processes > 1:

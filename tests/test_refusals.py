@@ -1,0 +1,155 @@
+"""The safety checks refuse bad input, not only pass good input: each launch gate, the stop
+escalation to SIGKILL, and the loss warnings of training_status."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tools.errors import UserError
+
+
+def _rows(n: int, long: bool = False) -> list[dict]:
+    reply = ("The answer, explained at length: " + "step by step " * 40) if long else "{}"
+    return [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
+             "completion": [{"role": "assistant", "content": reply.format(2 * i)}]} for i in range(n)]
+
+
+@pytest.fixture
+def gate_ws(ws, tiny_model):
+    d = ws.root / "data" / "long"
+    d.mkdir(parents=True)
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(8, long=True)))
+    yield ws
+    from tools.run_registry import active_runs, signal_run
+    for st in active_runs():
+        signal_run(st, signal.SIGKILL)
+
+
+def _recipe(ws, name: str, **over) -> str:
+    cfg = dict(model_name_or_path="models/tiny-llama", dataset_name="data/long", output_dir=f"out/{name}",
+               max_steps=2, per_device_train_batch_size=2, max_length=64, use_cpu=True, bf16=False,
+               report_to="none")
+    cfg.update(over)
+    (ws.root / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return f"{name}.yaml"
+
+
+def _no_runs():
+    from tools.run_registry import list_run_dirs
+    return list_run_dirs() == []
+
+
+def test_launch_refuses_a_failing_masking_report(gate_ws):
+    from tools.masking import verify_masking
+    from tools.runs import launch_training
+    rep = verify_masking("data/long", "models/tiny-llama", max_length=64)
+    assert rep.verdict == "fail"  # max_length 64 cuts every reply
+    r = _recipe(gate_ws, "cut")
+    with pytest.raises(UserError, match="masking report for data/long failed") as ei:
+        launch_training(r)
+    assert ei.value.field == "recipe" and "max_length=64 cuts trained tokens" in str(ei.value)
+    assert _no_runs()
+
+
+def test_launch_refuses_without_a_matching_masking_report(gate_ws):
+    from tools.masking import verify_masking
+    from tools.runs import launch_training
+    verify_masking("data/long", "models/tiny-llama", max_length=512)  # other settings than the recipe
+    with pytest.raises(UserError, match="no masking report matches") as ei:
+        launch_training(_recipe(gate_ws, "nomatch"))
+    assert "verify_masking(" in ei.value.fix and "max_length" in str(ei.value)
+    assert _no_runs()
+
+
+def test_launch_refuses_an_invalid_recipe(gate_ws):
+    from tools.runs import launch_training
+    with pytest.raises(UserError, match="the recipe is not valid: unknown key 'max_seq_lenght'") as ei:
+        launch_training(_recipe(gate_ws, "bad", max_seq_lenght=64), require_masking_report=False)
+    assert ei.value.field == "recipe"
+    assert _no_runs()
+
+
+def test_launch_refuses_a_plan_over_the_gpu(gate_ws, monkeypatch):
+    """This host is made to report one 24 GB GPU (the hardware probe's seam, as in
+    test_recommend): a full bf16 8B recipe needs far more, so the launch must refuse before it
+    starts anything."""
+    from tools import hardware
+    from tools.runs import launch_training
+    gpu = hardware.GPUInfo(index=0, name="NVIDIA GeForce RTX 4090", total_memory_gib=23.99,
+                           compute_capability="8.9", bf16_supported=True)
+    monkeypatch.setattr(hardware, "_gpus", lambda: (True, True, [gpu], []))
+    r = _recipe(gate_ws, "big", model_name_or_path="Llama-3.1-8B", use_cpu=False, bf16=True,
+                dtype="bfloat16", max_length=2048, per_device_train_batch_size=4)
+    with pytest.raises(UserError, match=r"memory: estimated [0-9.]+ GiB per GPU exceeds the 24.0 GiB") as ei:
+        launch_training(r, require_masking_report=False)
+    assert ei.value.field == "recipe"
+    assert _no_runs()
+
+
+def test_launch_refuses_a_second_run_into_the_same_output_dir(gate_ws):
+    from tools.runs import launch_training, start_job
+    holder = start_job("train", [sys.executable, "-c", "import time; time.sleep(120)"], name="holder",
+                       meta={"output_dir": str(gate_ws.root / "out" / "same")})
+    with pytest.raises(UserError, match=f"run '{holder}' \\(running\\) is already writing to out/same"):
+        launch_training(_recipe(gate_ws, "same"), require_masking_report=False, force=True)
+
+
+@pytest.mark.slow
+def test_stop_kills_a_run_that_ignores_sigterm(gate_ws):
+    from tools.run_registry import describe, read_json, run_dir_for
+    from tools.runs import start_job, stop_training
+    code = ("import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "pathlib.Path('ready').write_text('1'); time.sleep(300)")
+    rid = start_job("train", [sys.executable, "-c", code], name="stubborn")
+    t0 = time.time()
+    while not (gate_ws.root / "ready").exists():
+        assert time.time() - t0 < 30, "the job did not start"
+        time.sleep(0.2)
+    child = None
+    while child is None and time.time() - t0 < 30:
+        child = read_json(run_dir_for(rid) / "status.json").get("child_pid")
+        time.sleep(0.1)
+    r = stop_training(rid, timeout_s=2)
+    assert r.killed and r.signal_sent == "SIGTERM+SIGKILL" and r.state == "stopped", r
+    assert 2 <= r.waited_s < 20
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert describe(run_dir_for(rid))["state"] == "stopped"
+
+
+def _finished_run(ws, rid: str, losses: list[float]) -> None:
+    out = ws.root / "out" / rid
+    out.mkdir(parents=True)
+    now = time.time()
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "loss": x, "timestamp": now}) + "\n" for i, x in enumerate(losses)))
+    d = ws.root / "runs" / rid
+    d.mkdir(parents=True)
+    (d / "status.json").write_text(json.dumps({
+        "run_id": rid, "kind": "train", "created_ts": now - 10, "exit_code": 0, "pid": None,
+        "meta": {"output_dir": str(out), "method": "lora"}}))
+
+
+@pytest.mark.parametrize("losses,needle", [
+    ([2.3, float("nan"), float("nan")], "NaN/inf"),
+    ([2.3, 1.1, float("inf")], "NaN/inf"),
+    ([2.3, 0.0, 0.0, 0.0], "loss is exactly 0"),
+])
+def test_status_warns_on_nan_and_zero_loss(ws, losses, needle):
+    from tools.runs import training_status
+    _finished_run(ws, "train-x-1", losses)
+    s = training_status("train-x-1", plot=False)
+    assert any(needle in w for w in s.warnings), s.warnings
+
+
+def test_status_has_no_loss_warning_on_a_healthy_run(ws):
+    from tools.runs import training_status
+    _finished_run(ws, "train-ok-1", [2.3, 1.9, 1.2, 0.8])
+    assert training_status("train-ok-1", plot=False).warnings == []
