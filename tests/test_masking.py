@@ -393,3 +393,19 @@ def test_roles_unattributed_says_there_is_no_evidence(ws, tok, monkeypatch):
     assert rep.no_prompt_tokens_trained is None and rep.template_matches_inference is None
     assert rep.end_of_turn_trained is None and rep.all_assistant_turns_trained is None
     assert rep.verdict == "warn" and set(rep.trained_by_role) == {"unattributed"}
+
+
+def test_a_template_that_drops_the_reply_trains_nothing(ws, tiny_model):
+    """A template that renders earlier replies but drops the last one (a broken 'inference-only'
+    variant): TRL's completion is empty, so every row trains on nothing - a fail naming the rows."""
+    tpl = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|im_start|>{{ m['role'] }}\n"
+           "{{ m['content'] }}<|im_end|>\n{% elif not loop.last %}<|im_start|>assistant\n{{ m['content'] }}"
+           "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (ws.root / "drop_last.jinja").write_text(tpl)
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+             "completion": [{"role": "assistant", "content": f"answer {i}"}]} for i in range(4)]
+    rep = verify_masking(_write(ws, "dropped", rows), ws.rel(tiny_model), chat_template="drop_last.jinja",
+                         max_length=64)
+    assert rep.verdict == "fail" and rep.zero_trained_examples == 4
+    reason = next(r for r in rep.reasons if r.code == "zero_trained_examples")
+    assert reason.rows == [0, 1, 2, 3] and "no trained token" in reason.message

@@ -163,3 +163,28 @@ def test_an_untrained_adapter_is_flagged(ws, tiny_model):
     r = merge_adapter(adapter_dir="runs/r0/output", output_dir="models/same", dtype="fp32")
     assert r.logits_check.equivalent and r.logits_check.adapter_effect_max_abs <= r.logits_check.tolerance
     assert any("looks untrained" in n for n in r.notes), r.notes
+
+
+def test_tokenizer_drift_in_the_merged_folder_does_not_verify(ws, tiny_model, adapter, monkeypatch):
+    """Fault injection: the tokenizer written next to the merged model renders chats differently
+    from the training tokenizer (its chat template was changed on save). The merged model would
+    be prompted wrongly at inference: the proof must see it."""
+    from transformers import PreTrainedTokenizerBase
+
+    from tools.merge import merge_adapter
+    original = PreTrainedTokenizerBase.save_pretrained
+
+    def save_other_template(self, save_directory, *a, **k):
+        tpl = self.chat_template
+        self.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        try:
+            return original(self, save_directory, *a, **k)
+        finally:
+            self.chat_template = tpl
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save_other_template)
+    r = merge_adapter(adapter_dir="runs/r1/output", output_dir="models/drift", dtype="fp32")
+    assert r.logits_check.equivalent  # the weights are fine
+    assert r.tokenizer_check.identical_ids is False and r.tokenizer_check.mismatches
+    assert r.tokenizer_check.chat_template_identical is False
+    assert r.verified is False and any("Do not ship it" in n for n in r.notes), r.notes

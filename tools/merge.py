@@ -489,6 +489,11 @@ def merge_adapter(
                                                          == getattr(tok2, "chat_template", None)),
                                 mismatches=mismatches)
         verified = lcheck.equivalent and tcheck.identical_ids
+        if not tcheck.identical_ids:
+            notes.append(f"The tokenizer written with the merge renders {len(mismatches)} sample chat(s) to other "
+                         "token ids than the training tokenizer: the merged model would be prompted differently "
+                         "from how it was trained. Do not ship it; copy the training tokenizer's files "
+                         "(tokenizer_config.json, chat_template.jinja) into the merged folder.")
         if not lcheck.equivalent:
             notes.append(f"Merged logits differ from base+adapter by {max_abs:.3g} > tolerance "
                          f"{tol:.3g}: do not ship this merge; retry with dtype='fp32' and check "
