@@ -16,9 +16,25 @@ ROWS = [json.loads(line) for line in CAL.read_text().splitlines() if line.strip(
 
 
 def _est(r):
+    # The calibration runs (full included) stepped bf16 weights directly: no fp32 master copy.
     return estimate_memory(SHAPES[r["shape"]], method=r["method"], seq_len=r["seq"], micro_batch=r["bs"],
                            packing=r["packing"], liger=r["liger"], gradient_checkpointing=r["gc"],
-                           optimizer="adamw_torch_fused", attn_implementation=r["attn"], gpu="H100")
+                           optimizer="adamw_torch_fused", attn_implementation=r["attn"], gpu="H100",
+                           fp32_master_weights=False)
+
+
+def test_fp32_master_weights_cost_four_bytes_per_trainable_param(ws):
+    """tools.train keeps trainable weights in fp32 for unsharded full/Spectrum runs: +2 bytes of
+    weight, +2 of gradient and +4 of Adam states per trainable parameter, and nothing for LoRA or
+    under ZeRO-3 (DeepSpeed keeps its own fp32 masters)."""
+    kw = dict(method="full", seq_len=512, gpu="H100", optimizer="adamw_torch_fused")
+    on, off = estimate_memory("Llama-3.2-1B", **kw), estimate_memory("Llama-3.2-1B", fp32_master_weights=False, **kw)
+    assert on.breakdown_gib["weights"] - off.breakdown_gib["weights"] == pytest.approx(
+        2 * on.trainable_params / 2**30, rel=0.02)
+    assert on.breakdown_gib["optimizer_states"] == pytest.approx(2 * off.breakdown_gib["optimizer_states"], rel=0.01)
+    lora = dict(kw, method="lora")
+    assert estimate_memory("Llama-3.2-1B", **lora).total_gib == estimate_memory(
+        "Llama-3.2-1B", fp32_master_weights=False, **lora).total_gib
 
 
 @pytest.mark.parametrize("r", ROWS, ids=lambda r: f"{r['shape']}-{r['method']}-liger{int(r['liger'])}-gc{int(r['gc'])}")
@@ -38,10 +54,15 @@ def test_breakdown_sums_and_roles(ws):
     parts = sum(v for k, v in e.breakdown_gib.items() if k not in ("cuda_context", "allocator_slack"))
     assert parts == pytest.approx(e.peak_allocated_gib, abs=0.01)
     assert e.total_gib == pytest.approx(sum(e.breakdown_gib.values()), abs=0.01)
-    # bf16 weights 2 B/param, bf16 Adam moments 4 B/param
-    assert e.breakdown_gib["weights"] == pytest.approx(8_030_261_248 * 2 / 2**30, rel=1e-3)
-    assert e.breakdown_gib["optimizer_states"] == pytest.approx(8_030_261_248 * 4 / 2**30, rel=1e-3)
+    # a full run keeps fp32 master weights (4 B/param) and fp32 Adam moments (8 B/param)
+    assert e.breakdown_gib["weights"] == pytest.approx(8_030_261_248 * 4 / 2**30, rel=1e-3)
+    assert e.breakdown_gib["optimizer_states"] == pytest.approx(8_030_261_248 * 8 / 2**30, rel=1e-3)
     assert e.fits is None  # no GPU given
+    # stepping the bf16 weights themselves: 2 B/param weights, bf16 moments 4 B/param
+    raw = estimate_memory("Llama-3.1-8B", method="full", seq_len=2048, micro_batch=2, optimizer="adamw_torch_fused",
+                          fp32_master_weights=False)
+    assert raw.breakdown_gib["weights"] == pytest.approx(8_030_261_248 * 2 / 2**30, rel=1e-3)
+    assert raw.breakdown_gib["optimizer_states"] == pytest.approx(8_030_261_248 * 4 / 2**30, rel=1e-3)
 
 
 def test_physics_monotonic(ws):
@@ -56,7 +77,8 @@ def test_physics_monotonic(ws):
     assert q.breakdown_gib["weights"] < 0.4 * lo.breakdown_gib["weights"]
     eight = estimate_memory("Llama-3.1-8B", method="full", optimizer="adamw_8bit")
     fused = estimate_memory("Llama-3.1-8B", method="full", optimizer="adamw_torch_fused")
-    assert eight.breakdown_gib["optimizer_states"] == pytest.approx(fused.breakdown_gib["optimizer_states"] / 2, rel=1e-3)
+    # 8-bit Adam: 2 B/param; fused AdamW on the fp32 master weights: 8 B/param
+    assert eight.breakdown_gib["optimizer_states"] == pytest.approx(fused.breakdown_gib["optimizer_states"] / 4, rel=1e-3)
 
 
 def test_modules_to_save_adds_a_trained_copy(ws):

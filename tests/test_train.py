@@ -97,3 +97,33 @@ def test_conflicting_methods_fail_clearly(ws, tiny_model, monkeypatch):
     with pytest.raises(ValueError, match="needs use_peft"):
         train(str(r))
     assert json.loads((ws.root / "out/bad4bit/summary.json").read_text())["status"] == "failed"
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_bf16_full_fine_tune_keeps_fp32_master_weights(ws, tiny_model, monkeypatch):
+    """A full fine-tune that loads bf16 weights at lr 1e-5: without fp32 master weights AdamW's
+    updates round away in bf16 and most weights never change. The run must change >= 90% of the
+    trained weights, and its update must be within 2x of the same run in fp32."""
+    from tools.train import train
+    monkeypatch.chdir(ws.root)
+    _dataset(ws.root)
+    before = _weights(tiny_model / "model.safetensors")
+    common = dict(learning_rate=1e-5, max_steps=6, save_steps=100, lr_scheduler_type="constant",
+                  warmup_steps=0, max_grad_norm=0.0)
+    s16 = train(str(_recipe(ws.root, "bf16", dtype="bfloat16", **common)))
+    s32 = train(str(_recipe(ws.root, "fp32", dtype="float32", **common)))
+    assert s16["fp32_master_params"] == s16["trainable_params"] > 0
+    after16 = _weights(ws.root / "out/bf16/model.safetensors")
+    after32 = _weights(ws.root / "out/fp32/model.safetensors")
+    start16 = {k: v.to(__import__("torch").bfloat16).float() for k, v in before.items()}
+    changed = sum(int((after16[k] != start16[k]).sum()) for k in before)
+    total = sum(v.numel() for v in before.values())
+    assert changed / total >= 0.9, f"only {changed / total:.1%} of the weights changed"
+    norm16 = sum(float(((after16[k] - start16[k]) ** 2).sum()) for k in before) ** 0.5
+    norm32 = sum(float(((after32[k] - before[k]) ** 2).sum()) for k in before) ** 0.5
+    assert 0.5 <= norm16 / norm32 <= 2.0, (norm16, norm32)

@@ -468,6 +468,9 @@ def evaluate(
     max_gen_toks: Annotated[int, Field(ge=1, le=32768, description="Max new tokens per answer.")] = 256,
     dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], Field(
         description="hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.")] = "auto",
+    gpu_ids: Annotated[list[int] | None, Field(description="GPUs for the hf backend: the background job "
+                                                          "sees only these (CUDA_VISIBLE_DEVICES); in the "
+                                                          "foreground the first is used.")] = None,
     background: Annotated[bool, Field(description="Run as a background job in the run registry and "
                                                   "return its run id at once.")] = False,
     output_dir: Annotated[str | None, Field(description="Where results go (default: "
@@ -574,7 +577,7 @@ def evaluate(
                   batch_size=batch_size, max_gen_toks=max_gen_toks, dtype=dtype,
                   output_dir=ws.rel(out))
     if background:
-        return _start_background(params, out, all_tasks, lt, notes, t0)
+        return _start_background(params, out, all_tasks, lt, notes, t0, gpu_ids)
 
     include = str(ws.root / lt.task_dir) if lt else None
     tm = _task_manager(include, include_defaults=bool(tasks))
@@ -604,6 +607,8 @@ def evaluate(
         del loaded
 
     device, torch_dtype = _device_dtype(dtype) if (not base_url or base_ref) else (None, None)
+    if device == "cuda" and gpu_ids:
+        device = f"cuda:{gpu_ids[0]}"
     gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
     settings = {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
                 "dtype": torch_dtype,
@@ -707,14 +712,15 @@ def evaluate(
 
 
 def _start_background(params: dict, out: Path, all_tasks: list[str], lt, notes: list[str],
-                      t0: float) -> EvalResult:
+                      t0: float, gpu_ids: list[int] | None = None) -> EvalResult:
     from . import runs as runs_mod  # lazy: the run registry
     ws = get_workspace()
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     ws.write_text(spec, json.dumps({"workspace": str(ws.root), "params": params}, indent=1) + "\n")
     argv = [sys.executable, "-m", "tools.evaluate", "--spec", str(spec)]
-    run_id = runs_mod.start_job("eval", argv, name=out.name,
+    # The job sees only gpu_ids (CUDA_VISIBLE_DEVICES), renumbered from 0: it runs on its "cuda".
+    run_id = runs_mod.start_job("eval", argv, name=out.name, gpu_ids=gpu_ids,
                                 meta={"output_dir": ws.rel(out), "tasks": all_tasks})
     notes.append(f"Started in the background as run {run_id}: poll its status; results appear in "
                  f"{ws.rel(out)}/results.json when it completes.")

@@ -158,6 +158,9 @@ def estimate_memory(
     attn_implementation: Annotated[Literal["sdpa", "flash_attention_2", "eager"], Field(
         description="Attention kernel.")] = "sdpa",
     lora_dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.05,
+    fp32_master_weights: Annotated[Optional[bool], Field(
+        description="Trainable weights kept in fp32 (full/Spectrum, 16-bit, no ZeRO/FSDP). Default: "
+                    "what tools.train does, i.e. on for those runs.")] = None,
 ) -> MemoryEstimate:
     """Estimate per-GPU peak memory of a TRL SFT run before launching it: weights, trainable
     parameters, gradients, optimizer states, activations, loss buffers, CUDA context and
@@ -188,7 +191,7 @@ def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload,
 def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpointing, packing,
               optimizer, dtype, liger, lora_r, lora_target_modules, modules_to_save,
               spectrum_fraction, num_gpus, sharding, cpu_offload, gpu, gpu_memory_gib,
-              attn_implementation, lora_dropout) -> MemoryEstimate:
+              attn_implementation, lora_dropout, fp32_master_weights=None) -> MemoryEstimate:
     _check(f, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r)
     if optimizer not in _OPT_BYTES:
         raise UserError(f"unknown optimizer '{optimizer}'.", field="optimizer",
@@ -243,14 +246,21 @@ def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpoin
     else:
         weights = f.total_params * a
     extra_w = lora_params * g_ad + save_params * a      # adapters and modules_to_save copies
-    grads = extra_w if lora else trainable * a
+    if fp32_master_weights is None:  # tools.train.fp32_master_weights: full/Spectrum, unsharded
+        fp32_master_weights = method in ("full", "spectrum") and a == 2 and sharding == "none"
+    ta = 4 if fp32_master_weights else a  # bytes of a trainable weight (and of its grad, Adam states)
+    if fp32_master_weights:
+        weights += trainable * (4 - a)
+        assumptions.append("fp32 master weights: the trainable weights (and their gradients and Adam "
+                           "states) are fp32; frozen ones stay 16-bit; matmuls run in bf16 (autocast).")
+    grads = extra_w if lora else trainable * ta
     deepspeed = sharding in ("zero2", "zero3")
     ob = _OPT_BYTES[optimizer]
     if deepspeed and ob is None:
         states = trainable * 12.0   # fp32 master weights + fp32 Adam moments (DeepSpeed bf16)
         assumptions.append("DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes/param).")
     elif ob is None:
-        states = 2 * extra_w if lora else 2 * trainable * a
+        states = 2 * extra_w if lora else 2 * trainable * ta
     else:
         states = trainable * ob
 
@@ -312,7 +322,7 @@ def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpoin
     layer_live = (per_layer + trans) * T + dequant
     loss_tile = min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * a
     loss_bwd = loss_tile + (4 + 2 * a) * h * T + (V * h * (4 + a) if head_trainable else 0)
-    head_grad = V * h * a if head_trainable else 0
+    head_grad = V * h * (ta if method in ("full", "spectrum") else a) if head_trainable else 0
 
     persistent = {"weights": weights, "trainable_copies": extra_w,
                   "optimizer_states": states, "gathered_shards": 0.0}
@@ -327,7 +337,7 @@ def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpoin
     phases["backward of the first layer"] = {
         **persistent, "activations": (ckpt * T if gradient_checkpointing else 0) + layer_live,
         "gradients": grads + ddp_buckets, "gathered_shards": gathered}
-    emb_grad_tmp = V * h * a if method in ("full", "spectrum") or any(
+    emb_grad_tmp = V * h * (ta if method in ("full", "spectrum") else a) if method in ("full", "spectrum") or any(
         m in ("embed_tokens", "wte") for m in saved) else 0
     phases["end of backward / optimizer step"] = {
         **persistent, "gradients": grads + ddp_buckets, "optimizer_temporaries": foreach_tmp + emb_grad_tmp}

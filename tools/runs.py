@@ -21,6 +21,7 @@ from .errors import UserError
 from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describe, list_run_dirs,
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
+from .launch_plan import plan_launch
 from .train import infer_method
 from .workspace import exclusive, get_workspace
 
@@ -28,6 +29,7 @@ __all__ = ["start_job", "launch_training", "training_status", "stop_training", "
            "LaunchResult", "TrainingStatus", "StopResult", "RunList", "RunInfo"]
 
 State = Literal["queued", "running", "completed", "failed", "stopped"]
+LaunchState = Literal["running", "dry_run"]
 TRAIN_KIND = "train"
 
 
@@ -36,7 +38,7 @@ TRAIN_KIND = "train"
 class LaunchResult(BaseModel):
     """A started training run."""
     run_id: str
-    state: State
+    state: LaunchState
     command: list[str] = Field(description="the command the run executes (cwd = workspace root).")
     command_line: str
     run_dir: str
@@ -47,6 +49,10 @@ class LaunchResult(BaseModel):
     resumes_from: Optional[str] = Field(None, description="checkpoint the run will resume from, if any.")
     checks: list[str] = Field(description="what was verified before starting.")
     warnings: list[str] = []
+    env: dict[str, str] = Field({}, description="environment the run adds (GPU placement).")
+    num_processes: int = 1
+    gpu_ids: Optional[list[int]] = None
+    dry_run: bool = False
     next_step: str
 
 
@@ -160,25 +166,10 @@ def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
         checks.append(f"masking report for {dataset} [{split}]: {verdict}")
 
 
-def _free_port_unless_set(acc_path: Optional[Path]) -> Optional[int]:
-    """A free local TCP port for the rendezvous, unless the accelerate config names one (a
-    multi-node config must: every node uses the same)."""
-    import socket
-    if acc_path is not None:
-        try:
-            cfg = _load_recipe_yaml(acc_path)
-        except UserError:
-            cfg = {}
-        if cfg.get("main_process_port") or int(cfg.get("num_machines") or 1) > 1:
-            return None
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path: Optional[Path],
-                   num_processes: int, require_masking_report: bool, require_memory_fit: bool,
-                   force: bool, name: Optional[str], checks: list[str], warnings: list[str]):
+                   num_processes: Optional[int], gpu_ids: Optional[list[int]], require_masking_report: bool,
+                   require_memory_fit: bool, force: bool, name: Optional[str], dry_run: bool,
+                   checks: list[str], warnings: list[str]):
     """The launch gates, then the start; run under the output_dir lock so two launches of one
     recipe cannot both pass the conflict check."""
     # Cheap conflicts first (no heavy imports).
@@ -188,7 +179,7 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
                             field="recipe",
                             fix=f"Wait for it or stop it (stop_training run_id='{st['run_id']}'), or set "
                                 "another output_dir.")
-    check_devices_free(None, force=force)
+    check_devices_free(gpu_ids, force=force)
     if force:
         checks.append("device check skipped (force=true)")
     else:
@@ -209,50 +200,45 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
 
     method = infer_method(cfg)
     run_name = name or output_dir.name
-    rid = new_run_id(TRAIN_KIND, run_name)
-    rdir = run_dir_for(rid, must_exist=False)
+    from .hardware import detect_hardware
+    rid = "<run_id>" if dry_run else new_run_id(TRAIN_KIND, run_name)
+    rdir = run_dir_for(rid, must_exist=False) if not dry_run else get_workspace().owned_dir("runs") / rid
     recipe_copy = rdir / "recipe.yaml"
+    plan = plan_launch(["-m", "tools.train", "--config", str(recipe_copy)], num_processes=num_processes,
+                       gpu_ids=gpu_ids, acc_path=acc_path,
+                       acc_copy=rdir / "accelerate_config.yaml" if acc_path else None,
+                       gpus_present=detect_hardware().gpu_count, recipe_use_cpu=bool(cfg.get("use_cpu")))
+    warnings.extend(plan.notes)
+    checks.append(f"{plan.world_size} process(es) ({plan.count_from})"
+                  + (f" on GPUs {gpu_ids}" if gpu_ids is not None else ""))
+    if dry_run:
+        return rid, plan, rdir, recipe_copy, resumes_from, method
     shutil.copyfile(rpath, recipe_copy)
     if acc_path:
         shutil.copyfile(acc_path, rdir / "accelerate_config.yaml")
 
-    train_args = ["-m", "tools.train", "--config", str(recipe_copy)]
-    if num_processes > 1 or acc_path:
-        argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-        port = _free_port_unless_set(acc_path)
-        if port:
-            # accelerate's default rendezvous port is 29500 for every run: a second run on the same
-            # host (another GPU set), or one started while the last one's socket lingers, fails
-            # with "address already in use".
-            argv += ["--main_process_port", str(port)]
-        if acc_path:
-            argv += ["--config_file", str(rdir / "accelerate_config.yaml")]
-        elif num_processes > 1:
-            # Without a config, accelerate runs ONE process unless told it is multi-device; with
-            # use_cpu in the recipe the workers use gloo on CPU.
-            argv += ["--multi_gpu"]
-        argv += train_args
-    else:
-        argv = [sys.executable, *train_args]
     meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
             "method": method, "base_model": cfg.get("model_name_or_path"),
-            "num_processes": num_processes, "accelerate_config": str(acc_path) if acc_path else None,
+            "num_processes": plan.world_size, "accelerate_config": str(acc_path) if acc_path else None,
             "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
     try:
-        start_job(TRAIN_KIND, argv, name=run_name, meta=meta, force=force, run_id=rid,
-                  env={"TOKENIZERS_PARALLELISM": "false"})
+        start_job(TRAIN_KIND, plan.argv, name=run_name, meta=meta, force=force, run_id=rid, gpu_ids=gpu_ids,
+                  env={"TOKENIZERS_PARALLELISM": "false", **plan.env})
     except BaseException:
         if not (rdir / STATUS).exists():
             shutil.rmtree(rdir, ignore_errors=True)
         raise
-    return rid, argv, rdir, recipe_copy, resumes_from, method
+    return rid, plan, rdir, recipe_copy, resumes_from, method
 
 
 def launch_training(
     recipe: Annotated[str, Field(description="Recipe YAML in the workspace (from generate_recipe; "
                                              "validated again here).")],
-    num_processes: Annotated[int, Field(ge=1, le=1024, description="Processes (GPUs) for data-parallel "
-                                                                   "training; >1 uses accelerate launch.")] = 1,
+    num_processes: Annotated[Optional[int], Field(ge=1, le=1024, description="Processes in all (default: one "
+                                                                             "per gpu_ids, else the accelerate "
+                                                                             "config's, else 1).")] = None,
+    gpu_ids: Annotated[Optional[list[int]], Field(description="GPUs this run uses (CUDA_VISIBLE_DEVICES); "
+                                                              "other runs may use the others.")] = None,
     accelerate_config: Annotated[Optional[str], Field(
         description="accelerate config YAML (DeepSpeed ZeRO / FSDP / multi-GPU) in the workspace; "
                     "implies accelerate launch.")] = None,
@@ -268,6 +254,8 @@ def launch_training(
     allow_remote_code: Annotated[bool, Field(
         description="Allow a recipe with trust_remote_code: true (runs the model repo's Python code in "
                     "the training process). Off by default.")] = False,
+    dry_run: Annotated[bool, Field(description="Run every check and return the exact command and "
+                                               "environment, without starting anything.")] = False,
 ) -> LaunchResult:
     """Start training in the background and return its run id at once. Checks first: the recipe is
     valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
@@ -298,20 +286,27 @@ def launch_training(
 
     with exclusive(output_dir, field="output_dir", what="launching a run into") as created:
         try:
-            rid, argv, rdir, recipe_copy, resumes_from, method = _checked_start(
-                cfg, rpath, output_dir, out, acc_path, num_processes, require_masking_report,
-                require_memory_fit, force, name, checks, warnings)
+            rid, plan, rdir, recipe_copy, resumes_from, method = _checked_start(
+                cfg, rpath, output_dir, out, acc_path, num_processes, gpu_ids, require_masking_report,
+                require_memory_fit, force, name, dry_run, checks, warnings)
         except BaseException:
             if created:
                 with contextlib.suppress(OSError):
                     output_dir.rmdir()  # only the empty folder the lock made
             raise
+    if dry_run and created:
+        with contextlib.suppress(OSError):
+            output_dir.rmdir()  # a dry run leaves nothing behind
     import shlex
+    env_line = " ".join(f"{k}={v}" for k, v in plan.env.items())
     return LaunchResult(
-        run_id=rid, state="running", command=argv, command_line=shlex.join(argv), run_dir=str(rdir),
+        run_id=rid, state="dry_run" if dry_run else "running", command=plan.argv,
+        command_line=(env_line + " " if env_line else "") + shlex.join(plan.argv), run_dir=str(rdir),
         log_path=str(rdir / LOG), output_dir=str(output_dir), recipe_copy=str(recipe_copy),
-        method=method, resumes_from=resumes_from, checks=checks, warnings=warnings,
-        next_step=f"Poll training_status(run_id='{rid}') every 30-60 s.")
+        method=method, resumes_from=resumes_from, checks=checks, warnings=warnings, env=plan.env,
+        num_processes=plan.world_size, gpu_ids=gpu_ids, dry_run=dry_run,
+        next_step=("Nothing was started: call launch_training again without dry_run to start it."
+                   if dry_run else f"Poll training_status(run_id='{rid}') every 30-60 s."))
 
 
 # ============================================================================ status

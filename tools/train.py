@@ -93,6 +93,26 @@ def apply_spectrum(model, patterns: list[str]) -> tuple[int, int, list[str]]:
     return trainable, total, names
 
 
+def fp32_master_weights(model, method: str, *, sharded: bool) -> int:
+    """Full and Spectrum runs without DeepSpeed/FSDP: cast the *trainable* 16-bit parameters to
+    fp32 (frozen ones stay 16-bit) and return how many were cast.
+
+    AdamW stepping bf16 weights rounds most updates away: bf16 keeps 8 bits of mantissa, so a
+    weight of 0.02 moves only in steps of ~8e-5, and an update of lr=1e-5 is lost. With fp32
+    master weights the updates accumulate, and `bf16: true` still runs the matmuls in bf16
+    (autocast). DeepSpeed and FSDP keep fp32 master copies themselves (sharded: left alone).
+    The memory cost (2 more bytes per trainable parameter) is in estimate_memory."""
+    if method not in ("full", "spectrum") or sharded:
+        return 0
+    import torch
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
 def _numel(param) -> int:
     """Parameter count: ZeRO-3 partitions (ds_numel) and bitsandbytes 4-bit packing aware."""
     if hasattr(param, "ds_numel"):
@@ -341,6 +361,8 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
             if training_args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()  # frozen embeddings + checkpointing still get grads
             summary["spectrum_unfrozen"] = len(names)
+        sharded = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+        summary["fp32_master_params"] = fp32_master_weights(model, method, sharded=sharded)
         n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
         n_total = sum(_numel(p) for p in model.parameters())
         summary.update(trainable_params=n_train, total_params=n_total,
