@@ -42,6 +42,7 @@ TESTS = {
     "merge": ["tests/test_merge.py"],
     "workspace": ["tests/test_workspace.py", "tests/test_security.py"],
     "evaluate": ["tests/test_evaluate.py"],
+    "planning": ["tests/test_recommend.py", "tests/test_memory.py"],
 }
 
 M = Mutant
@@ -116,6 +117,11 @@ MUTANTS = [
       "metadata addresses allowed"),
     M("evaluate", "tools/evaluate.py", '                     "header": auth_header(api_key_env)}', "                     }",
       "OPENAI_API_KEY forwarded to any endpoint"),
+    # ---- planning (the time estimate and the memory fit behind every plan)
+    M("planning", "tools/recommend.py", "    return per_gpu * num_gpus * scale\n", "    return 5000.0\n",
+      "throughput is a constant"),
+    M("planning", "tools/memory.py", "        weights += trainable * (4 - a)\n", "        pass\n",
+      "fp32 master weights not counted"),
 ]
 
 

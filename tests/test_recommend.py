@@ -115,3 +115,23 @@ def test_mcp_recommend_method(ws):
             again = await c.call_tool("recommend_method", {"model": "Llama-3.1-70B", "gpu": "H100", "num_gpus": 8})
             assert not again.is_error and again.structured_content["sharding"] == "zero3"
     asyncio.run(go())
+
+
+def test_throughput_follows_the_hardware_and_the_model(ws):
+    """The time estimate responds to what it models: a faster GPU, a smaller model, more GPUs and
+    no offload are faster; twice the tokens take twice as long. (Its accuracy against measured
+    runs is the throughput benchmark's business.)"""
+    from tools.recommend import _throughput
+    from tools.models import get_model_facts
+    f8, f1 = get_model_facts("Llama-3.1-8B"), get_model_facts("Llama-3.2-1B")
+    kw = dict(method="lora", seq_len=2048, micro_batch=2, gc=True, num_gpus=1, sharding="none", offload=False,
+              spectrum_fraction=0.3)
+    h100, l4 = _throughput(f8, tflops=989, **kw), _throughput(f8, tflops=121, **kw)
+    assert h100 > 4 * l4
+    assert _throughput(f1, tflops=989, **kw) > 1.5 * h100  # measured on H100: ~9.3k vs ~4.1k tokens/s
+    eight = _throughput(f8, tflops=989, **{**kw, "num_gpus": 8, "sharding": "zero3"})
+    assert 4 * h100 < eight < 8 * h100
+    assert _throughput(f8, tflops=989, **{**kw, "offload": True}) < 0.5 * h100
+    a = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=1_000_000_000)
+    b = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=2_000_000_000)
+    assert b.training_hours == pytest.approx(2 * a.training_hours, rel=1e-2)

@@ -920,7 +920,10 @@ def generate_recipe(
         why["dtype"] = "CPU: fp32 weights and compute (use_cpu: true, bf16: false)."
     elif t.bf16:
         dtype_name, mixed = "bfloat16", "bf16"
-        why["dtype"] = f"{t.gpu_name} supports bf16: bf16 weights and mixed precision."
+        why["dtype"] = f"{t.gpu_name} supports bf16: bf16 weights and mixed precision." + (
+            " tools.train keeps the trained weights in fp32 (master weights; bf16 AdamW steps would round "
+            "most updates away) unless DeepSpeed/FSDP, which keep their own." if chosen in ("full", "spectrum")
+            else "")
     else:
         dtype_name = "float16" if chosen in ("lora", "qlora") else "float32"
         mixed = "fp16"
@@ -1084,6 +1087,9 @@ def generate_recipe(
             "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
     if chosen != "spectrum":
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
+    if chosen == "full" and sharding == "none" and dtype_name != "float32":
+        notes.append("Launch with tools.train (launch_training does): plain `trl sft` steps the bf16 weights "
+                     "directly, without fp32 master weights, and most updates at lr 1e-5 are lost.")
     else:
         notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
     return RecipeResult(
