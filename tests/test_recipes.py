@@ -120,11 +120,21 @@ def test_bad_yaml_names_the_line(ws):
 BASE = "model_name_or_path: models/tiny-llama\ndataset_name: data/chat\noutput_dir: out\n"
 
 
+@pytest.mark.parametrize("extra, needle", [
+    ("use_cpu: true\nbf16: false\nuse_liger_kernel: true\n", "falls back to no liger"),
+    ("use_cpu: true\nbf16: false\nattn_implementation: flash_attention_2\n", "falls back to sdpa attention"),
+])
+def test_gpu_kernels_on_a_cpu_recipe_fall_back_with_a_warning(ws, tiny_model, extra, needle):
+    _dataset(ws)
+    text = f"model_name_or_path: models/tiny-llama\ndataset_name: data/chat\noutput_dir: o\n{extra}"
+    r = validate_recipe(text)
+    assert r.valid, r.errors
+    assert any(needle in w for w in r.warnings), r.warnings
+
+
 @pytest.mark.parametrize("extra, gpu, needle", [
     ("fp16: true\nbf16: true\n", "H100", "fp16 and bf16 are both true"),
     ("load_in_4bit: true\n", "H100", "without use_peft"),
-    ("use_cpu: true\nbf16: false\nuse_liger_kernel: true\n", None, "liger"),
-    ("use_cpu: true\nbf16: false\nattn_implementation: flash_attention_2\n", None, "flash_attention_2"),
     ("use_cpu: true\n", None, "bf16: false"),
     ("bf16: true\n", "T4", "no bf16"),
     ("bf16: false\nfp16: true\ntf32: true\n", "T4", "tf32"),

@@ -127,3 +127,19 @@ def test_bf16_full_fine_tune_keeps_fp32_master_weights(ws, tiny_model, monkeypat
     norm16 = sum(float(((after16[k] - start16[k]) ** 2).sum()) for k in before) ** 0.5
     norm32 = sum(float(((after32[k] - before[k]) ** 2).sum()) for k in before) ** 0.5
     assert 0.5 <= norm16 / norm32 <= 2.0, (norm16, norm32)
+
+
+@pytest.mark.slow
+def test_flash_attention_and_liger_fall_back_where_they_cannot_run(ws, tiny_model, monkeypatch):
+    """A recipe written for a described GPU (flash-attention 2, liger) run on a machine without
+    them trains with sdpa and without liger, and says so, instead of crashing at load."""
+    from tools.train import train
+    monkeypatch.chdir(ws.root)
+    _dataset(ws.root)
+    s = train(str(_recipe(ws.root, "fa2", attn_implementation="flash_attention_2", use_liger_kernel=True,
+                          max_steps=1)))
+    assert s["status"] == "completed"
+    text = " ".join(s["fallbacks"])
+    assert "flash_attention_2" in text and "using sdpa" in text and "without liger" in text
+    cfg = json.loads((ws.root / "out/fa2/config.json").read_text())
+    assert cfg.get("_attn_implementation", cfg.get("attn_implementation", "sdpa")) != "flash_attention_2"

@@ -396,11 +396,13 @@ def _analyse(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary
     if attn in FLASH_ATTN:
         gpu_only.append(("attn_implementation", "flash_attn", f"{attn} needs the flash-attn package and a GPU"))
     for key, mod, why in gpu_only:
+        instead = "sdpa attention" if key == "attn_implementation" else "no liger"
         if cpu_target:
-            E(f"{key}: {why}; this recipe trains on CPU. Remove it (attn_implementation: sdpa).")
+            W(f"{key}: {why}; this recipe trains on CPU, so tools.train falls back to {instead} (and says "
+              "so). Remove it to make the recipe say what runs.")
         elif not has_module(mod):
-            W(f"{key}: the {mod} package is not installed here; install it on the training machine or "
-              f"{'use attn_implementation: sdpa' if key == 'attn_implementation' else 'set it false'}.")
+            W(f"{key}: the {mod} package is not installed here; install it on the training machine, or "
+              f"tools.train falls back to {instead} there.")
     if t.kind == "gpu?" and not use_cpu:
         if bf16 or q4 or fp16:
             W("this machine has no CUDA GPU: the recipe (bf16/fp16/4-bit) is meant for a GPU machine. To run "

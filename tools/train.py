@@ -93,6 +93,39 @@ def apply_spectrum(model, patterns: list[str]) -> tuple[int, int, list[str]]:
     return trainable, total, names
 
 
+# attn_implementation -> the module it needs
+FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def kernel_fallbacks(model_args, training_args) -> list[str]:
+    """Fall back from kernels this machine cannot run (no CUDA, or the package missing): a recipe
+    written for a described GPU names flash-attention or liger, and the model load or the first
+    forward would otherwise crash. Returns what was changed, to be said in the log and summary."""
+    import importlib.util
+
+    import torch
+    cuda = torch.cuda.is_available()
+    notes = []
+    attn = model_args.attn_implementation
+    if attn in FLASH_MODULES:
+        missing = None if cuda else "no CUDA GPU here"
+        if missing is None and importlib.util.find_spec(FLASH_MODULES[attn]) is None:
+            missing = f"the {FLASH_MODULES[attn]} package is not installed"
+        if missing:
+            model_args.attn_implementation = "sdpa"
+            notes.append(f"attn_implementation {attn}: {missing}; using sdpa instead (same results; slower "
+                         "on long packed sequences). Install flash-attn on the GPU machine to get it back.")
+    if getattr(training_args, "use_liger_kernel", False):
+        missing = None if cuda else "no CUDA GPU here"
+        if missing is None and importlib.util.find_spec("liger_kernel") is None:
+            missing = "the liger-kernel package is not installed"
+        if missing:
+            training_args.use_liger_kernel = False
+            notes.append(f"use_liger_kernel: {missing}; training without liger (more activation memory: "
+                         "check estimate_memory with liger=false).")
+    return notes
+
+
 def fp32_master_weights(model, method: str, *, sharded: bool) -> int:
     """Full and Spectrum runs without DeepSpeed/FSDP: cast the *trainable* 16-bit parameters to
     fp32 (frozen ones stay 16-bit) and return how many were cast.
@@ -311,6 +344,9 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("load_in_4bit/load_in_8bit needs use_peft: true (a quantized model can only be "
                              "fine-tuned through LoRA adapters, i.e. QLoRA).")
         patterns = read_spectrum_patterns(extras["spectrum_config_path"]) if method == "spectrum" else None
+        summary["fallbacks"] = kernel_fallbacks(model_args, training_args)
+        for note in summary["fallbacks"]:
+            print(f"[tools.train] WARNING: {note}", file=sys.stderr, flush=True)
 
         import transformers
         from packaging.version import Version
