@@ -153,3 +153,29 @@ def test_status_has_no_loss_warning_on_a_healthy_run(ws):
     from tools.runs import training_status
     _finished_run(ws, "train-ok-1", [2.3, 1.9, 1.2, 0.8])
     assert training_status("train-ok-1", plot=False).warnings == []
+
+
+def test_launch_refuses_when_checkpoints_will_not_fit_on_disk(gate_ws):
+    """A full 70B run keeping 3 checkpoints (fp32 master weights + Adam states: ~12 bytes per
+    parameter each) needs terabytes: refused before anything starts, with the amount."""
+    from tools.runs import launch_training
+    r = _recipe(gate_ws, "huge", model_name_or_path="Llama-3.1-70B", save_total_limit=3, save_steps=1,
+                max_steps=10)
+    with pytest.raises(UserError, match=r"needs about [0-9,.]+ GiB of disk \(3 checkpoint\(s\)") as ei:
+        launch_training(r, require_masking_report=False, dry_run=True)
+    assert ei.value.field == "recipe" and "save_total_limit" in ei.value.fix
+    small = launch_training(_recipe(gate_ws, "small"), require_masking_report=False, dry_run=True)
+    assert any(c.startswith("disk: ~") for c in small.checks), small.checks
+
+
+def test_disk_estimate_per_method():
+    from tools.launch_plan import disk_needed
+    n = 8_030_261_248
+    full = disk_needed("full", n, n, save_total_limit=2, save_steps_count=10, sharding="none")
+    assert full.checkpoint_gib == pytest.approx(n * 12 / 2**30, rel=1e-3)  # fp32 weights + Adam
+    assert full.total_gib == pytest.approx((2 * n * 12 + n * 4) / 2**30 * 1.1, rel=1e-3)
+    lora = disk_needed("lora", n, 42_000_000, save_total_limit=None, save_steps_count=4, sharding="none")
+    assert lora.checkpoints == 4 and lora.total_gib == pytest.approx((4 * 42e6 * 12 + 42e6 * 4) / 2**30 * 1.1, rel=1e-3)
+    z3 = disk_needed("full", n, n, save_total_limit=1, save_steps_count=5, sharding="zero3")
+    assert z3.checkpoint_gib == pytest.approx(n * (2 + 12) / 2**30, rel=1e-3) and z3.final_gib == pytest.approx(
+        n * 2 / 2**30, rel=1e-3)

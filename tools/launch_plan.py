@@ -143,3 +143,42 @@ def plan_launch(train_args: list[str], *, num_processes: Optional[int], gpu_ids:
         plan.argv += ["--main_process_port", str(_free_port())]
     plan.argv += train_args
     return plan
+
+
+# ---------------------------------------------------------------------------------------- disk
+DISK_MARGIN = 1.10  # 10% over the estimate: tokenizer, logs, rng/scheduler states, trainer_state
+
+
+@dataclass
+class DiskNeed:
+    checkpoint_gib: float
+    checkpoints: int
+    final_gib: float
+    total_gib: float
+    why: str
+
+
+def disk_needed(method: str, total_params: int, trainable_params: int, *, save_total_limit: Optional[int],
+                save_steps_count: int, sharding: str, weight_bytes: int = 2) -> DiskNeed:
+    """Disk a run writes: `save_total_limit` checkpoints (or every save when unlimited) plus the
+    final model. A checkpoint holds what is trained (the adapter, or the model: trainable weights
+    in fp32 master precision, frozen ones 16-bit) and the optimizer's states (AdamW: 8 bytes per
+    trainable parameter); ZeRO-3 writes the 16-bit gathered model plus its fp32 master and Adam
+    shards (12 bytes per trainable parameter)."""
+    gib = 2 ** 30
+    lora = method in ("lora", "qlora")
+    if lora:
+        model = trainable_params * (2 if method == "qlora" else 4)
+        final = model
+    elif sharding == "zero3":
+        model = total_params * weight_bytes + trainable_params * 12 - trainable_params * 8
+        final = total_params * weight_bytes
+    else:  # fp32 master weights for what is trained (tools.train), frozen weights 16-bit
+        model = trainable_params * 4 + (total_params - trainable_params) * weight_bytes
+        final = model
+    ckpt = (model + trainable_params * 8) / gib
+    n = save_steps_count if save_total_limit is None else max(1, min(save_total_limit, save_steps_count))
+    total = (ckpt * n + final / gib) * DISK_MARGIN
+    why = (f"{n} checkpoint(s) x {ckpt:.2f} GiB (weights + optimizer states) + the final "
+           f"{'adapter' if lora else 'model'} {final / gib:.2f} GiB, +10%")
+    return DiskNeed(round(ckpt, 3), n, round(final / gib, 3), round(total, 3), why)

@@ -83,6 +83,11 @@ def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_m
                             "the recipe with generate_recipe, then launch again.")
     checks.append("validate_recipe: valid")
     warnings.extend(f"recipe: {w}" for w in v.warnings)
+    _memory_gate(v, require_memory_fit, checks, warnings)
+    return v.memory
+
+
+def _memory_gate(v, require_memory_fit: bool, checks: list[str], warnings: list[str]) -> None:
     mem, fits = v.memory, v.fits
     if fits is None and mem is not None:
         fits = mem.fits
@@ -102,6 +107,37 @@ def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_m
         checks.append(f"memory fit: {total} GiB estimated, fits {gpu} GiB")
     else:
         checks.append("memory fit: unknown (no GPU size known; CPU run or no GPU described)")
+
+
+def _check_disk(cfg: dict, output_dir: Path, mem, acc_path: Optional[Path], checks: list[str]) -> None:
+    """Refuse to start when the checkpoints and the final model will not fit on the disk."""
+    if mem is None:
+        checks.append("disk: not estimated (no memory estimate for this model)")
+        return
+    from .launch_plan import disk_needed, read_counts
+    steps = cfg.get("max_steps") if isinstance(cfg.get("max_steps"), int) and cfg["max_steps"] > 0 else None
+    save = cfg.get("save_steps", 500)
+    if cfg.get("save_strategy") == "no":
+        saves = 0
+    elif isinstance(save, float) and 0 < save < 1:
+        saves = int(1 / save)  # a fraction of the run
+    else:
+        saves = max(1, steps // int(save)) if steps and save else 2
+    sharding = "none"
+    if acc_path is not None:
+        text = acc_path.read_text(encoding="utf-8", errors="replace")
+        sharding = "zero3" if "zero_stage: 3" in text else "none"
+    dtype = str(cfg.get("dtype", "float32"))
+    need = disk_needed(mem.method, mem.total_params, mem.trainable_params, save_total_limit=cfg.get("save_total_limit"),
+                       save_steps_count=saves, sharding=sharding, weight_bytes=4 if dtype == "float32" else 2)
+    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    free = shutil.disk_usage(probe).free / 2 ** 30
+    if need.total_gib > free:
+        raise UserError(f"the run needs about {need.total_gib:.1f} GiB of disk ({need.why}) but {probe} has "
+                        f"{free:.1f} GiB free.", field="recipe",
+                        fix="Free disk space, lower save_total_limit (checkpoints kept), or point output_dir "
+                            "at a larger disk inside the workspace.")
+    checks.append(f"disk: ~{need.total_gib:.1f} GiB needed ({need.why}), {free:.0f} GiB free")
 
 
 def _masking_inputs(cfg: dict) -> list[tuple[str, str]]:
@@ -185,7 +221,8 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     else:
         checks.append("no other run active on these devices")
 
-    _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
+    mem = _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
+    _check_disk(cfg, output_dir, mem, acc_path, checks)
     if require_masking_report:
         _check_masking(cfg, checks, warnings)
     else:
