@@ -341,11 +341,25 @@ def test_accelerate_configs_load(path):
     cfg = load_config_from_file(str(path))  # accelerate's own loader: rejects unknown top-level keys
     assert cfg.num_processes >= 1
     s = read_accelerate_config(path, path.name)
-    assert s.problems == []  # nested deepspeed/fsdp keys are real `accelerate launch` options
+    if path.stem == "multi_node":  # a template: its node-0 address must be filled in first
+        assert s.problems == ["main_process_ip is still the placeholder 'MAIN_NODE_IP': replace it "
+                              "(references/distributed.md, multi-node) before launching."]
+    else:
+        assert s.problems == []  # nested deepspeed/fsdp keys are real `accelerate launch` options
     assert s.sharding == SHARDING.get(path.stem, "none")
     assert s.cpu_offload is (path.stem == "deepspeed_zero3_offload")
     if path.stem == "multi_node":
         assert raw["num_machines"] == 2 and raw["main_process_ip"] and raw["main_process_port"]
+
+
+def test_a_multi_node_config_with_its_placeholder_is_invalid(ws, tmp_path):
+    (ws.root / "mn.yaml").write_text((REPO / "recipes/accelerate/multi_node.yaml").read_text())
+    text = "model_name_or_path: Llama-3.1-8B\ndataset_name: org/ds\noutput_dir: o\n"
+    v = validate_recipe(text, accelerate_config="mn.yaml")
+    assert not v.valid and any("MAIN_NODE_IP" in e for e in v.errors), v.errors
+    filled = (ws.root / "mn.yaml").read_text().replace("MAIN_NODE_IP", "10.0.0.1")
+    (ws.root / "mn.yaml").write_text(filled)
+    assert not any("placeholder" in e for e in validate_recipe(text, accelerate_config="mn.yaml").errors)
 
 
 def test_curated_accelerate_set_is_complete():

@@ -480,6 +480,36 @@ def accelerate_launch_dests() -> frozenset[str]:
     return frozenset(a.dest for a in launch_command_parser()._actions)
 
 
+# Anywhere: <...>, CHANGE_ME, TODO. In the keys that name machines: an ALL_CAPS name (MAIN_NODE_IP);
+# elsewhere ALL_CAPS values are accelerate's enums (LOCAL_MACHINE, FULL_STATE_DICT).
+_PLACEHOLDER = re.compile(r"^(<[^>]*>|.*(CHANGE_?ME|REPLACE_?ME|TODO).*)$")
+_CAPS_NAME = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")
+_MACHINE_KEYS = {"main_process_ip", "main_process_port", "machine_rank", "num_machines", "num_processes",
+                 "deepspeed_hostfile", "rdzv_endpoint"}
+
+
+def _placeholders(path: Path) -> list[str]:
+    """Values a template left for the user to fill (MAIN_NODE_IP, <port>, CHANGE_ME): a launch
+    with them hangs at the rendezvous or fails far from the cause."""
+    import yaml
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    out = []
+
+    def walk(obj, where: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(obj, str) and (_PLACEHOLDER.match(obj.strip()) or (
+                where.split(".")[-1] in _MACHINE_KEYS and _CAPS_NAME.match(obj.strip()))):
+            out.append(f"{where} is still the placeholder {obj!r}: replace it (references/distributed.md, "
+                       "multi-node) before launching.")
+    walk(raw, "")
+    return out
+
+
 def read_accelerate_config(path: Path, shown: str) -> AccelerateSummary:
     """Load an accelerate YAML/JSON with accelerate's own loader; nested deepspeed/fsdp keys are
     checked against `accelerate launch`'s arguments (unknown ones are silently ignored there)."""
@@ -499,6 +529,7 @@ def read_accelerate_config(path: Path, shown: str) -> AccelerateSummary:
                 close = difflib.get_close_matches(dest, sorted(dests), n=2, cutoff=0.6)
                 problems.append(f"{section}.{k} is not an accelerate launch option (ignored by accelerate)"
                                 + (f"; did you mean {', '.join(close)}?" if close else "."))
+    problems.extend(_placeholders(path))
     ds_file = (getattr(c, "deepspeed_config", None) or {}).get("deepspeed_config_file")
     if isinstance(ds_file, str) and ds_file.strip() and ds_file.lower() != "none":
         from .workspace import get_workspace
