@@ -391,3 +391,54 @@ def test_error_from_log_picks_the_root_cause():
     assert error_from_log(log) == "ValueError: Can't find a valid checkpoint at out/checkpoint-9"
     assert error_from_log(["all good"]) is None
     assert error_from_log(["torch.OutOfMemoryError: CUDA out of memory."]).startswith("torch.OutOfMemoryError")
+
+
+def _two_process_run(ws, name: str, steps: int = 400):
+    """A 2-process gloo LoRA run long enough to be signalled; returns (run_id, output_dir) once
+    both ranks have finished a step."""
+    from tools.run_registry import describe, descendants, run_dir_for
+    from tools.runs import launch_training
+    r = recipe(ws, name, use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules="all-linear",
+               max_steps=steps, save_steps=1000, logging_steps=1)
+    res = launch_training(r, num_processes=2, require_masking_report=False)
+    out = Path(res.output_dir)
+    t0 = time.time()
+    while not (out / "progress.json").exists():
+        assert time.time() - t0 < 300, "the run did not reach its first step"
+        assert describe(run_dir_for(res.run_id))["state"] == "running", describe(run_dir_for(res.run_id))
+        time.sleep(0.5)
+    pid = describe(run_dir_for(res.run_id))["pid"]
+    workers = [p for p in descendants(pid) if b"tools.train" in Path(f"/proc/{p}/cmdline").read_bytes()
+               and b"accelerate" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2, workers
+    return res.run_id, out, workers
+
+
+@pytest.mark.slow
+def test_two_process_stop_is_graceful(runs_ws):
+    """stop_training on a 2-process run: both ranks stop at the same step with a checkpoint, and
+    the run is stopped well within the wait (the launcher's shutdown timeout is not in the way)."""
+    from tools.runs import stop_training
+    rid, out, _ = _two_process_run(runs_ws, "stop2")
+    r = stop_training(rid, timeout_s=120)
+    assert r.state == "stopped" and not r.killed, r
+    assert r.last_checkpoint and Path(r.last_checkpoint).is_dir()
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_run_within_a_minute(runs_ws):
+    """SIGKILL one rank (what the OOM killer does): the other is stuck in a collective; the run
+    must be failed within ~a minute (not the 10-minute shutdown timeout it had), with a
+    summary.json that says failed."""
+    from tools.run_registry import describe, run_dir_for
+    rid, out, workers = _two_process_run(runs_ws, "dead2")
+    os.kill(workers[-1], signal.SIGKILL)
+    t0 = time.time()
+    while describe(run_dir_for(rid))["state"] == "running":
+        assert time.time() - t0 < 90, "the run still runs 90 s after a rank died"
+        time.sleep(1)
+    d = describe(run_dir_for(rid))
+    assert d["state"] == "failed", d
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["status"] == "failed" and summ.get("error"), summ

@@ -259,13 +259,31 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def signal_run(status: dict, sig: int) -> list[int]:
-    """Send `sig` to the run's process group and to every descendant; returns the pids hit."""
+    """Send `sig` to the run; returns the pids hit. SIGTERM goes to the training workers
+    themselves (each saves a checkpoint at the end of its step and exits 0), so the launcher sees
+    them finish instead of stopping them under its shutdown timeout; other jobs (and SIGKILL) get
+    the process group and every descendant."""
     hit: list[int] = []
     pid = status.get("pid")
     if not pid or not pid_alive(pid, status.get("pid_start_ticks"), status.get("run_id")):
         return hit
     targets = descendants(pid)
+    if sig == signal.SIGTERM:
+        workers = [p for p in targets if b"tools.train" in _cmdline(p)]
+        if workers:
+            for p in workers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+                    hit.append(p)
+            return hit
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(status.get("pgid") or pid, sig)
         hit.append(pid)
@@ -392,8 +410,11 @@ def _child_env(gpu_ids: list[int] | None, env: dict[str, str] | None) -> dict[st
     if "HF_DATASETS_CACHE" not in e:
         e["HF_DATASETS_CACHE"] = str(ws.owned_dir(CACHE_DIR) / "datasets")
     e.setdefault("MPLCONFIGDIR", str(ws.owned_dir(CACHE_DIR) / "matplotlib"))
-    # torchrun waits this long for workers to save a checkpoint after SIGTERM (default 30 s).
-    e.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    # How long the launcher waits for the other ranks after one died before it kills them. They
+    # are stuck in a collective waiting for the dead one, so a long wait only delays the failure.
+    # A graceful stop does not go through the launcher (signal_run signals the workers), so it is
+    # not cut by this.
+    e.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
     if gpu_ids is not None:
         e["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
     for k in [k for k in e if k.startswith("PYTEST_")]:
@@ -472,9 +493,30 @@ def supervise(run_dir: str, argv: list[str]) -> int:
         return 127
     update_status(rdir, child_pid=child.pid, supervisor_pid=os.getpid())
     rc = child.wait()
+    if rc != 0:
+        _summary_for_a_dead_run(rdir, rc)
     update_status(rdir, exit_code=rc, ended=now_iso(), ended_ts=time.time())
     print(f"[supervisor] {now_iso()} exit code {rc}", flush=True)
     return 0
+
+
+def _summary_for_a_dead_run(rdir: Path, rc: int) -> None:
+    """A run that failed without writing its summary (rank 0 killed, e.g. by the OOM killer, or a
+    worker dying before the trainer existed) still gets one, with the error from its log."""
+    st = read_json(rdir / STATUS)
+    out = output_dir_of(st)
+    if st.get("kind") != "train" or out is None:
+        return
+    summ = read_json(out / "summary.json")
+    if summ.get("status") in ("failed", "completed", "stopped") and float(summ.get("started") or 0) >= \
+            float(st.get("created_ts") or 0) - 1:
+        return
+    from .runs import error_from_log
+    error = error_from_log(log_tail(rdir, 200)) or (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
+    with contextlib.suppress(OSError):
+        write_json_atomic(out / "summary.json", {**summ, "status": "failed", "error": error, "exit_code": rc,
+                                                 "written_by": "supervisor", "started": st.get("created_ts"),
+                                                 "ended": time.time()})
 
 
 def main(argv: list[str] | None = None) -> int:
