@@ -428,12 +428,14 @@ def test_two_process_stop_is_graceful(runs_ws):
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_run_within_a_minute(runs_ws):
-    """SIGKILL one rank (what the OOM killer does): the other is stuck in a collective; the run
-    must be failed within ~a minute (not the 10-minute shutdown timeout it had), with a
-    summary.json that says failed."""
+    """SIGKILL rank 0 (what the OOM killer does): the run must be failed within about a minute,
+    and summary.json must say so although rank 0, which writes it, is gone (the supervisor writes
+    it). On CPU the surviving rank's gloo collective errors out at once; with NCCL it would wait,
+    and the launcher's 30 s shutdown timeout bounds that (not testable without GPUs)."""
     from tools.run_registry import describe, run_dir_for
     rid, out, workers = _two_process_run(runs_ws, "dead2")
-    os.kill(workers[-1], signal.SIGKILL)
+    rank0 = next(p for p in workers if b"\0RANK=0\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes())
+    os.kill(rank0, signal.SIGKILL)
     t0 = time.time()
     while describe(run_dir_for(rid))["state"] == "running":
         assert time.time() - t0 < 90, "the run still runs 90 s after a rank died"
@@ -441,4 +443,4 @@ def test_a_rank_that_dies_ends_the_run_within_a_minute(runs_ws):
     d = describe(run_dir_for(rid))
     assert d["state"] == "failed", d
     summ = json.loads((out / "summary.json").read_text())
-    assert summ["status"] == "failed" and summ.get("error"), summ
+    assert summ["status"] == "failed" and summ.get("error") and summ["written_by"] == "supervisor", summ
