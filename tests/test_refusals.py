@@ -179,3 +179,27 @@ def test_disk_estimate_per_method():
     z3 = disk_needed("full", n, n, save_total_limit=1, save_steps_count=5, sharding="zero3")
     assert z3.checkpoint_gib == pytest.approx(n * (2 + 12) / 2**30, rel=1e-3) and z3.final_gib == pytest.approx(
         n * 2 / 2**30, rel=1e-3)
+
+
+def test_oom_says_what_to_lower_and_the_retry_keeps_the_global_batch(gate_ws):
+    from tools.runs import launch_training, training_status
+    r = _recipe(gate_ws, "oom", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    out = gate_ws.root / "out" / "oom"
+    out.mkdir(parents=True)
+    d = gate_ws.root / "runs" / "train-oom-1"
+    d.mkdir(parents=True)
+    (d / "recipe.yaml").write_text((gate_ws.root / r).read_text())
+    (d / "log.txt").write_text("step 1\n[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                               "2.00 GiB. GPU 0 has a total capacity of 23.99 GiB\n")
+    (d / "status.json").write_text(json.dumps({
+        "run_id": "train-oom-1", "kind": "train", "created_ts": time.time() - 30, "exit_code": 1,
+        "meta": {"output_dir": str(out), "recipe": r, "recipe_copy": str(d / "recipe.yaml")}}))
+    s = training_status("train-oom-1", plot=False)
+    assert s.state == "failed" and "OutOfMemoryError" in s.error
+    assert s.suggested_overrides == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
+    assert "same global batch" in s.next_step and "overrides=" in s.next_step
+    plan = launch_training(r, overrides=s.suggested_overrides, require_masking_report=False, dry_run=True)
+    assert any("oom.override.yaml" in w for w in plan.warnings)
+    new = yaml.safe_load((gate_ws.root / "oom.override.yaml").read_text())
+    assert new["per_device_train_batch_size"] * new["gradient_accumulation_steps"] == 8
+    assert yaml.safe_load((gate_ws.root / r).read_text())["per_device_train_batch_size"] == 4  # untouched

@@ -56,6 +56,14 @@ class LaunchResult(BaseModel):
     next_step: str
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML mapping from disk, or {} when it is missing or not a mapping (for advice only)."""
+    try:
+        return _load_recipe_yaml(path)
+    except (UserError, OSError):
+        return {}
+
+
 def _load_recipe_yaml(path: Path) -> dict:
     import yaml
     try:
@@ -107,6 +115,24 @@ def _memory_gate(v, require_memory_fit: bool, checks: list[str], warnings: list[
         checks.append(f"memory fit: {total} GiB estimated, fits {gpu} GiB")
     else:
         checks.append("memory fit: unknown (no GPU size known; CPU run or no GPU described)")
+
+
+def _with_overrides(rpath: Path, cfg: dict, overrides: dict, warnings: list[str]) -> tuple[Path, dict]:
+    """The recipe with `overrides` applied, written next to it (the original is never edited), so
+    what runs is a file the user can read and launch again."""
+    import yaml
+    new = dict(cfg)
+    for k, v in overrides.items():
+        if not isinstance(k, str) or not k:
+            raise UserError(f"key {k!r} is not a recipe key.", field="overrides", fix="Use TRL field names.")
+        if v is None:
+            new.pop(k, None)
+        else:
+            new[k] = v
+    path = rpath.with_name(f"{rpath.stem}.override.yaml")
+    get_workspace().write_text(path, yaml.safe_dump(new, sort_keys=False), field="overrides")
+    warnings.append(f"overrides {overrides} applied: the run uses {get_workspace().rel(path)}.")
+    return path, new
 
 
 def _check_disk(cfg: dict, output_dir: Path, mem, acc_path: Optional[Path], checks: list[str]) -> None:
@@ -293,6 +319,9 @@ def launch_training(
                     "the training process). Off by default.")] = False,
     dry_run: Annotated[bool, Field(description="Run every check and return the exact command and "
                                                "environment, without starting anything.")] = False,
+    overrides: Annotated[Optional[dict[str, Any]], Field(
+        description="Recipe keys to change for this launch (null removes one), e.g. training_status's "
+                    "suggested_overrides after an OOM; written to <recipe>.override.yaml first.")] = None,
 ) -> LaunchResult:
     """Start training in the background and return its run id at once. Checks first: the recipe is
     valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
@@ -306,6 +335,8 @@ def launch_training(
     cfg = _load_recipe_yaml(rpath)
     checks: list[str] = []
     warnings: list[str] = []
+    if overrides:
+        rpath, cfg = _with_overrides(rpath, cfg, overrides, warnings)
 
     out = cfg.get("output_dir")
     if not out:
@@ -384,6 +415,8 @@ class TrainingStatus(BaseModel):
     log_path: Optional[str] = None
     log_tail: list[str] = []
     loss_plot_path: Optional[str] = Field(None, description="PNG of the loss curve (also returned as an image).")
+    suggested_overrides: Optional[dict[str, Any]] = Field(
+        None, description="after an OOM: recipe keys to relaunch with (launch_training overrides=).")
     next_step: Optional[str] = None
 
 
@@ -565,6 +598,9 @@ def training_status(
 
     if state == "failed":
         res.error = error_from_log(tail) or (res.summary or {}).get("error") or d.get("reason")
+        if res.error and ("OutOfMemoryError" in res.error or "out of memory" in res.error.lower()):
+            _oom_advice(res, meta)
+            return _finish_status(res, plot, metrics, rdir, run_id, state)
         res.next_step = ("Read `error` and log_tail (references/troubleshooting.md lists the usual causes), "
                          "fix the recipe, then launch_training again; it resumes from the last checkpoint "
                          "in output_dir if there is one.")
@@ -578,6 +614,11 @@ def training_status(
     else:
         res.next_step = "Poll again in 30-60 s."
 
+    return _finish_status(res, plot, metrics, rdir, run_id, state)
+
+
+def _finish_status(res: "TrainingStatus", plot: bool, metrics: list[dict], rdir: Path, run_id: str,
+                   state: str) -> "TrainingStatus":
     if plot and metrics:
         try:
             p = _plot_loss(metrics, rdir / "loss.png", f"{run_id} ({state})")
@@ -585,6 +626,30 @@ def training_status(
         except Exception as exc:  # noqa: BLE001 - a plot must never hide the status
             res.warnings.append(f"loss plot not rendered: {type(exc).__name__}: {exc}")
     return res
+
+
+def _oom_advice(res: "TrainingStatus", meta: dict) -> None:
+    """Which setting to lower after an out-of-memory crash, as overrides the agent can relaunch
+    with (same global batch where possible)."""
+    recipe = meta.get("recipe_copy") or meta.get("recipe")
+    cfg = read_yaml_mapping(Path(recipe)) if recipe else {}
+    mb = int(cfg.get("per_device_train_batch_size") or 8)  # TRL's default is 8
+    ga = int(cfg.get("gradient_accumulation_steps") or 1)
+    ckpt = cfg.get("activation_checkpointing", cfg.get("gradient_checkpointing", True))
+    if mb > 1:
+        res.suggested_overrides = {"per_device_train_batch_size": mb // 2, "gradient_accumulation_steps": ga * 2}
+        why = f"halve the micro-batch ({mb} -> {mb // 2}) and double gradient accumulation: same global batch"
+    elif not ckpt:
+        res.suggested_overrides = {"activation_checkpointing": True}
+        why = "turn activation checkpointing on (~30% more compute, far less activation memory)"
+    else:
+        res.suggested_overrides = None
+        why = ("the micro-batch is already 1 with checkpointing: shorten max_length, use 8-bit Adam "
+               "(optim: paged_adamw_8bit), QLoRA, or more GPUs (recommend_method)")
+    src = meta.get("recipe") or recipe
+    res.next_step = (f"Out of memory: {why}. " + (
+        f"Relaunch: launch_training(recipe='{src}', overrides={res.suggested_overrides})."
+        if res.suggested_overrides else "See references/troubleshooting.md (OOM)."))
 
 
 # ============================================================================ stop
