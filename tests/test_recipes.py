@@ -264,6 +264,7 @@ def test_generate_spectrum_scans_automatically(ws, tiny_model):
     ds = _dataset(ws)
     r = generate_recipe("models/tiny-llama", ds, method="spectrum")
     assert r.method == "spectrum" and "trl" not in r.launch_commands
+    assert any("Spectrum needs tools.train" in n for n in r.notes), r.notes
     assert r.spectrum_config_path and (ws.root / r.spectrum_config_path).is_file()
     cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
     assert cfg["spectrum_config_path"] == r.spectrum_config_path and cfg["learning_rate"] == 2e-5

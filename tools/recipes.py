@@ -1089,11 +1089,11 @@ def generate_recipe(
             "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
     if chosen != "spectrum":
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
+    else:
+        notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
     if chosen == "full" and sharding == "none" and dtype_name != "float32":
         notes.append("Launch with tools.train (launch_training does): plain `trl sft` steps the bf16 weights "
                      "directly, without fp32 master weights, and most updates at lr 1e-5 are lost.")
-    else:
-        notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
     return RecipeResult(
         recipe_path=r, accelerate_config_path=ac, method=chosen, yaml=text, launch_commands=cmds,
         target=t.description, settings_explained={k: v for k, v in why.items() if v}, plan=rec,
