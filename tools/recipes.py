@@ -828,6 +828,54 @@ def _accelerate_text(t: Target, method: str, sharding: str, offload: bool, mixed
     return name, text
 
 
+def _multi_node(text: str, nodes: int, ip: Optional[str], warns: list[str]) -> str:
+    """The accelerate config of one node of a multi-node run (machine_rank 0; each node passes
+    its own --machine_rank)."""
+    def put(txt: str, key: str, value: str) -> str:
+        pat = re.compile(rf"^{re.escape(key)}:.*$", re.M)
+        return pat.sub(f"{key}: {value}", txt) if pat.search(txt) else txt + f"{key}: {value}\n"
+    if '"NO"' in text or "distributed_type: NO" in text:
+        text = put(text, "distributed_type", "MULTI_GPU")  # one GPU per node: DDP over the nodes
+    for k, v in (("num_machines", str(nodes)), ("machine_rank", "0"), ("main_process_ip", ip or "MAIN_NODE_IP"),
+                 ("main_process_port", "29500"), ("rdzv_backend", "static"), ("same_network", "false")):
+        text = put(text, k, v)
+    if not ip:
+        warns.append("main_process_ip is the placeholder MAIN_NODE_IP: put node 0's address in the accelerate "
+                     "config (validate_recipe and launch refuse it until then), or use the Slurm script, which "
+                     "passes it from $SLURM_JOB_NODELIST.")
+    return text
+
+
+def slurm_script(name: str, nodes: int, gpus_per_node: int, accelerate_config: str, recipe: str) -> str:
+    """An sbatch script: one task per node, each running accelerate launch with its node rank;
+    node 0's address from the allocation. The NCCL variables are the ones users most often need."""
+    return f"""#!/bin/bash
+# Written by generate_recipe: {nodes} nodes x {gpus_per_node} GPUs. Submit from the workspace root:
+#   sbatch {Path(recipe).with_suffix('').as_posix()}.slurm.sh
+#SBATCH --job-name={name[:60]}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus_per_node}
+#SBATCH --exclusive
+#SBATCH --output=%x-%j.log
+set -euo pipefail
+# Node 0 of the allocation is the rendezvous host.
+MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_PORT=${{MAIN_PORT:-29500}}
+# NCCL: the interface the nodes reach each other on (ip -br addr), and INFO logs to diagnose a
+# hang at start. Uncomment what your cluster needs (InfiniBand: leave NCCL_IB_DISABLE unset).
+# export NCCL_SOCKET_IFNAME=eth0
+# export NCCL_DEBUG=INFO
+# export NCCL_IB_DISABLE=1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a dead rank ends the job instead of hanging it
+srun --kill-on-bad-exit=1 bash -c "python -m accelerate.commands.launch \\
+  --config_file {accelerate_config} \\
+  --num_machines {nodes} --num_processes {nodes * gpus_per_node} \\
+  --machine_rank \$SLURM_NODEID --main_process_ip $MAIN_IP --main_process_port $MAIN_PORT \\
+  -m tools.train --config {recipe}"
+"""
+
+
 def generate_recipe(
     model: Annotated[str, Field(description="Model dir in the workspace, hub id or catalog name.")],
     dataset: Annotated[str, Field(description="convert_dataset output dir (train.jsonl, test.jsonl), a .jsonl "
@@ -857,6 +905,12 @@ def generate_recipe(
     overrides: Annotated[Optional[dict[str, Any]], Field(
         description="Recipe keys to set last (TRL field names; null removes a key), e.g. "
                     "{'learning_rate': 1e-4, 'assistant_only_loss': true}.")] = None,
+    num_nodes: Annotated[Optional[int], Field(ge=1, le=1024, description="Machines to train on (num_gpus is "
+                                                                         "then GPUs per machine); >1 also "
+                                                                         "writes a Slurm script.")] = None,
+    main_process_ip: Annotated[Optional[str], Field(
+        description="Multi-node: node 0's address, reachable from every node (default: a placeholder the "
+                    "Slurm script fills from $SLURM_JOB_NODELIST).")] = None,
 ) -> RecipeResult:
     """Write a TRL recipe (flat YAML for `python -m tools.train` / `trl sft`) plus the matching
     accelerate config (single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA, CPU) for a model
@@ -884,6 +938,14 @@ def generate_recipe(
     ds_cfg, rows, use_test, ds_notes = _dataset_cfg(dataset, test_split)
     notes += ds_notes
     rows = dataset_rows or rows
+    nodes = num_nodes or 1
+    per_node = num_gpus
+    if nodes > 1:  # plan for every GPU of every node: sharding and the global batch span them all
+        if not (gpu or gpu_memory_gib):
+            raise UserError("a multi-node recipe needs the GPUs described.", field="gpu",
+                            fix="Pass gpu= (e.g. 'H100') and num_gpus= (GPUs per node).")
+        per_node = num_gpus or 1
+        num_gpus = per_node * nodes
     t = _target(gpu, gpu_memory_gib, num_gpus)
     if t.kind == "cpu" and num_gpus and num_gpus > 1:
         raise UserError("no GPU here and none described.", field="num_gpus",
@@ -1064,6 +1126,8 @@ def generate_recipe(
     rec_path = ws.resolve(output_path or f"recipes/{name}.yaml", field="output_path")
     acc_path = rec_path.with_name(rec_path.stem + ".accelerate.yaml")
     acc_name, acc_text = _accelerate_text(t, chosen, sharding, offload, mixed)
+    if nodes > 1:
+        acc_text = _multi_node(acc_text, nodes, main_process_ip, warns)
     accel = None
     if acc_text:
         import tempfile
@@ -1071,6 +1135,8 @@ def generate_recipe(
             tp = Path(td) / "accelerate.yaml"
             tp.write_text(acc_text, encoding="utf-8")
             accel = read_accelerate_config(tp, ws.rel(acc_path))
+        # the node-0 placeholder is said in the warnings; validate_recipe refuses it until replaced
+        accel.problems = [p for p in accel.problems if "placeholder" not in p]
     a = _analyse(cfg, t, ws.root, accel)
     if a.errors:
         raise UserError("the recipe would not train: " + " | ".join(a.errors), field="overrides" if overrides
@@ -1087,6 +1153,15 @@ def generate_recipe(
     r, ac = ws.rel(rec_path), ws.rel(acc_path)
     cmds = {"train": f"python -m tools.train --config {r}",
             "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
+    if nodes > 1:
+        slurm = rec_path.with_name(rec_path.stem + ".slurm.sh")
+        ws.write_text(slurm, slurm_script(name, nodes, per_node or 1, ac, r), field="output_path")
+        cmds["slurm"] = f"sbatch {ws.rel(slurm)}"
+        cmds["accelerate"] = (f"accelerate launch --config_file {ac} --machine_rank <0..{nodes - 1}> "
+                              f"-m tools.train --config {r}   # the same on every node, its own rank")
+        cmds["torchrun"] = (f"torchrun --nnodes {nodes} --nproc-per-node {per_node or 1} --node-rank <0..{nodes - 1}> "
+                            f"--rdzv-backend c10d --rdzv-endpoint {main_process_ip or 'MAIN_NODE_IP'}:29500 "
+                            f"-m tools.train --config {r}   # DDP only: ZeRO/FSDP come from the accelerate config")
     if chosen != "spectrum":
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
     else:
