@@ -388,3 +388,17 @@ def test_server_registers_the_three_tools():
     seen = asyncio.run(listed())
     assert set(seen) == {"generate_recipe", "validate_recipe", "spectrum_scan"}
     assert all(a.read_only_hint is False for a in seen.values())
+
+
+def test_8b_qlora_with_a_chat_template_fits_a_24gb_gpu(ws):
+    """A new chat template makes QLoRA train lm_head and embed_tokens in full: the plan must count
+    them when it picks the layout (it ignored them and the recipe was refused at 24.6 GiB)."""
+    from tools.tiny import CHATML_TEMPLATE
+    ds = _dataset(ws, rows=300, test=False)
+    (ws.root / "chatml.jinja").write_text(CHATML_TEMPLATE)
+    r = generate_recipe("Llama-3.1-8B", ds, method="qlora", gpu="RTX 4090", chat_template="chatml.jinja")
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    assert cfg["lora_modules_to_save"] == ["lm_head", "embed_tokens"]
+    assert r.fits is True and r.memory.total_gib <= 0.9 * 23.99
+    assert r.memory.breakdown_gib["trainable_copies"] > 1.5  # two V x h copies in bf16
+    assert r.plan is not None and r.plan.memory.total_gib == pytest.approx(r.memory.total_gib, rel=0.05)

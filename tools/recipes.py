@@ -762,10 +762,11 @@ def _default_epochs(rows: Optional[int], method: str) -> float:
 
 
 def _plan(model: str, method: str, t: Target, rows: Optional[int], seq_len: int, epochs: float,
-          warnings_: list[str]):
-    """recommend_method's layout, restricted to `method` unless auto; None when it has none."""
+          warnings_: list[str], modules_to_save: Optional[list[str]] = None):
+    """recommend_method's layout, restricted to `method` unless auto; None when it has none.
+    modules_to_save: what a new chat template makes LoRA/QLoRA train in full (its memory counts)."""
     from .recommend import recommend_method
-    kw = dict(dataset_rows=rows, seq_len=seq_len, epochs=epochs)
+    kw = dict(dataset_rows=rows, seq_len=seq_len, epochs=epochs, modules_to_save=modules_to_save)
     if t.described:
         kw.update(gpu=None, gpu_memory_gib=t.gpu_memory_gib, num_gpus=t.num_gpus)
         from .memory import find_gpu
@@ -871,7 +872,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a dead rank ends the job instead of 
 srun --kill-on-bad-exit=1 bash -c "python -m accelerate.commands.launch \\
   --config_file {accelerate_config} \\
   --num_machines {nodes} --num_processes {nodes * gpus_per_node} \\
-  --machine_rank \$SLURM_NODEID --main_process_ip $MAIN_IP --main_process_port $MAIN_PORT \\
+  --machine_rank \\$SLURM_NODEID --main_process_ip $MAIN_IP --main_process_port $MAIN_PORT \\
   -m tools.train --config {recipe}"
 """
 
@@ -953,7 +954,8 @@ def generate_recipe(
 
     ep_method = method if method != "auto" else "lora"
     ep = epochs or _default_epochs(rows, ep_method)
-    rec = _plan(model, method, t, rows, seq_len, ep, warns)
+    rec = _plan(model, method, t, rows, seq_len, ep, warns,
+                modules_to_save=["lm_head", "embed_tokens"] if chat_template else None)
     chosen: str = rec.method if rec else method
     if epochs is None:
         ep = _default_epochs(rows, chosen)

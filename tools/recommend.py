@@ -119,6 +119,9 @@ def recommend_method(
         description="Restrict the methods considered.")] = None,
     max_hours: Annotated[Optional[float], Field(gt=0, description="Reject plans estimated slower than this.")] = None,
     global_batch: Annotated[int, Field(ge=1, description="Target sequences per optimizer step.")] = 16,
+    modules_to_save: Annotated[Optional[list[str]], Field(
+        description="LoRA/QLoRA: fully trained modules too, e.g. ['lm_head','embed_tokens'] when training "
+                    "a base model with a new chat template (their copies, grads and states count).")] = None,
 ) -> Recommendation:
     """Recommend how to fine-tune `model` on this machine (detected) or on described hardware: the
     method (full, Spectrum, LoRA, QLoRA), multi-GPU sharding and CPU offload, micro-batch,
@@ -201,7 +204,8 @@ def recommend_method(
                     est = estimate_for(f, method=method, seq_len=seq_len, micro_batch=mb,
                                        gradient_checkpointing=gc, packing=True, optimizer=opt,
                                        dtype=dtype, liger=liger, num_gpus=num_gpus, sharding=sh,
-                                       cpu_offload=off, gpu_memory_gib=vram)
+                                       cpu_offload=off, gpu_memory_gib=vram,
+                                       modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
                     if not est.fits:
                         continue
                     tps = _throughput(f, method, seq_len, mb, gc, tflops, num_gpus, sh, off, 0.3)
@@ -211,7 +215,8 @@ def recommend_method(
                 smallest = estimate_for(f, method=method, seq_len=seq_len, micro_batch=micro_batch or 1,
                                         gradient_checkpointing=True, packing=True, optimizer=opt, dtype=dtype,
                                         liger=liger, num_gpus=num_gpus, sharding=sh, cpu_offload=off,
-                                        gpu_memory_gib=vram)
+                                        gpu_memory_gib=vram,
+                                        modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
                 alternatives.append(Candidate(
                     method=method, sharding=sh, cpu_offload=off, optimizer=opt, micro_batch=micro_batch or 1,
                     gradient_checkpointing=True, total_gib=smallest.total_gib, fits=False,
