@@ -135,3 +135,16 @@ def test_throughput_follows_the_hardware_and_the_model(ws):
     a = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=1_000_000_000)
     b = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=2_000_000_000)
     assert b.training_hours == pytest.approx(2 * a.training_hours, rel=1e-2)
+
+
+def test_offload_is_the_last_resort_and_says_its_ram(ws):
+    """70B full on 8x H100 fits only with ZeRO-3 offload: it must be tried (it never was) and
+    say the CPU RAM it needs; but offloading never beats a method that fits without it, and
+    offloading picks the smallest RAM footprint (QLoRA, not a terabyte of full-model states)."""
+    full = recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8, allow_methods=["full"])
+    assert (full.method, full.sharding, full.cpu_offload) == ("full", "zero3", True)
+    assert any(re.search(r"needs ~\d{3,4} GiB of CPU RAM", w) for w in full.warnings), full.warnings
+    best = recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8)
+    assert (best.method, best.sharding, best.cpu_offload) == ("spectrum", "zero3", False)
+    small = recommend_method("Llama-3.1-70B", gpu_memory_gib=24, num_gpus=2)
+    assert (small.method, small.sharding, small.cpu_offload) == ("qlora", "fsdp", True)

@@ -101,6 +101,15 @@ def _throughput(f, method, seq_len, micro_batch, gc, tflops, num_gpus, sharding,
     return per_gpu * num_gpus * scale
 
 
+def offload_ram_gib(method: str, est: MemoryEstimate) -> float:
+    """CPU RAM an offloaded run holds: QLoRA's 4-bit weights (~0.6 byte per parameter); ZeRO-3
+    full/Spectrum: fp32 master weights and Adam moments of what is trained (12 bytes each) plus the
+    16-bit parameters (2 bytes each), over all nodes' GPUs of one machine together."""
+    if method == "qlora":
+        return est.total_params * 0.6 / 2 ** 30
+    return (est.trainable_params * 12 + est.total_params * 2) / 2 ** 30
+
+
 def recommend_method(
     model: Annotated[str, Field(description="Model directory in the workspace, hub id or catalog name.")],
     gpu: Annotated[Optional[str], Field(description="GPU model, e.g. 'RTX 4090', 'H100'. Omit to detect this machine.")] = None,
@@ -184,7 +193,8 @@ def recommend_method(
         if num_gpus == 1:
             shard = [("none", False)]
         elif method in ("full", "spectrum"):
-            shard = [("zero3", False), ("fsdp", False)]
+            # last resort: optimizer states and parameters in CPU RAM (slow, but a 70B full run fits)
+            shard = [("zero3", False), ("fsdp", False), ("zero3", True)]
         else:  # CPU offload only for QLoRA: 4-bit weights make the PCIe traffic and RAM affordable
             shard = [("none", False), ("fsdp", False)] + ([("fsdp", True)] if method == "qlora" else [])
         for sh, off in shard:
@@ -195,57 +205,69 @@ def recommend_method(
     alternatives: list[Candidate] = []
     chosen = None
     tokens = dataset_tokens or (dataset_rows * avg_tokens_per_row if dataset_rows else None)
-    for method in order:
-        picked = None
-        for sh, off, opt in layouts(method):
-            best = None
-            for gc in (False, True):
-                for mb in ([micro_batch] if micro_batch else MICRO_BATCHES):
-                    est = estimate_for(f, method=method, seq_len=seq_len, micro_batch=mb,
-                                       gradient_checkpointing=gc, packing=True, optimizer=opt,
-                                       dtype=dtype, liger=liger, num_gpus=num_gpus, sharding=sh,
-                                       cpu_offload=off, gpu_memory_gib=vram,
-                                       modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
-                    if not est.fits:
-                        continue
-                    tps = _throughput(f, method, seq_len, mb, gc, tflops, num_gpus, sh, off, 0.3)
-                    if best is None or tps > best[0] * 1.02:
-                        best = (tps, mb, gc, est)
-            if best is None:
-                smallest = estimate_for(f, method=method, seq_len=seq_len, micro_batch=micro_batch or 1,
-                                        gradient_checkpointing=True, packing=True, optimizer=opt, dtype=dtype,
-                                        liger=liger, num_gpus=num_gpus, sharding=sh, cpu_offload=off,
-                                        gpu_memory_gib=vram,
-                                        modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
-                alternatives.append(Candidate(
-                    method=method, sharding=sh, cpu_offload=off, optimizer=opt, micro_batch=micro_batch or 1,
-                    gradient_checkpointing=True, total_gib=smallest.total_gib, fits=False,
-                    why_not=f"needs {smallest.total_gib:.1f} GiB per GPU at micro-batch {micro_batch or 1} "
-                            f"with checkpointing; limit {FITS_FRACTION:.0%} of {vram:.1f} = "
-                            f"{FITS_FRACTION * vram:.1f} GiB"))
-                continue
-            tps, mb, gc, est = best
-            hours = tokens * epochs / tps / 3600 if tokens else None
-            if max_hours and hours and hours > max_hours:
-                alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
-                                              micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
-                                              fits=True, why_not=f"estimated {hours:.1f} h > max_hours {max_hours}"))
-                continue
-            if off and ram is not None and est.total_params * 0.6 / 2 ** 30 > ram:
-                alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
-                                              micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
-                                              fits=True, why_not=f"CPU offload needs more than the {ram:.0f} GiB of RAM available"))
-                continue
-            picked = (sh, off, opt, tps, mb, gc, est, hours)
+    # CPU offload is a last resort across methods: a slower-but-unoffloaded method that fits (e.g.
+    # Spectrum with ZeRO-3) beats an offloaded one (full with ZeRO-3 offload).
+    for offload_pass in (False, True):
+        if chosen is not None:
             break
-        if picked and chosen is None:
-            chosen = (method, *picked)
-        elif picked:
-            sh, off, opt, tps, mb, gc, est, hours = picked
-            alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
-                                          micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
-                                          fits=True, why_not=f"fits ({est.total_gib:.1f} GiB), but the "
-                                          f"'{goal}' order ranks {chosen[0]} first"))
+        # offloading: the method with the smallest CPU-RAM footprint first (QLoRA's 4-bit weights
+        # need ~0.6 B/param of RAM, full ZeRO-3 offload ~14 B/param: a terabyte for 70B)
+        pass_order = [m for m in ("qlora", "lora", "spectrum", "full") if m in order] if offload_pass else order
+        for method in pass_order:
+            picked = None
+            for sh, off, opt in layouts(method):
+                if off != offload_pass:
+                    continue
+                best = None
+                for gc in (False, True):
+                    for mb in ([micro_batch] if micro_batch else MICRO_BATCHES):
+                        est = estimate_for(f, method=method, seq_len=seq_len, micro_batch=mb,
+                                           gradient_checkpointing=gc, packing=True, optimizer=opt,
+                                           dtype=dtype, liger=liger, num_gpus=num_gpus, sharding=sh,
+                                           cpu_offload=off, gpu_memory_gib=vram,
+                                           modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
+                        if not est.fits:
+                            continue
+                        tps = _throughput(f, method, seq_len, mb, gc, tflops, num_gpus, sh, off, 0.3)
+                        if best is None or tps > best[0] * 1.02:
+                            best = (tps, mb, gc, est)
+                if best is None:
+                    smallest = estimate_for(f, method=method, seq_len=seq_len, micro_batch=micro_batch or 1,
+                                            gradient_checkpointing=True, packing=True, optimizer=opt, dtype=dtype,
+                                            liger=liger, num_gpus=num_gpus, sharding=sh, cpu_offload=off,
+                                            gpu_memory_gib=vram,
+                                            modules_to_save=modules_to_save if method in ("lora", "qlora") else None)
+                    alternatives.append(Candidate(
+                        method=method, sharding=sh, cpu_offload=off, optimizer=opt, micro_batch=micro_batch or 1,
+                        gradient_checkpointing=True, total_gib=smallest.total_gib, fits=False,
+                        why_not=f"needs {smallest.total_gib:.1f} GiB per GPU at micro-batch {micro_batch or 1} "
+                                f"with checkpointing; limit {FITS_FRACTION:.0%} of {vram:.1f} = "
+                                f"{FITS_FRACTION * vram:.1f} GiB"))
+                    continue
+                tps, mb, gc, est = best
+                hours = tokens * epochs / tps / 3600 if tokens else None
+                if max_hours and hours and hours > max_hours:
+                    alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
+                                                  micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
+                                                  fits=True, why_not=f"estimated {hours:.1f} h > max_hours {max_hours}"))
+                    continue
+                need_ram = offload_ram_gib(method, est) if off else 0.0
+                if off and ram is not None and need_ram > ram:
+                    alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
+                                                  micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
+                                                  fits=True, why_not=f"CPU offload needs ~{need_ram:.0f} GiB of RAM, "
+                                                                     f"{ram:.0f} GiB available"))
+                    continue
+                picked = (sh, off, opt, tps, mb, gc, est, hours)
+                break
+            if picked and chosen is None:
+                chosen = (method, *picked)
+            elif picked:
+                sh, off, opt, tps, mb, gc, est, hours = picked
+                alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
+                                              micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
+                                              fits=True, why_not=f"fits ({est.total_gib:.1f} GiB), but the "
+                                              f"'{goal}' order ranks {chosen[0]} first"))
     if chosen is None:
         slow = [c for c in alternatives if c.fits and c.why_not and "max_hours" in c.why_not]
         if slow:
@@ -258,6 +280,9 @@ def recommend_method(
         raise UserError(f"no method fits {f.name} on {device} ({vram:.1f} GiB per GPU) with seq_len {seq_len}.",
                         field="model", fix="Use a smaller model, shorter seq_len, more or larger GPUs.")
     method, sh, off, opt, tps, mb, gc, est, hours = chosen
+    if off:
+        warnings.append(f"CPU offload: nothing fits without it; the host needs ~{offload_ram_gib(method, est):.0f} GiB "
+                        "of CPU RAM for the offloaded states, and steps are several times slower.")
     ga = max(1, math.ceil(global_batch / (mb * num_gpus)))
     reasons = [f"{method} is the first method in the '{goal}' order ({' > '.join(order)}) whose "
                f"estimated total ({est.total_gib:.1f} GiB per GPU) stays within {FITS_FRACTION:.0%} "
@@ -268,8 +293,6 @@ def recommend_method(
     if sh != "none":
         reasons.append(f"{num_gpus} GPUs: {sh.upper()} shards parameters, gradients and optimizer states"
                        + (" and offloads them to CPU RAM" if off else "") + ".")
-    if off:
-        warnings.append("CPU offload is slow and needs CPU RAM for the offloaded states and weights.")
     if goal == "cost" or method == "qlora":
         reasons.append("QLoRA trades some quality for memory: evaluate the result against the base model.")
     return Recommendation(
