@@ -291,7 +291,11 @@ def test_generate_for_described_gpus(ws, gpu_like, model, gpu, n, method, expect
     assert f"from {expect['acc']}.yaml" in acc_text
     script, sft, mc, _ = trl_parse(ws.root / r.recipe_path)
     assert sft.bf16 is expect["bf16"] and sft.fp16 is (not expect["bf16"])
-    assert not sft.use_cpu and mc.attn_implementation == "sdpa"  # no flash-attn / GPU here
+    assert not sft.use_cpu
+    # flash-attention on every Ampere+ target, even though this machine has neither GPU nor package
+    assert mc.attn_implementation == ("flash_attention_2" if expect["bf16"] else "sdpa")
+    assert r.settings_explained["attn_implementation"]
+    assert sft.dataloader_num_workers == 2 and sft.dataloader_pin_memory is True
     assert "/" in mc.model_name_or_path  # catalog names become hub ids
     if r.method == "qlora":
         assert mc.load_in_4bit and mc.use_peft and mc.bnb_4bit_quant_type == "nf4" and mc.use_bnb_nested_quant
@@ -402,3 +406,13 @@ def test_8b_qlora_with_a_chat_template_fits_a_24gb_gpu(ws):
     assert r.fits is True and r.memory.total_gib <= 0.9 * 23.99
     assert r.memory.breakdown_gib["trainable_copies"] > 1.5  # two V x h copies in bf16
     assert r.plan is not None and r.plan.memory.total_gib == pytest.approx(r.memory.total_gib, rel=0.05)
+
+
+def test_peft_under_ddp_skips_the_unused_parameter_search(ws, gpu_like):
+    ds = _dataset(ws)
+    r = generate_recipe("Llama-3.1-8B", ds, method="lora", gpu="A100 80GB", num_gpus=4, dataset_rows=10_000)
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    assert "from multi_gpu_ddp.yaml" in (ws.root / r.accelerate_config_path).read_text()
+    assert cfg["ddp_find_unused_parameters"] is False
+    _, sft, _, _ = trl_parse(ws.root / r.recipe_path)
+    assert sft.ddp_find_unused_parameters is False

@@ -829,6 +829,26 @@ def _accelerate_text(t: Target, method: str, sharding: str, offload: bool, mixed
     return name, text
 
 
+HOPPER = ("H100", "H200", "H800", "GH200")
+
+
+def _attention(t: Target) -> tuple[str, str]:
+    """The attention kernel for the target GPU, and why. Flash-attention wherever the target GPU
+    runs it (Ampere or newer: the bf16 GPUs), also for a described GPU this machine does not have:
+    packed, padding-free batches then skip the padding work, and tools.train falls back to sdpa on
+    a machine without the package (it says so)."""
+    if t.kind != "gpu" or not t.bf16:
+        return "sdpa", ("PyTorch SDPA: " + ("CPU training." if t.kind == "cpu" else
+                                            f"flash-attention needs an Ampere or newer GPU; {t.gpu_name} is older."
+                                            if t.kind == "gpu" else "no GPU described or detected."))
+    hopper = any(h in str(t.gpu_name) for h in HOPPER)
+    if hopper and has_module("flash_attn_interface"):
+        return "flash_attention_3", f"{t.gpu_name} is Hopper and flash-attention 3 is installed."
+    here = "installed here" if has_module("flash_attn") else "not installed here: tools.train falls back to sdpa"
+    return "flash_attention_2", (f"{t.gpu_name} runs flash-attention 2 (packed, padding-free batches); flash-attn is "
+                                 f"{here}.")
+
+
 def _multi_node(text: str, nodes: int, ip: Optional[str], warns: list[str]) -> str:
     """The accelerate config of one node of a multi-node run (machine_rank 0; each node passes
     its own --machine_rank)."""
@@ -997,12 +1017,7 @@ def generate_recipe(
                         + ("frozen base in fp16." if dtype_name == "float16" else
                            "fp32 master weights (AMP cannot unscale fp16 gradients)."))
     cfg["dtype"] = dtype_name
-    flash = t.kind == "gpu" and t.cuda_here and has_module("flash_attn")
-    cfg["attn_implementation"] = "flash_attention_2" if flash else "sdpa"
-    why["attn_implementation"] = ("flash-attn is installed and a CUDA GPU is present." if flash else
-                                  "PyTorch SDPA: flash-attn " + ("is not installed" if t.kind == "gpu" and
-                                                                 not has_module("flash_attn") else
-                                                                 "needs a local CUDA GPU") + ".")
+    cfg["attn_implementation"], why["attn_implementation"] = _attention(t)
     # method
     spectrum_rel = None
     if chosen in ("lora", "qlora"):
@@ -1072,6 +1087,14 @@ def generate_recipe(
     cfg["activation_checkpointing"] = bool(gc)
     why["activation_checkpointing"] = ("recompute each layer in backward to fit memory." if gc else
                                        "off: memory fits without it, and it costs ~20% speed.")
+    if t.kind == "gpu":
+        cfg["dataloader_num_workers"] = 2
+        cfg["dataloader_pin_memory"] = True
+        why["dataloader_num_workers"] = "2 workers with pinned memory keep the GPU fed (tokenised rows are cheap)."
+    if chosen in ("lora", "qlora") and world > 1 and sharding == "none":
+        cfg["ddp_find_unused_parameters"] = False
+        why["ddp_find_unused_parameters"] = ("false: with PEFT every trained parameter is used in each step; the "
+                                             "default search for unused ones costs a graph walk per step.")
     if gc and chosen in ("lora", "qlora") and sharding == "zero3":
         cfg["activation_checkpointing_kwargs"] = {"use_reentrant": True}
         why["activation_checkpointing_kwargs"] = "PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing."
