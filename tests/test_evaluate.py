@@ -368,3 +368,12 @@ def test_compare_marks_a_small_difference_not_significant():
     assert row.significant is False
     (row,) = _compare(run(0.30, 0.02), run(0.50, 0.02))
     assert row.significant is True
+
+
+def test_batch_size_auto(ws, tiny_model):
+    """batch_size='auto': lm-eval finds the batch size itself (on a GPU, the largest that fits)."""
+    from tools.evaluate import evaluate
+    write_arith(ws.root / "arith.jsonl")
+    r = evaluate(model="models/tiny-llama", local_task="arith.jsonl", limit=3, max_gen_toks=4, batch_size="auto")
+    (m,) = r.runs[0].metrics
+    assert r.status == "completed" and m.n == 3 and r.settings["batch_size"] == "auto"

@@ -291,7 +291,7 @@ def _resolve_model(model: str, field: str) -> str:
     return ref
 
 
-def _build_hf_lm(pretrained: str, adapter: str | None, *, device: str, dtype: str, batch_size: int,
+def _build_hf_lm(pretrained: str, adapter: str | None, *, device: str, dtype: str, batch_size: int | str,
                  notes: list[str]):
     import lm_eval.api.registry as registry
     args: dict[str, Any] = {"pretrained": pretrained, "dtype": dtype}
@@ -464,7 +464,9 @@ def evaluate(
     limit: Annotated[int | None, Field(ge=1, description="Max samples per task (quick checks).")] = None,
     num_fewshot: Annotated[int | None, Field(ge=0, le=32, description="Few-shot examples; None = the "
                                                                       "task's default (8 for gsm8k_cot, 0 local).")] = None,
-    batch_size: Annotated[int, Field(ge=1, le=512)] = 8,
+    batch_size: Annotated[Annotated[int, Field(ge=1, le=512)] | Literal["auto"], Field(
+        description="Prompts per batch; 'auto' lets lm-eval find the largest that fits the GPU (hf "
+                    "backend; served endpoints then use 8 concurrent requests).")] = 8,
     max_gen_toks: Annotated[int, Field(ge=1, le=32768, description="Max new tokens per answer.")] = 256,
     dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], Field(
         description="hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.")] = "auto",
@@ -637,7 +639,8 @@ def evaluate(
                                  "as plain text (results are not comparable with chat-formatted ones).")
             backend, model_obj = "hf", lm
         else:
-            margs = {"model": served_model, "base_url": chat_url, "num_concurrent": batch_size,
+            margs = {"model": served_model, "base_url": chat_url,
+                     "num_concurrent": batch_size if isinstance(batch_size, int) else 8,
                      "max_retries": 3, "tokenized_requests": False,
                      # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
                      "header": auth_header(api_key_env)}
