@@ -188,3 +188,19 @@ def test_tokenizer_drift_in_the_merged_folder_does_not_verify(ws, tiny_model, ad
     assert r.tokenizer_check.identical_ids is False and r.tokenizer_check.mismatches
     assert r.tokenizer_check.chat_template_identical is False
     assert r.verified is False and any("Do not ship it" in n for n in r.notes), r.notes
+
+
+def test_merge_says_and_checks_the_ram_it_needs(ws, tiny_model, adapter, monkeypatch):
+    import psutil
+
+    from tools.merge import merge_adapter
+    r = merge_adapter(adapter_dir="runs/r1/output", output_dir="models/m1", dtype="fp32")
+    assert any("The merge holds about" in n for n in r.notes), r.notes
+
+    class Tight:  # the host reports less free RAM than one fp32 copy of the base
+        available = 1024
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    with pytest.raises(UserError, match="merging needs about") as ei:
+        merge_adapter(adapter_dir="runs/r1/output", output_dir="models/m2", dtype="fp32")
+    assert ei.value.field == "dtype" and "bf16" in ei.value.fix
+    assert not (ws.root / "models" / "m2").exists()

@@ -310,6 +310,37 @@ def _adapter_vocab(adir: Path) -> int | None:
     return None
 
 
+def _ram_needed_gib(base_id: str, dtype_name: str) -> float | None:
+    """CPU RAM the merge holds at its peak: one copy of the base in the merge dtype (the base is
+    loaded once; the adapter is folded in place, and the reload for the proof happens after it is
+    freed) plus ~10% for the adapter, logits and the safetensors writer."""
+    try:
+        from .models import get_model_facts
+        params = get_model_facts(base_id).total_params
+    except Exception:  # noqa: BLE001 - unknown size: no advance check
+        return None
+    if not params:
+        return None
+    per = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype_name, 4)
+    return params * per * 1.1 / 2 ** 30
+
+
+def _check_ram(need: float, device: str, notes: list[str]) -> None:
+    notes.append(f"The merge holds about {need:.2f} GiB in {'CPU RAM' if device == 'cpu' else 'GPU/CPU memory'} "
+                 "at its peak (one copy of the base in the merge dtype).")
+    if device != "cpu":
+        return
+    try:
+        import psutil
+        avail = psutil.virtual_memory().available / 2 ** 30
+    except ImportError:
+        return
+    if need > avail:
+        raise UserError(f"merging needs about {need:.2f} GiB of RAM and {avail:.2f} GiB is available.",
+                        field="dtype", fix="Merge in bf16 (dtype='bf16') to halve it, free memory, or merge on a "
+                                           "machine with more RAM (or a GPU).")
+
+
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -397,6 +428,9 @@ def merge_adapter(
                      f"{dtype_name}.")
     if device == "cpu" and dtype_name != "fp32":
         notes.append(f"{dtype_name} on CPU is slow and less exact; fp32 is the CPU default.")
+    need = _ram_needed_gib(base_id, dtype_name)
+    if need is not None:
+        _check_ram(need, device, notes)
 
     import torch
     from peft import PeftModel
