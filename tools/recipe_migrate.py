@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
+from .workspace import is_inside
+
 SPECTRUM_KEY = "spectrum_config_path"
 EXTRA_KEYS = {SPECTRUM_KEY, "env"}  # accepted besides the TRL dataclass fields
 FLASH_ATTN = {"flash_attention_2", "flash_attention_3"}
@@ -412,7 +414,7 @@ def template_text(ref: str, root: Path) -> tuple[Optional[str], str]:
     import json
     p = Path(ref)
     p = (p if p.is_absolute() else root / p).resolve()
-    if p != root and root not in p.parents:  # only files inside the workspace are read
+    if not is_inside(p, root):  # only files inside the workspace are read
         return None, str(ref)
     if p.is_file():
         if p.suffix in (".jinja", ".j2"):
@@ -533,10 +535,9 @@ def read_accelerate_config(path: Path, shown: str) -> AccelerateSummary:
     ds_file = (getattr(c, "deepspeed_config", None) or {}).get("deepspeed_config_file")
     if isinstance(ds_file, str) and ds_file.strip() and ds_file.lower() != "none":
         from .workspace import get_workspace
-        root = get_workspace().root
         p = Path(ds_file) if Path(ds_file).is_absolute() else path.parent / ds_file
         r = p.resolve()
-        if r != root and root not in r.parents:
+        if not is_inside(r, get_workspace().root):
             problems.append(f"deepspeed_config.deepspeed_config_file '{ds_file}' resolves to {r}, outside the "
                             "workspace: keep the DeepSpeed JSON inside it.")
     dt = str(getattr(c.distributed_type, "value", c.distributed_type))

@@ -24,7 +24,7 @@ from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSum
                              read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
                              trl_parse, versions)
 from .train import infer_method
-from .workspace import TMP_DIR, check_path_text, get_workspace, short
+from .workspace import TMP_DIR, check_path_text, get_workspace, is_inside, short
 
 REPO = Path(__file__).resolve().parent.parent
 Method = Literal["full", "lora", "qlora", "spectrum"]
@@ -162,7 +162,7 @@ def _is_local_ref(value: str, root: Path) -> Optional[Path]:
     """The existing file/dir a recipe value names, inside the workspace only (path policy)."""
     p = Path(str(value))
     p = (p if p.is_absolute() else root / p).resolve()
-    if p != root and root not in p.parents:
+    if not is_inside(p, root):
         return None
     return p if p.exists() else None
 
@@ -190,7 +190,7 @@ def _outside(value: Any, root: Path) -> Optional[Path]:
         r = (p if p.is_absolute() else root / p).resolve()
     except (OSError, RuntimeError):
         return Path(value)
-    return None if r == root or root in r.parents else r
+    return None if is_inside(r, root) else r
 
 
 def recipe_paths(cfg: dict) -> list[tuple[str, Any]]:

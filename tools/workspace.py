@@ -40,6 +40,11 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         raise
 
 
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether the already-resolved `path` is `root` or lies below it."""
+    return path == root or root in path.parents
+
+
 ECHO_CHARS = 200        # echoed input is cut to this: a 10 MB argument must not come back whole
 NAME_MAX, PATH_MAX = 255, 4096   # Linux limits; checked up front so the error names the field
 
@@ -204,7 +209,7 @@ class Workspace:
         Used for every file a tool opens that the caller did not name itself (the files of a
         dataset directory, a tokenizer folder), so a link inside an allowed folder cannot lead out."""
         resolved = Path(path).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
+        if not is_inside(resolved, self.root):
             shown = short(given if given is not None else path)
             raise UserError(
                 f"'{shown}' resolves to {short(resolved)}, outside the workspace {self.root}.",
