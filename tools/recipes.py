@@ -1145,7 +1145,7 @@ def generate_recipe(
     cfg["output_dir"] = output_dir or f"runs-out/{name}"
 
     if overrides:
-        cfg = _apply_overrides(cfg, overrides, notes)
+        cfg = apply_overrides(cfg, overrides, notes)
         chosen = infer_method(cfg)
 
     rec_path = ws.resolve(output_path or f"recipes/{name}.yaml", field="output_path")
@@ -1201,7 +1201,8 @@ def generate_recipe(
         warnings=warns + a.warnings, notes=notes + a.notes)
 
 
-def _apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
+def apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
+    """`cfg` with `overrides` (migrated, checked against TRL's fields; null removes a key)."""
     if not isinstance(overrides, dict):
         raise UserError("must be a mapping of recipe keys to values.", field="overrides",
                         fix="e.g. {'learning_rate': 1e-4}.")

@@ -80,7 +80,8 @@ def _load_recipe_yaml(path: Path) -> dict:
 
 
 def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_memory_fit: bool,
-                  checks: list[str], warnings: list[str]) -> None:
+                  checks: list[str], warnings: list[str]):
+    """validate_recipe and the memory gate; returns the validation (RecipeValidation)."""
     from tools.recipes import validate_recipe  # lazy: its module pulls in the recipe machinery
 
     v = validate_recipe(recipe=str(recipe_path), accelerate_config=accelerate_config)
@@ -92,7 +93,7 @@ def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_m
     checks.append("validate_recipe: valid")
     warnings.extend(f"recipe: {w}" for w in v.warnings)
     _memory_gate(v, require_memory_fit, checks, warnings)
-    return v.memory
+    return v
 
 
 def _memory_gate(v, require_memory_fit: bool, checks: list[str], warnings: list[str]) -> None:
@@ -121,26 +122,23 @@ def _with_overrides(rpath: Path, cfg: dict, overrides: dict, warnings: list[str]
     """The recipe with `overrides` applied, written next to it (the original is never edited), so
     what runs is a file the user can read and launch again."""
     import yaml
-    new = dict(cfg)
-    for k, v in overrides.items():
-        if not isinstance(k, str) or not k:
-            raise UserError(f"key {k!r} is not a recipe key.", field="overrides", fix="Use TRL field names.")
-        if v is None:
-            new.pop(k, None)
-        else:
-            new[k] = v
+
+    from tools.recipes import apply_overrides  # lazy: the recipe machinery
+    new = apply_overrides(cfg, overrides, warnings)
     path = rpath.with_name(f"{rpath.stem}.override.yaml")
     get_workspace().write_text(path, yaml.safe_dump(new, sort_keys=False), field="overrides")
     warnings.append(f"overrides {overrides} applied: the run uses {get_workspace().rel(path)}.")
     return path, new
 
 
-def _check_disk(cfg: dict, output_dir: Path, mem, acc_path: Optional[Path], checks: list[str]) -> None:
-    """Refuse to start when the checkpoints and the final model will not fit on the disk."""
+def _check_disk(cfg: dict, output_dir: Path, v, checks: list[str]) -> None:
+    """Refuse to start when the checkpoints and the final model will not fit on the disk.
+    v: validate_recipe's result (its memory estimate and accelerate summary)."""
+    mem = v.memory
     if mem is None:
         checks.append("disk: not estimated (no memory estimate for this model)")
         return
-    from .launch_plan import disk_needed, read_counts
+    from .launch_plan import disk_needed
     steps = cfg.get("max_steps") if isinstance(cfg.get("max_steps"), int) and cfg["max_steps"] > 0 else None
     save = cfg.get("save_steps", 500)
     if cfg.get("save_strategy") == "no":
@@ -149,10 +147,7 @@ def _check_disk(cfg: dict, output_dir: Path, mem, acc_path: Optional[Path], chec
         saves = int(1 / save)  # a fraction of the run
     else:
         saves = max(1, steps // int(save)) if steps and save else 2
-    sharding = "none"
-    if acc_path is not None:
-        text = acc_path.read_text(encoding="utf-8", errors="replace")
-        sharding = "zero3" if "zero_stage: 3" in text else "none"
+    sharding = "zero3" if v.accelerate is not None and v.accelerate.sharding == "zero3" else "none"
     dtype = str(cfg.get("dtype", "float32"))
     need = disk_needed(mem.method, mem.total_params, mem.trainable_params, save_total_limit=cfg.get("save_total_limit"),
                        save_steps_count=saves, sharding=sharding, weight_bytes=4 if dtype == "float32" else 2)
@@ -247,8 +242,8 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     else:
         checks.append("no other run active on these devices")
 
-    mem = _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
-    _check_disk(cfg, output_dir, mem, acc_path, checks)
+    v = _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
+    _check_disk(cfg, output_dir, v, checks)
     if require_masking_report:
         _check_masking(cfg, checks, warnings)
     else:
