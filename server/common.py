@@ -114,10 +114,14 @@ def _non_finite(value: Any, path: str = "") -> str | None:
     return None
 
 
-def _call(name: str, fn: Callable[..., Any], heavy: tuple[str, ...], args, kwargs):
+def _refuse_non_finite(kwargs: dict) -> None:
     bad = _non_finite(kwargs)
     if bad:
         raise ToolError(f"{bad}: inf and NaN are not accepted. Fix: give a finite number.")
+
+
+def _call(name: str, fn: Callable[..., Any], heavy: tuple[str, ...], args, kwargs):
+    _refuse_non_finite(kwargs)
     if heavy:
         warm(*heavy)
     with tracking_fields() as seen:
@@ -134,9 +138,7 @@ def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = ()) -> Callable[...,
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def awrapper(*args, **kwargs):
-            bad = _non_finite(kwargs)
-            if bad:
-                raise ToolError(f"{bad}: inf and NaN are not accepted. Fix: give a finite number.")
+            _refuse_non_finite(kwargs)
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed

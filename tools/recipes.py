@@ -790,6 +790,12 @@ def _plan(model: str, method: str, t: Target, rows: Optional[int], seq_len: int,
         return None
 
 
+def _put_yaml_key(txt: str, key: str, value: str) -> str:
+    """Set `key: value` in accelerate YAML text (at its indentation, keeping comments), or append it."""
+    pat = re.compile(rf"^(\s*){re.escape(key)}:.*$", re.M)
+    return pat.sub(lambda m: f"{m.group(1)}{key}: {value}", txt) if pat.search(txt) else txt + f"{key}: {value}\n"
+
+
 def _accelerate_text(t: Target, method: str, sharding: str, offload: bool, mixed: str) -> tuple[str, str]:
     """(template name, YAML text) of the accelerate config for this target and layout."""
     if t.kind == "cpu":
@@ -814,18 +820,14 @@ def _accelerate_text(t: Target, method: str, sharding: str, offload: bool, mixed
                     "fsdp_qlora": "fsdp2", "cpu": "single_gpu"}[name]
         text = res.files("trl.accelerate_configs").joinpath(f"{trl_name}.yaml").read_text(encoding="utf-8")
 
-    def put(txt: str, key: str, value: str) -> str:
-        pat = re.compile(rf"^(\s*){re.escape(key)}:.*$", re.M)
-        return pat.sub(lambda m: f"{m.group(1)}{key}: {value}", txt) if pat.search(txt) else txt + f"{key}: {value}\n"
-
     n = 1 if t.kind == "cpu" else max(1, t.num_gpus)
-    text = put(text, "num_processes", str(n))
-    text = put(text, "mixed_precision", "'no'" if mixed == "no" else mixed)
-    text = put(text, "use_cpu", "true" if t.kind == "cpu" else "false")
+    text = _put_yaml_key(text, "num_processes", str(n))
+    text = _put_yaml_key(text, "mixed_precision", "'no'" if mixed == "no" else mixed)
+    text = _put_yaml_key(text, "use_cpu", "true" if t.kind == "cpu" else "false")
     if offload and sharding == "fsdp":
-        text = put(text, "fsdp_offload_params", "true")
+        text = _put_yaml_key(text, "fsdp_offload_params", "true")
     if name == "single_gpu" and "distributed_type" in text:
-        text = put(text, "distributed_type", '"NO"')
+        text = _put_yaml_key(text, "distributed_type", '"NO"')
     return name, text
 
 
@@ -852,14 +854,11 @@ def _attention(t: Target) -> tuple[str, str]:
 def _multi_node(text: str, nodes: int, ip: Optional[str], warns: list[str]) -> str:
     """The accelerate config of one node of a multi-node run (machine_rank 0; each node passes
     its own --machine_rank)."""
-    def put(txt: str, key: str, value: str) -> str:
-        pat = re.compile(rf"^{re.escape(key)}:.*$", re.M)
-        return pat.sub(f"{key}: {value}", txt) if pat.search(txt) else txt + f"{key}: {value}\n"
     if '"NO"' in text or "distributed_type: NO" in text:
-        text = put(text, "distributed_type", "MULTI_GPU")  # one GPU per node: DDP over the nodes
+        text = _put_yaml_key(text, "distributed_type", "MULTI_GPU")  # one GPU per node: DDP over the nodes
     for k, v in (("num_machines", str(nodes)), ("machine_rank", "0"), ("main_process_ip", ip or "MAIN_NODE_IP"),
                  ("main_process_port", "29500"), ("rdzv_backend", "static"), ("same_network", "false")):
-        text = put(text, k, v)
+        text = _put_yaml_key(text, k, v)
     if not ip:
         warns.append("main_process_ip is the placeholder MAIN_NODE_IP: put node 0's address in the accelerate "
                      "config (validate_recipe and launch refuse it until then), or use the Slurm script, which "

@@ -203,6 +203,7 @@ def recommend_method(
                 yield sh, off, "adamw_8bit"  # bitsandbytes optimizers: single GPU / DDP only
 
     alternatives: list[Candidate] = []
+    too_slow: list[tuple[float, str]] = []  # (hours, method) of layouts that fit but exceed max_hours
     chosen = None
     tokens = dataset_tokens or (dataset_rows * avg_tokens_per_row if dataset_rows else None)
     # CPU offload is a last resort across methods: a slower-but-unoffloaded method that fits (e.g.
@@ -247,6 +248,7 @@ def recommend_method(
                 tps, mb, gc, est = best
                 hours = tokens * epochs / tps / 3600 if tokens else None
                 if max_hours and hours and hours > max_hours:
+                    too_slow.append((hours, method))
                     alternatives.append(Candidate(method=method, sharding=sh, cpu_offload=off, optimizer=opt,
                                                   micro_batch=mb, gradient_checkpointing=gc, total_gib=est.total_gib,
                                                   fits=True, why_not=f"estimated {hours:.1f} h > max_hours {max_hours}"))
@@ -269,11 +271,10 @@ def recommend_method(
                                               fits=True, why_not=f"fits ({est.total_gib:.1f} GiB), but the "
                                               f"'{goal}' order ranks {chosen[0]} first"))
     if chosen is None:
-        slow = [c for c in alternatives if c.fits and c.why_not and "max_hours" in c.why_not]
-        if slow:
-            fastest = min(slow, key=lambda c: float(c.why_not.split("estimated ")[1].split(" h")[0]))
+        if too_slow:
+            hours_, fastest = min(too_slow)
             raise UserError(f"every method that fits {f.name} on {device} is slower than max_hours={max_hours:g}: "
-                            f"the fastest, {fastest.method}, is {fastest.why_not.split(' > ')[0]}.",
+                            f"the fastest, {fastest}, is estimated {hours_:.1f} h.",
                             field="max_hours",
                             fix="Raise max_hours, train on fewer tokens (dataset_tokens / epochs), or use "
                                 "more or faster GPUs.")

@@ -194,15 +194,20 @@ def _proc_start_ticks(pid: int) -> int | None:
         return None
 
 
+def _cmdline(pid: int) -> bytes:
+    """The process's command line (NUL-separated), b"" when it is gone or unreadable."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _cmdline_names(pid: int, run_id: str) -> bool | None:
     """Whether process `pid` is this run's supervisor (its command line names the registry and
     the run id); None where /proc is absent."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return None if not Path("/proc/self/cmdline").exists() else False
-    except OSError:
-        return False
+    if not Path("/proc/self/cmdline").exists():
+        return None
+    cmd = _cmdline(pid)
     return b"tools.run_registry" in cmd and run_id.encode() in cmd
 
 
@@ -257,13 +262,6 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def signal_run(status: dict, sig: int) -> list[int]:
