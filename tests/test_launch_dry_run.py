@@ -123,3 +123,13 @@ def test_background_evaluate_runs_on_its_gpu_set(dry_ws):
     finally:
         for s in active_runs():
             signal_run(s, signal.SIGKILL)
+
+
+def test_a_launch_refused_by_the_plan_leaves_no_run_folder(dry_ws, monkeypatch):
+    from tools.runs import launch_training
+    _host_gpus(monkeypatch, 2)
+    text = (dry_ws.root / "r.yaml").read_text().replace("use_cpu: true", "use_cpu: false")
+    (dry_ws.root / "g.yaml").write_text(text)
+    with pytest.raises(UserError, match="do not exist"):
+        launch_training("g.yaml", gpu_ids=[5], require_masking_report=False)
+    assert [p.name for p in (dry_ws.root / "runs").iterdir()] == []

@@ -866,6 +866,35 @@ def _multi_node(text: str, nodes: int, ip: Optional[str], warns: list[str]) -> s
     return text
 
 
+def _runtime_defaults(cfg: dict, why: dict, t: Target, method: str, world: int, sharding: str) -> None:
+    """Settings that cost nothing and save time on GPUs: dataloader workers and pinning, and no
+    unused-parameter search for PEFT under DDP."""
+    if t.kind == "gpu":
+        cfg["dataloader_num_workers"] = 2
+        cfg["dataloader_pin_memory"] = True
+        why["dataloader_num_workers"] = "2 workers with pinned memory keep the GPU fed (tokenised rows are cheap)."
+    if method in ("lora", "qlora") and world > 1 and sharding == "none":
+        cfg["ddp_find_unused_parameters"] = False
+        why["ddp_find_unused_parameters"] = ("false: with PEFT every trained parameter is used in each step; the "
+                                             "default search for unused ones costs a graph walk per step.")
+
+
+def _multi_node_commands(rec_path: Path, name: str, nodes: int, per_node: int, acc: str, recipe: str,
+                         ip: Optional[str]) -> dict[str, str]:
+    """Write the Slurm script next to the recipe; the per-node accelerate line and the torchrun line."""
+    ws = get_workspace()
+    slurm = rec_path.with_name(rec_path.stem + ".slurm.sh")
+    ws.write_text(slurm, slurm_script(name, nodes, per_node, acc, recipe), field="output_path")
+    return {
+        "slurm": f"sbatch {ws.rel(slurm)}",
+        "accelerate": (f"accelerate launch --config_file {acc} --machine_rank <0..{nodes - 1}> "
+                       f"-m tools.train --config {recipe}   # the same on every node, its own rank"),
+        "torchrun": (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank <0..{nodes - 1}> "
+                     f"--rdzv-backend c10d --rdzv-endpoint {ip or 'MAIN_NODE_IP'}:29500 "
+                     f"-m tools.train --config {recipe}   # DDP only: ZeRO/FSDP come from the accelerate config"),
+    }
+
+
 def slurm_script(name: str, nodes: int, gpus_per_node: int, accelerate_config: str, recipe: str) -> str:
     """An sbatch script: one task per node, each running accelerate launch with its node rank;
     node 0's address from the allocation. The NCCL variables are the ones users most often need."""
@@ -1086,14 +1115,7 @@ def generate_recipe(
     cfg["activation_checkpointing"] = bool(gc)
     why["activation_checkpointing"] = ("recompute each layer in backward to fit memory." if gc else
                                        "off: memory fits without it, and it costs ~20% speed.")
-    if t.kind == "gpu":
-        cfg["dataloader_num_workers"] = 2
-        cfg["dataloader_pin_memory"] = True
-        why["dataloader_num_workers"] = "2 workers with pinned memory keep the GPU fed (tokenised rows are cheap)."
-    if chosen in ("lora", "qlora") and world > 1 and sharding == "none":
-        cfg["ddp_find_unused_parameters"] = False
-        why["ddp_find_unused_parameters"] = ("false: with PEFT every trained parameter is used in each step; the "
-                                             "default search for unused ones costs a graph walk per step.")
+    _runtime_defaults(cfg, why, t, chosen, world, sharding)
     if gc and chosen in ("lora", "qlora") and sharding == "zero3":
         cfg["activation_checkpointing_kwargs"] = {"use_reentrant": True}
         why["activation_checkpointing_kwargs"] = "PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing."
@@ -1178,14 +1200,7 @@ def generate_recipe(
     cmds = {"train": f"python -m tools.train --config {r}",
             "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
     if nodes > 1:
-        slurm = rec_path.with_name(rec_path.stem + ".slurm.sh")
-        ws.write_text(slurm, slurm_script(name, nodes, per_node or 1, ac, r), field="output_path")
-        cmds["slurm"] = f"sbatch {ws.rel(slurm)}"
-        cmds["accelerate"] = (f"accelerate launch --config_file {ac} --machine_rank <0..{nodes - 1}> "
-                              f"-m tools.train --config {r}   # the same on every node, its own rank")
-        cmds["torchrun"] = (f"torchrun --nnodes {nodes} --nproc-per-node {per_node or 1} --node-rank <0..{nodes - 1}> "
-                            f"--rdzv-backend c10d --rdzv-endpoint {main_process_ip or 'MAIN_NODE_IP'}:29500 "
-                            f"-m tools.train --config {r}   # DDP only: ZeRO/FSDP come from the accelerate config")
+        cmds.update(_multi_node_commands(rec_path, name, nodes, per_node or 1, ac, r, main_process_ip))
     if chosen != "spectrum":
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
     else:

@@ -223,6 +223,28 @@ def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
         checks.append(f"masking report for {dataset} [{split}]: {verdict}")
 
 
+def _last_checkpoint(output_dir: Path) -> Optional[str]:
+    """The newest checkpoint-N in output_dir (the run resumes from it), or None."""
+    if not output_dir.is_dir():
+        return None
+    ckpts = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return str(max(ckpts, key=lambda p: int(p.name[11:]))) if ckpts else None
+
+
+def _plan_run(cfg: dict, recipe_copy: Path, acc_path: Optional[Path], num_processes: Optional[int],
+              gpu_ids: Optional[list[int]], checks: list[str], warnings: list[str]):
+    """The launch plan (argv, environment, process count) for this host's GPUs."""
+    from .hardware import detect_hardware
+    plan = plan_launch(["-m", "tools.train", "--config", str(recipe_copy)], num_processes=num_processes,
+                       gpu_ids=gpu_ids, acc_path=acc_path,
+                       acc_copy=recipe_copy.with_name("accelerate_config.yaml") if acc_path else None,
+                       gpus_present=detect_hardware().gpu_count, recipe_use_cpu=bool(cfg.get("use_cpu")))
+    warnings.extend(plan.notes)
+    checks.append(f"{plan.world_size} process(es) ({plan.count_from})"
+                  + (f" on GPUs {gpu_ids}" if gpu_ids is not None else ""))
+    return plan
+
+
 def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path: Optional[Path],
                    num_processes: Optional[int], gpu_ids: Optional[list[int]], require_masking_report: bool,
                    require_memory_fit: bool, force: bool, name: Optional[str], dry_run: bool,
@@ -249,42 +271,27 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     else:
         checks.append("masking report: not required (require_masking_report=false)")
 
-    resumes_from = None
-    if output_dir.is_dir():
-        ckpts = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                       key=lambda p: int(p.name[11:]))
-        if ckpts:
-            resumes_from = str(ckpts[-1])
-
+    resumes_from = _last_checkpoint(output_dir)
     method = infer_method(cfg)
     run_name = name or output_dir.name
-    from .hardware import detect_hardware
     rid = "<run_id>" if dry_run else new_run_id(TRAIN_KIND, run_name)
     rdir = run_dir_for(rid, must_exist=False) if not dry_run else get_workspace().owned_dir("runs") / rid
     recipe_copy = rdir / "recipe.yaml"
-    plan = plan_launch(["-m", "tools.train", "--config", str(recipe_copy)], num_processes=num_processes,
-                       gpu_ids=gpu_ids, acc_path=acc_path,
-                       acc_copy=rdir / "accelerate_config.yaml" if acc_path else None,
-                       gpus_present=detect_hardware().gpu_count, recipe_use_cpu=bool(cfg.get("use_cpu")))
-    warnings.extend(plan.notes)
-    checks.append(f"{plan.world_size} process(es) ({plan.count_from})"
-                  + (f" on GPUs {gpu_ids}" if gpu_ids is not None else ""))
-    if dry_run:
-        return rid, plan, rdir, recipe_copy, resumes_from, method
-    shutil.copyfile(rpath, recipe_copy)
-    if acc_path:
-        shutil.copyfile(acc_path, rdir / "accelerate_config.yaml")
-
-    meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
-            "method": method, "base_model": cfg.get("model_name_or_path"),
-            "num_processes": plan.world_size, "accelerate_config": str(acc_path) if acc_path else None,
-            "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
     try:
-        start_job(TRAIN_KIND, plan.argv, name=run_name, meta=meta, force=force, run_id=rid, gpu_ids=gpu_ids,
-                  env={"TOKENIZERS_PARALLELISM": "false", **plan.env})
+        plan = _plan_run(cfg, recipe_copy, acc_path, num_processes, gpu_ids, checks, warnings)
+        if not dry_run:
+            meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
+                    "method": method, "base_model": cfg.get("model_name_or_path"),
+                    "num_processes": plan.world_size, "accelerate_config": str(acc_path) if acc_path else None,
+                    "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
+            shutil.copyfile(rpath, recipe_copy)
+            if acc_path:
+                shutil.copyfile(acc_path, rdir / "accelerate_config.yaml")
+            start_job(TRAIN_KIND, plan.argv, name=run_name, meta=meta, force=force, run_id=rid, gpu_ids=gpu_ids,
+                      env={"TOKENIZERS_PARALLELISM": "false", **plan.env})
     except BaseException:
-        if not (rdir / STATUS).exists():
-            shutil.rmtree(rdir, ignore_errors=True)
+        if not dry_run and not (rdir / STATUS).exists():
+            shutil.rmtree(rdir, ignore_errors=True)  # a run that never started leaves no folder
         raise
     return rid, plan, rdir, recipe_copy, resumes_from, method
 
@@ -575,10 +582,8 @@ def training_status(
             res.last_checkpoint = s.get("last_checkpoint")
         if res.max_steps is None and isinstance(meta.get("max_steps"), int) and meta["max_steps"] > 0:
             res.max_steps = meta["max_steps"]
-        if res.last_checkpoint is None and out.is_dir():
-            ck = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-            if ck:
-                res.last_checkpoint = str(max(ck, key=lambda p: int(p.name[11:])))
+        if res.last_checkpoint is None:
+            res.last_checkpoint = _last_checkpoint(out)
         if res.step is not None and res.max_steps:
             res.progress_pct = round(100.0 * res.step / res.max_steps, 1)
             if state == "running" and res.seconds_per_step:
@@ -674,10 +679,7 @@ def stop_training(
     out = output_dir_of(d)
 
     def last_ckpt() -> Optional[str]:
-        if not out or not out.is_dir():
-            return None
-        ck = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-        return str(max(ck, key=lambda p: int(p.name[11:]))) if ck else None
+        return _last_checkpoint(out) if out else None
 
     if prev not in ("queued", "running"):
         return StopResult(run_id=run_id, state=prev, previous_state=prev, last_checkpoint=last_ckpt(),
