@@ -8,9 +8,9 @@ import importlib
 from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.resources import FileResource
+from mcp.server.mcpserver.resources import FileResource, FunctionResource
 
-from tools import __version__
+from tools import __version__, chat_templates
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,11 @@ def _add_resources(mcp: MCPServer) -> None:
         mcp.add_resource(FileResource(uri=f"recipes://{rel}", name=f"recipes/{rel}", path=y,
                                       mime_type="application/yaml",
                                       description=f"Recipe or launch config: {rel}"))
+    mcp.add_resource(FunctionResource(
+        uri="chat-templates://trl", name="chat-templates/trl", fn=chat_templates.listing,
+        mime_type="text/markdown",
+        description="The chat templates TRL ships; name one as 'trl:<name>' in verify_masking or "
+                    "generate_recipe to get it copied into the workspace."))
 
 
 def create_server() -> MCPServer:

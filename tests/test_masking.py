@@ -256,7 +256,10 @@ def test_assistant_only_loss_without_generation_markers_fails(ws, request, tok):
 def test_assistant_only_loss_with_generation_markers_passes(ws, tok, tpl):
     rep = verify_masking(_write(ws, "msgs", _toy()[:3]), _tok(ws, tok), assistant_only_loss=True,
                          chat_template=_tpl(ws, tpl) if tpl else None)
-    assert rep.verdict == "pass", rep.reasons
+    if tpl and "qwen3" in tpl:  # Qwen3 writes an empty <think> block into every reply: named
+        assert rep.verdict == "warn" and _codes(rep) == {"template_text_trained"}, rep.reasons
+    else:
+        assert rep.verdict == "pass", rep.reasons
     assert rep.assistant_turns == 6 == rep.assistant_turns_fully_trained  # 1 + 4 + 1 replies
     assert rep.end_of_turn_trained and rep.template_matches_inference
     assert rep.trained_by_role["user"].trained == 0 and rep.trained_by_role["system"].trained == 0

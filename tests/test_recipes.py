@@ -416,3 +416,15 @@ def test_peft_under_ddp_skips_the_unused_parameter_search(ws, gpu_like):
     assert cfg["ddp_find_unused_parameters"] is False
     _, sft, _, _ = trl_parse(ws.root / r.recipe_path)
     assert sft.ddp_find_unused_parameters is False
+
+
+def test_a_template_trl_ships_is_copied_and_set_as_chat_template_path(ws):
+    from tools.chat_templates import shipped
+    ds = _dataset(ws, rows=300, test=False)
+    r = generate_recipe("Llama-3.1-8B", ds, method="qlora", gpu="RTX 4090",
+                        chat_template="trl:llama3_training.jinja")
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    assert cfg["chat_template_path"] == "chat_templates/llama3_training.jinja"
+    assert (ws.root / cfg["chat_template_path"]).read_text() == \
+        shipped()["llama3_training.jinja"].read_text()
+    assert cfg["eos_token"] == "<|eot_id|>"  # read from the copied template

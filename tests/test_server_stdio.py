@@ -90,6 +90,8 @@ def test_stdout_carries_only_protocol(tmp_path):
         {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
          "params": {"name": "estimate_memory", "arguments": {"model": "no-such-model-xyz"}}},
         {"jsonrpc": "2.0", "id": 5, "method": "resources/list"},
+        {"jsonrpc": "2.0", "id": 6, "method": "resources/read",
+         "params": {"uri": "chat-templates://trl"}},
     ]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--workspace", str(ws)], cwd=REPO,
                             env=_env(ws), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -124,6 +126,8 @@ def test_stdout_carries_only_protocol(tmp_path):
     uris = {r["uri"] for r in replies[5]["result"]["resources"]}
     assert any(u.startswith("references://") for u in uris)
     assert "skill://SKILL.md" in uris
+    listing = replies[6]["result"]["contents"][0]["text"]  # TRL's shipped templates, by name
+    assert "`qwen3.jinja` (training variant: `qwen3_training.jinja`)" in listing
 
 
 def test_server_import_does_not_import_torch():

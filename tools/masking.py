@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -26,7 +26,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 TRUNCATION_FAIL_SHARE = 0.05  # more than this share of examples cut/removed -> fail
-PROMPT_ROLES = ("system", "user", "tool", "assistant_context")
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +99,11 @@ class MaskingReport(BaseModel):
     examples_checked: int
     trained_share: Optional[Spread] = Field(default=None,
                                             description="share of tokens trained per example.")
-    tokens_per_example: Optional[Spread] = Field(default=None, description="before truncation.")
+    tokens_per_example: Optional[Spread] = Field(default=None, description="before truncation, "
+                                                 "over rows_length_checked rows.")
+    rows_length_checked: int = Field(default=0, description="rows whose length and truncation "
+                                     "were counted: every row of the split (the masking checks "
+                                     "use the sample).")
     trained_by_role: dict[str, RoleTokens] = Field(
         default={}, description="tokens and trained tokens by role: system/user/assistant/tool "
                                 "content, assistant_context (earlier replies inside a prompt), "
@@ -174,12 +177,16 @@ def _make_key(d_hash, t_hash, tpl_hash, split, completion_only_loss, assistant_o
 
 
 def _template_text(chat_template: Optional[str]) -> tuple[Optional[str], str]:
-    """(template text, label): a .jinja path inside the workspace, or literal template text."""
+    """(template text, label): a .jinja path inside the workspace, `trl:<name>` (copied into
+    the workspace, the label is its path), or literal template text."""
+    from . import chat_templates
     if chat_template is None or not str(chat_template).strip():
         return None, "tokenizer"
     s = str(chat_template)
     if "{%" in s or "{{" in s:
         return s, "literal"
+    if chat_templates.is_ref(s):
+        s = chat_templates.materialize(s, field="chat_template")
     ws = get_workspace()
     p = ws.resolve(s, field="chat_template", must_exist=True, kind="file")
     try:
@@ -324,9 +331,9 @@ def verify_masking(
     max_length: Annotated[Optional[int], Field(ge=1, description="SFTConfig.max_length; None = no "
                                                                  "truncation.")] = 1024,
     chat_template: Annotated[Optional[str], Field(
-        description="A .jinja file in the workspace, or template text, that replaces the "
-                    "tokenizer's template (as chat_template_path does; needed for a base model "
-                    "without one).")] = None,
+        description="A .jinja file in the workspace, 'trl:<name>' (a template TRL ships, e.g. "
+                    "trl:qwen3_training.jinja, copied to chat_templates/), or template text; it "
+                    "replaces the tokenizer's template as chat_template_path does.")] = None,
     split: Annotated[str, Field(description="Split file of a dataset directory.")] = "train",
     sample_size: Annotated[int, Field(ge=1, le=2000, description="Rows checked, spread over "
                                                                  "the split.")] = 64,
@@ -345,8 +352,54 @@ def verify_masking(
     trained, trained tokens per role, decoded examples with trained spans in [[...]], and the
     path of the saved JSON report.
     """
-    from . import masking_checks as mc
+    inp = _load(dataset, tokenizer, chat_template, split, sample_size, packing, max_length)
+    base = _base_fields(inp, completion_only_loss, assistant_only_loss, packing, max_length)
+    reasons: list[Reason] = []
+    if len(inp.rows) < len(inp.all_rows):
+        reasons.append(Reason(severity="info", code="sampled",
+                              message=f"masking checked on {len(inp.rows)} of {len(inp.all_rows)} "
+                                      "rows, spread evenly over the split; lengths and "
+                                      "truncation counted on every row.",
+                              fix="Raise sample_size to check the masking of more rows."))
+    settings = dict(completion_only_loss=completion_only_loss,
+                    assistant_only_loss=assistant_only_loss, packing=packing, max_length=max_length)
+    run = _run(inp, base, reasons, settings)
+    if run is None:
+        return _finish(base, reasons, zero=base.pop("zero_trained_examples_extra", 0))
+    s: MaskingSettings = base["settings"]
+    s.completion_only_loss_effective = run.completion_only_loss
+    s.padding_free = run.padding_free
+    if run.training_template is not None:
+        s.training_template = "trl_training_variant"
+        reasons.append(Reason(
+            severity="info", code="training_template_swapped",
+            message="assistant_only_loss: the chat template has no {% generation %} markers, so "
+                    "TRL tokenises with its own training variant of this template. The checks "
+                    "below compare it with the inference template."))
+    from .masking_analysis import analyse
+    tpl = inp.tok.chat_template if isinstance(inp.tok.chat_template, str) else None
+    report = analyse(base, reasons, run, inp.tok, inp.idx, inp.fmt,
+                     _stop_ids(inp.tok, inp.t_path), show_examples, tpl)
+    return _finish(report, reasons)
 
+
+@dataclass
+class _Inputs:
+    """The resolved inputs of one verify_masking call."""
+    d_path: Path
+    t_path: Path
+    file: Path
+    tok: Any
+    tpl_text: Optional[str]
+    tpl_label: str
+    split: str
+    all_rows: list[dict]
+    idx: list[int]           # split row number of each sampled row
+    rows: list[dict]
+    fmt: str
+
+
+def _load(dataset, tokenizer, chat_template, split, sample_size, packing, max_length) -> _Inputs:
     ws = get_workspace()
     d_path = ws.resolve(dataset, field="dataset", must_exist=True)
     t_path = ws.resolve(tokenizer, field="tokenizer", must_exist=True, kind="dir")
@@ -354,7 +407,6 @@ def verify_masking(
     if packing and max_length is None:
         raise UserError("packing needs a max_length.", field="max_length",
                         fix="Set max_length (e.g. 1024 or 2048) or packing=false.")
-
     file = _split_file(d_path, split)
     all_rows = _read_rows(file)
     if not all_rows:
@@ -362,87 +414,86 @@ def verify_masking(
                         fix="Check the file; convert_dataset writes one JSON object per line.")
     idx, rows = _sample(all_rows, sample_size)
     fmt = _detect_format(rows[0])
-    conversational = fmt in ("messages", "prompt_completion")
-
     tok = _load_tokenizer(t_path)
     if tpl_text is not None:
         tok.chat_template = tpl_text
     check_template(tok.chat_template if isinstance(tok.chat_template, str) else None,
                    field="chat_template" if tpl_text is not None else "tokenizer")
-    if conversational and not tok.chat_template:
+    if fmt in ("messages", "prompt_completion") and not tok.chat_template:
         raise UserError(f"the tokenizer in {ws.rel(t_path)} has no chat template, and the data is "
                         "conversational.", field="chat_template",
-                        fix="Pass chat_template: a .jinja file (e.g. the Instruct model's template) "
-                            "or the template text; the recipe must set the same "
-                            "chat_template_path.")
+                        fix="Pass chat_template: a .jinja file (e.g. the Instruct model's template, "
+                            "or one TRL ships, as 'trl:<name>') or the template text; the recipe "
+                            "must set the same chat_template_path.")
+    return _Inputs(d_path, t_path, file, tok, tpl_text, tpl_label, split, all_rows, idx, rows, fmt)
 
-    d_hash, t_hash, tp_hash = dataset_hash(d_path), tokenizer_hash(t_path), template_hash(tpl_text)
-    key = _make_key(d_hash, t_hash, tp_hash, split, completion_only_loss, assistant_only_loss,
-                    packing, max_length)
+
+def _base_fields(inp: _Inputs, completion_only_loss, assistant_only_loss, packing,
+                 max_length) -> dict:
+    ws = get_workspace()
+    d_hash, t_hash = dataset_hash(inp.d_path), tokenizer_hash(inp.t_path)
+    tp_hash = template_hash(inp.tpl_text)
+    key = _make_key(d_hash, t_hash, tp_hash, inp.split, completion_only_loss,
+                    assistant_only_loss, packing, max_length)
     settings = MaskingSettings(
-        dataset=ws.rel(d_path), tokenizer=ws.rel(t_path), split=split,
+        dataset=ws.rel(inp.d_path), tokenizer=ws.rel(inp.t_path), split=inp.split,
         completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss,
-        packing=packing, max_length=max_length, chat_template=tpl_label)
-    base = dict(key=key, report_path="", created_at=_now(), settings=settings,
-                dataset_format=fmt, dataset_rows=len(all_rows), examples_checked=len(rows),
-                pad_token=tok.pad_token, eos_token=tok.eos_token,
-                dataset_hash=d_hash, tokenizer_hash=t_hash, template_hash=tp_hash)
+        packing=packing, max_length=max_length, chat_template=inp.tpl_label)
+    return dict(key=key, report_path="", created_at=_now(), settings=settings,
+                dataset_format=inp.fmt, dataset_rows=len(inp.all_rows),
+                examples_checked=len(inp.rows), pad_token=inp.tok.pad_token,
+                eos_token=inp.tok.eos_token, dataset_hash=d_hash, tokenizer_hash=t_hash,
+                template_hash=tp_hash)
 
-    reasons: list[Reason] = []
-    if len(rows) < len(all_rows):
-        reasons.append(Reason(severity="info", code="sampled",
-                              message=f"checked {len(rows)} of {len(all_rows)} rows, spread "
-                                      "evenly over the split.",
-                              fix="Raise sample_size to check more rows."))
 
+def _run(inp: _Inputs, base: dict, reasons: list[Reason], settings: dict):
+    """TRL's preparation of the sample (and the lengths of every row); None when it refused.
+
+    Rows without an assistant message make TRL refuse the whole dataset under
+    assistant_only_loss: they are named, and the other rows are still proven."""
+    from . import masking_checks as mc
+    everything = list(enumerate(inp.all_rows))
     try:
-        run = mc.run_trl(rows, tok, completion_only_loss=completion_only_loss,
-                         assistant_only_loss=assistant_only_loss, packing=packing,
-                         max_length=max_length)
+        return mc.run_trl(inp.rows, inp.tok, row_numbers=inp.idx, all_rows=everything, **settings)
     except mc.TrlRefused as exc:
-        dropped: list[int] = []
-        if exc.kind == "no_assistant_tokens":
-            dropped = [i for i, r in enumerate(rows) if not _has_assistant(r)]
-            reasons.append(_zero_assistant_reason(exc.message, [idx[i] for i in dropped]))
-            keep = [r for i, r in enumerate(rows) if i not in set(dropped)]
-            if dropped and keep:
-                idx = [idx[i] for i in range(len(rows)) if i not in set(dropped)]
-                rows = keep
-                try:  # still prove the masking of the other rows
-                    run = mc.run_trl(rows, tok, completion_only_loss=completion_only_loss,
-                                     assistant_only_loss=assistant_only_loss, packing=packing,
-                                     max_length=max_length)
-                except mc.TrlRefused as exc2:
-                    reasons.append(_refusal_reason(exc2))
-                    return _finish(base, reasons, zero=len(dropped))
-            else:
-                return _finish(base, reasons, zero=len(dropped))
-        else:
-            reasons.append(_refusal_reason(exc))
-            return _finish(base, reasons)
+        if exc.kind != "no_assistant_tokens":
+            reasons.append(_refusal_reason(exc, inp.tok))
+            return None
+        dropped = [n for n, r in everything if not _has_assistant(r)]
+        reasons.append(_zero_assistant_reason(exc.message, dropped))
         base["zero_trained_examples_extra"] = len(dropped)
+        keep = [(i, r) for i, r in zip(inp.idx, inp.rows) if i not in set(dropped)]
+        if not dropped or not keep:
+            return None
+        inp.idx, inp.rows = [i for i, _ in keep], [r for _, r in keep]
+        try:  # still prove the masking of the other rows
+            return mc.run_trl(inp.rows, inp.tok, row_numbers=inp.idx,
+                              all_rows=[(n, r) for n, r in everything if n not in set(dropped)],
+                              **settings)
+        except mc.TrlRefused as exc2:
+            reasons.append(_refusal_reason(exc2, inp.tok))
+            return None
     except Exception as exc:  # noqa: BLE001 - template errors etc. are findings about the inputs
-        import traceback
-        jinja = type(exc).__module__.startswith("jinja2") or any(
-            f.filename == "<template>" for f in traceback.extract_tb(exc.__traceback__))
-        reasons.append(Reason(
-            severity="fail", code="template_error" if jinja else "trl_error",
-            message=f"SFTTrainer could not prepare this data: {type(exc).__name__}: {exc}",
-            fix="The chat template cannot render these messages (roles, order, tool calls): "
-                "pick a template that supports them, or convert the data (convert_dataset)."
-            if jinja else "Check that the dataset columns and settings fit SFTTrainer."))
-        return _finish(base, reasons)
+        reasons.append(_prepare_error(exc, inp))
+        return None
 
-    settings.completion_only_loss_effective = run.completion_only_loss
-    settings.padding_free = run.padding_free
-    if run.training_template is not None:
-        settings.training_template = "trl_training_variant"
-        reasons.append(Reason(
-            severity="info", code="training_template_swapped",
-            message="assistant_only_loss: the chat template has no {% generation %} markers, so "
-                    "TRL tokenises with its own training variant of this template. The checks "
-                    "below compare it with the inference template."))
-    return _analyse(base, reasons, run, tok, idx, fmt, _stop_ids(tok, t_path), show_examples, mc)
+
+def _prepare_error(exc: Exception, inp: _Inputs) -> Reason:
+    """A template or data error while TRL prepared the rows, with the first row it hits."""
+    import traceback
+
+    from . import masking_checks as mc
+    jinja = type(exc).__module__.startswith("jinja2") or any(
+        f.filename == "<template>" for f in traceback.extract_tb(exc.__traceback__))
+    where = mc.first_render_error(inp.tok, list(enumerate(inp.all_rows)), None) if jinja else None
+    row = f" Row {where[0]}: {where[1]}." if where else ""
+    return Reason(
+        severity="fail", code="template_error" if jinja else "trl_error",
+        message=f"SFTTrainer could not prepare this data: {type(exc).__name__}: {exc}.{row}",
+        fix="The chat template cannot render these messages (roles, order, tool calls without "
+            "content): pick a template that supports them, or convert the data (convert_dataset)."
+        if jinja else "Check that the dataset columns and settings fit SFTTrainer.",
+        rows=[where[0]] if where else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,19 +520,9 @@ def _zero_assistant_reason(trl_message: str, rows: list[int]) -> Reason:
         rows=rows[:20])
 
 
-def _refusal_reason(exc) -> Reason:
+def _refusal_reason(exc, tok=None) -> Reason:
     if exc.kind == "no_generation_markers":
-        return Reason(
-            severity="fail", code="assistant_only_loss_unsupported",
-            message="assistant_only_loss needs a chat template with {% generation %} ... "
-                    "{% endgeneration %} around assistant replies; this template has none and "
-                    f"TRL has no training variant for it (TRL: {exc.message})",
-            fix="Either convert to prompt/completion (convert_dataset "
-                "target_format=prompt_completion) and use completion_only_loss, or pass "
-                "chat_template with generation markers (e.g. TRL's qwen3_training.jinja / "
-                "llama3_training.jinja or a copy of your template with {% generation %} around "
-                "the assistant content and its end-of-turn token), and set the same "
-                "chat_template_path in the recipe.")
+        return _no_markers_reason(exc, tok)
     if exc.kind == "not_conversational":
         return Reason(severity="fail", code="assistant_only_loss_not_conversational",
                       message=f"assistant_only_loss needs conversational data (TRL: {exc.message})",
@@ -494,350 +535,44 @@ def _refusal_reason(exc) -> Reason:
                   fix="Change the settings TRL names above.")
 
 
+def _no_markers_reason(exc, tok) -> Reason:
+    """assistant_only_loss refused: say why TRL did not swap in its training variant, and name
+    the shipped template to use (TRL swaps only for a byte-identical copy of a template it ships)."""
+    from . import chat_templates
+    tpl = tok.chat_template if tok is not None and isinstance(tok.chat_template, str) else None
+    near = chat_templates.closest(tpl) if tpl else None
+    if near is not None:
+        why = (f"Your template is close to TRL's {near.name} ({near.similarity:.0%} of lines alike) "
+               f"but not identical (first difference at line {near.first_difference}), and TRL "
+               "swaps in its training variant only for an exact copy of a template it ships.")
+    else:
+        why = "TRL has no training variant for a template like this one."
+    use = (f"pass chat_template='{chat_templates.PREFIX}{near.training_variant}' (TRL's training "
+           f"variant of {near.name}, copied into the workspace) and set the chat_template_path it "
+           "reports in the recipe" if near and near.training_variant else
+           "pass chat_template with generation markers (a copy of your template with "
+           "{% generation %} around the assistant content and its end-of-turn token, or one TRL "
+           "ships as 'trl:<family>_training.jinja', see the resource chat-templates://trl), and "
+           "set the same chat_template_path in the recipe")
+    return Reason(
+        severity="fail", code="assistant_only_loss_unsupported",
+        message="assistant_only_loss needs a chat template with {% generation %} ... "
+                "{% endgeneration %} around assistant replies; this template has none. "
+                f"{why} (TRL: {exc.message})",
+        fix=f"Either {use}, or convert to prompt/completion (convert_dataset "
+            "target_format=prompt_completion) and use completion_only_loss.")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
-def _spread(values: list[float], nd: int = 4) -> Optional[Spread]:
-    if not values:
-        return None
-    return Spread(mean=round(statistics.fmean(values), nd), min=round(min(values), nd),
-                  max=round(max(values), nd))
-
-
-def _analyse(base, reasons, run, tok, idx, fmt, stop_ids, show_examples, mc):
-    eos_id, bos_id = tok.eos_token_id, tok.bos_token_id
-    # None = the tokenizer's own template (after any chat_template replacement), which is also
-    # the inference template; TRL's swapped-in training variant otherwise.
-    train_template, infer_template = run.training_template, None
-    by_role: dict[str, list[int]] = {}
-    shares, lengths = [], []
-    turns_total = turns_full = 0
-    eot_missing_rows, eot_masked_rows, no_stop_rows, prompt_rows = [], [], [], []
-    prompt_trained = 0
-    mismatch_rows, merge_rows, double_bos_rows, eos_masked_rows = [], [], [], []
-    cut_rows, removed_rows, zero_rows, over_rows, unaligned_rows = [], [], [], [], []
-    mismatch_detail = merge_detail = ""
-    not_trained_rows = []
-    eot_tokens: set[int] = set()
-    views: list[ExampleView] = []
-    chat_markup_rows = []
-    dropped_roles: dict[str, list[int]] = {}
-    added_ids = set(tok.get_added_vocab().values()) | set(tok.all_special_ids)
-
-    for src in run.full:
-        i = src["__row"]
-        row_no = idx[i]
-        ids_full, labels_full = list(src["input_ids"]), list(src["labels"])
-        lengths.append(len(ids_full))
-        fin = run.final.get(i)
-        if fin is not None and list(fin[0]) == ids_full[:len(fin[0])]:
-            kept, labels_k = len(fin[0]), list(fin[1])
-        else:
-            kept, labels_k = 0, []
-        trained = [labels_k[p] != -100 if p < kept else False for p in range(len(ids_full))]
-        n_trained = sum(trained)
-        if _over_max_length(base, len(ids_full)):
-            over_rows.append(row_no)
-        lost = sum(1 for p in range(kept, len(ids_full)) if labels_full[p] != -100)
-        if n_trained == 0:
-            (removed_rows if any(lbl != -100 for lbl in labels_full) else zero_rows).append(row_no)
-        elif lost:
-            cut_rows.append(row_no)
-        if kept:
-            shares.append(n_trained / kept)
-
-        # Role attribution
-        tools = mc.json_tools(src.get("tools"))
-        kwargs = src.get("chat_template_kwargs") or {}
-        conv = None
-        try:
-            if fmt == "messages":
-                conv = mc.conversation_view(tok, src["messages"], first_trained_turn=0,
-                                            train_template=train_template,
-                                            infer_template=infer_template, tools=tools,
-                                            kwargs=kwargs)
-            elif fmt == "prompt_completion":
-                conv = mc.conversation_view(tok, list(src["prompt"]) + list(src["completion"]),
-                                            first_trained_turn=len(src["prompt"]),
-                                            train_template=train_template,
-                                            infer_template=infer_template, tools=tools,
-                                            kwargs=kwargs)
-            elif fmt == "prompt_completion_text":
-                conv = mc.text_view(src["prompt"], src["completion"], None, tok.eos_token)
-            else:
-                conv = mc.text_view(None, None, src.get("text", ""), None)
-        except Exception:  # noqa: BLE001 - attribution is best effort; labels above are exact
-            conv = None
-        offsets = mc.token_offsets(tok, conv.text, ids_full) if conv is not None else None
-        if conv is not None and conv.missing:
-            for _, role in conv.missing:
-                dropped_roles.setdefault(role, []).append(row_no)
-        if offsets is None:
-            unaligned_rows.append(row_no)
-            roles = ["unattributed"] * len(ids_full)
-        else:
-            roles, turns = mc.token_roles(conv, offsets)
-        for p in range(kept):
-            acc = by_role.setdefault(roles[p], [0, 0])
-            acc[0] += 1
-            acc[1] += int(trained[p])
-        if offsets is not None:
-            bad = [p for p in range(kept) if trained[p] and roles[p] in PROMPT_ROLES]
-            if bad:
-                prompt_rows.append(row_no)
-                prompt_trained += len(bad)
-            if fmt == "text" and any(ids_full[p] in added_ids and ids_full[p] not in (bos_id, eos_id)
-                                     for p in range(kept)):
-                chat_markup_rows.append(row_no)
-            # Assistant turns
-            last_expected = [t for t in conv.assistant_turns if t["trained_expected"]]
-            for t in last_expected:
-                k = t["turn"]
-                content = [p for p in range(len(ids_full)) if turns[p] == k
-                           and roles[p] == "assistant"]
-                in_kept = [p for p in content if p < kept]
-                if not in_kept and content:
-                    continue  # entirely cut by truncation: counted there
-                turns_total += 1
-                if all(trained[p] for p in in_kept):
-                    turns_full += 1
-                elif row_no not in not_trained_rows:
-                    not_trained_rows.append(row_no)
-                start = (content[-1] + 1) if content else \
-                    next((p for p, o in enumerate(offsets) if o[0] >= t["content_end"]),
-                         len(ids_full))
-                eot = next((p for p in range(start, len(ids_full))
-                            if tok.decode([ids_full[p]]).strip()), None)
-                if eot is None:
-                    eot_missing_rows.append(row_no)
-                    continue
-                if eot >= kept:
-                    continue  # cut by truncation: counted there
-                if not trained[eot]:
-                    if row_no not in eot_masked_rows:
-                        eot_masked_rows.append(row_no)
-                else:
-                    eot_tokens.add(ids_full[eot])
-                if t is last_expected[-1] and stop_ids:
-                    if not any(trained[p] and ids_full[p] in stop_ids
-                               for p in range(eot, kept)) and trained[eot]:
-                        no_stop_rows.append(row_no)
-                # EOS inside the reply span but masked
-                for p in range(start, min(kept, len(ids_full))):
-                    if turns[p] != k:
-                        break
-                    if ids_full[p] == eos_id and not trained[p]:
-                        if row_no not in eos_masked_rows:
-                            eos_masked_rows.append(row_no)
-                        break
-            # Generation prompt used at inference vs the tokens trained on
-            special = fmt in ("prompt_completion_text", "text")
-            for k, gp in conv.gen_prompts:
-                gp_ids = tok(gp, add_special_tokens=special)["input_ids"]
-                if ids_full[:len(gp_ids)] == list(gp_ids):
-                    continue
-                if conv.text.startswith(gp):
-                    merge_rows.append(row_no)
-                    if not merge_detail:
-                        j = mc.common_prefix_ids(gp_ids, ids_full)
-                        merge_detail = (f"prompt ends {tok.decode(gp_ids[j:])!r} but training "
-                                        f"has {tok.decode(ids_full[j:j + 3])!r}")
-                else:
-                    mismatch_rows.append(row_no)
-                    if not mismatch_detail:
-                        c = mc._common_prefix(gp, conv.text)
-                        mismatch_detail = (f"inference prompt continues {gp[c:c + 60]!r}, "
-                                           f"training text continues {conv.text[c:c + 60]!r}")
-                break  # one mismatch per row is enough
-        if bos_id is not None and len(ids_full) >= 2 and ids_full[0] == bos_id == ids_full[1]:
-            double_bos_rows.append(row_no)
-        if len(views) < show_examples:
-            shown = kept or min(len(ids_full), base["settings"].max_length or len(ids_full))
-            note = "" if kept else ("dropped: no trained token left within max_length"
-                                    if fin is None else "no trained token")
-            views.append(ExampleView(row=row_no, tokens=kept, trained_tokens=n_trained,
-                                     text=mc.decoded_view(tok, ids_full[:shown], trained[:shown],
-                                                          len(ids_full) - shown, note=note)))
-
-    n = len(run.full)
-    extra_zero = base.pop("zero_trained_examples_extra", 0)
-    settings: MaskingSettings = base["settings"]
-    pad_eq = run.pad_token_id is not None and run.pad_token_id == eos_id
-    report = dict(base)
-    report.update(
-        trained_share=_spread(shares), tokens_per_example=_spread([float(x) for x in lengths], 1),
-        trained_by_role={r: RoleTokens(tokens=v[0], trained=v[1]) for r, v in sorted(by_role.items())},
-        assistant_turns=turns_total, assistant_turns_fully_trained=turns_full,
-        all_assistant_turns_trained=(turns_total == turns_full) if turns_total else None,
-        end_of_turn_trained=(not eot_masked_rows and not eot_missing_rows) if turns_total else None,
-        prompt_tokens_trained=prompt_trained,
-        # Checked only on rows whose tokens could be mapped to roles: no such row, no evidence.
-        no_prompt_tokens_trained=(not prompt_rows) if n > len(unaligned_rows) else None,
-        template_matches_inference=(not mismatch_rows) if n > len(unaligned_rows) else None,
-        template_mismatch_examples=len(mismatch_rows),
-        double_bos_examples=len(double_bos_rows), pad_token=run.pad_token,
-        pad_equals_eos=pad_eq, eos_masked_examples=len(eos_masked_rows),
-        stop_tokens=[tok.convert_ids_to_tokens(i) for i in sorted(stop_ids)],
-        truncation=TruncationStats(max_length=settings.max_length,
-                                   longest_tokens=max(lengths) if lengths else 0,
-                                   examples_over_max_length=len(over_rows),
-                                   completions_cut=len(cut_rows),
-                                   examples_removed=len(removed_rows)),
-        zero_trained_examples=len(zero_rows) + len(removed_rows) + extra_zero,
-        examples=views, trl_warnings=run.warnings)
-
-    # ---- reasons ---------------------------------------------------------------------------
-    R = reasons.append
-    if prompt_rows:
-        if fmt == "messages" and not settings.assistant_only_loss:
-            R(Reason(severity="fail", code="messages_trains_all_tokens",
-                     message=f"messages data without assistant_only_loss trains every token, "
-                             f"system and user turns included ({prompt_trained} prompt tokens "
-                             f"trained in {len(prompt_rows)}/{n} examples); completion_only_loss "
-                             "has no effect on messages data.",
-                     fix="Convert to prompt/completion (convert_dataset "
-                         "target_format=prompt_completion; completion_only_loss then masks the "
-                         "prompt), or set assistant_only_loss=true with a template that has "
-                         "{% generation %} markers.", rows=prompt_rows[:20]))
-        elif fmt == "prompt_completion" and settings.completion_only_loss is False:
-            R(Reason(severity="fail", code="prompt_tokens_trained",
-                     message=f"completion_only_loss=false trains the prompt too ({prompt_trained} "
-                             f"system/user tokens in {len(prompt_rows)}/{n} examples).",
-                     fix="Leave completion_only_loss unset (None) or true.", rows=prompt_rows[:20]))
-        else:
-            R(Reason(severity="fail", code="prompt_tokens_trained",
-                     message=f"{prompt_trained} system/user/tool tokens are trained in "
-                             f"{len(prompt_rows)}/{n} examples.",
-                     fix="Put tool results and earlier turns in the prompt (prompt/completion), "
-                         "or use assistant_only_loss with generation markers.",
-                     rows=prompt_rows[:20]))
-    if not_trained_rows:
-        R(Reason(severity="fail", code="assistant_not_trained",
-                 message=f"assistant reply tokens are masked in {len(not_trained_rows)}/{n} "
-                         "examples: the model does not learn those replies.",
-                 fix="With prompt/completion data, put every reply to learn in `completion`; with "
-                     "assistant_only_loss, the {% generation %} span must cover the whole reply.",
-                 rows=not_trained_rows[:20]))
-    if eot_masked_rows or eot_missing_rows:
-        rows_ = sorted(set(eot_masked_rows + eot_missing_rows))
-        why = ("the end-of-turn/EOS token after the reply is masked" if eot_masked_rows
-               else "the template writes no end-of-turn token after the reply")
-        fix = ("Put the end-of-turn token inside {% generation %}...{% endgeneration %} (TRL's "
-               "*_training.jinja templates do)" if settings.assistant_only_loss else
-               "Use a chat template that ends each assistant turn with an end-of-turn token")
-        if pad_eq:
-            fix += "; pad == eos here, so also set a pad token distinct from EOS"
-        R(Reason(severity="fail", code="eos_not_trained",
-                 message=f"{why} in {len(rows_)}/{n} examples: the model never learns to stop.",
-                 fix=fix + ".", rows=rows_[:20]))
-    if no_stop_rows:
-        names = ", ".join(repr(tok.convert_ids_to_tokens(i)) for i in sorted(eot_tokens)) or "?"
-        R(Reason(severity="warn", code="stop_token_not_eos",
-                 message=f"replies end with {names}, which is not the tokenizer's EOS "
-                         f"{tok.eos_token!r} (or a generation_config eos): generation may not "
-                         "stop after a reply.",
-                 fix="Set eos_token in the recipe (SFTConfig.eos_token) to the end-of-turn token, "
-                     "or add it to generation_config.eos_token_id.", rows=no_stop_rows[:20]))
-    if eos_masked_rows and not eot_masked_rows:
-        R(Reason(severity="fail", code="eos_masked",
-                 message=f"an EOS token inside a reply is masked in {len(eos_masked_rows)}/{n} "
-                         "examples.",
-                 fix="Set a pad token distinct from EOS, and keep EOS inside the trained span.",
-                 rows=eos_masked_rows[:20]))
-    if pad_eq:
-        R(Reason(severity="info", code="pad_equals_eos",
-                 message=f"pad token == EOS ({tok.eos_token!r}). TRL 1.16's collator pads labels "
-                         "with -100 separately, so EOS stays trained"
-                         + (" (checked)." if not eot_masked_rows else ".")))
-    if mismatch_rows:
-        R(Reason(severity="fail", code="template_mismatch",
-                 message=f"in {len(mismatch_rows)}/{n} examples the training sequence does not "
-                         "start with the add_generation_prompt=True rendering used at inference: "
-                         f"{mismatch_detail}. The model is trained on a context it never sees "
-                         "when generating.",
-                 fix="Use a template that renders the prompt identically in both cases (e.g. "
-                     "one that does not add/strip <think> blocks or headers only in the "
-                     "generation prompt), or fix the template, and verify again.",
-                 rows=mismatch_rows[:20]))
-    if merge_rows:
-        R(Reason(severity="warn", code="prompt_boundary_merge",
-                 message=f"in {len(merge_rows)}/{n} examples the prompt's last tokens merge with "
-                         f"the completion's first ({merge_detail}): TRL starts the completion "
-                         "where they diverge.",
-                 fix="End prompts on a token boundary (e.g. with a newline) or start completions "
-                     "with the separating space.", rows=merge_rows[:20]))
-    if double_bos_rows:
-        R(Reason(severity="warn", code="double_bos",
-                 message=f"{len(double_bos_rows)}/{n} examples start with two BOS tokens "
-                         f"({tok.bos_token!r}): the text already has BOS and the tokenizer adds "
-                         "another.",
-                 fix="Remove the BOS from the text (e.g. render prompts with the chat template "
-                     "without bos_token) or use conversational data so TRL tokenises once.",
-                 rows=double_bos_rows[:20]))
-    if cut_rows or removed_rows:
-        bad = len(cut_rows) + len(removed_rows)
-        sev = "fail" if bad > TRUNCATION_FAIL_SHARE * n else "warn"
-        longest = max(lengths) if lengths else 0
-        R(Reason(severity=sev, code="truncation_cuts_completions",
-                 message=f"max_length={settings.max_length} cuts trained tokens: "
-                         f"{len(cut_rows)} example(s) lose part of the reply (and its EOS), "
-                         f"{len(removed_rows)} lose all of it (TRL drops them, or with packing "
-                         f"they train on nothing); longest example {longest} tokens.",
-                 fix=f"Raise max_length (>= {longest} covers every checked example) if memory "
-                     "allows, or drop/shorten long examples (convert_dataset length filter).",
-                 rows=(cut_rows + removed_rows)[:20]))
-    if zero_rows:
-        R(Reason(severity="fail", code="zero_trained_examples",
-                 message=f"{len(zero_rows)}/{n} examples have no trained token at all.",
-                 fix="Give every example a reply to learn (an assistant message / non-empty "
-                     "completion), or drop those rows.", rows=zero_rows[:20]))
-    if chat_markup_rows:
-        R(Reason(severity="warn", code="text_contains_chat_markup",
-                 message="text rows contain chat-template tokens: every token is trained, user "
-                         "turns included.",
-                 fix="Convert to prompt/completion or messages (convert_dataset) so only replies "
-                     "are trained.", rows=chat_markup_rows[:20]))
-    if fmt == "text":
-        R(Reason(severity="info", code="language_modeling",
-                 message="text data: every token is trained (continued pre-training)."))
-    for role, rws in sorted(dropped_roles.items()):
-        rws = sorted(set(rws))
-        kind = mc.norm_role(role)
-        R(Reason(severity="warn" if kind == "system" else "fail", code="message_not_rendered",
-                 message=f"the chat template does not render the content of '{role}' messages "
-                         f"in {len(rws)}/{n} examples"
-                         + (" (it drops system prompts)." if kind == "system" else
-                            ": the model trains on text without them."),
-                 fix="Use the roles the template knows (system/user/assistant/tool, with "
-                     "role/content keys; convert ShareGPT human/gpt with convert_dataset), or a "
-                     "template that renders every message.", rows=rws[:20]))
-    if unaligned_rows:
-        none = len(unaligned_rows) == n
-        R(Reason(severity="warn", code="roles_unattributed",
-                 message=f"could not map tokens to roles in {len(unaligned_rows)}/{n} examples, so "
-                         "prompt masking, assistant turns, end-of-turn and the inference template "
-                         + ("are NOT checked for any example (those flags are null: no evidence)"
-                            if none else "are checked on the other examples only")
-                         + "; the trained-token counts are still TRL's own.",
-                 fix="Read the decoded examples ([[...]] marks what is trained) before training; a "
-                     "template whose output is not the concatenation of its messages causes this.",
-                 rows=unaligned_rows[:20]))
-    if run.unmatched_segments:
-        R(Reason(severity="warn", code="packing_unmatched",
-                 message=f"{run.unmatched_segments} packed segments could not be matched to rows."))
-    return _finish(report, reasons)
-
-
-def _over_max_length(base, length: int) -> bool:
-    ml = base["settings"].max_length
-    return ml is not None and length > ml
 
 
 def _finish(fields: dict, reasons: list[Reason], zero: int = 0) -> MaskingReport:
     fields = {k: v for k, v in fields.items() if k != "zero_trained_examples_extra"}
     if zero and not fields.get("zero_trained_examples"):
         fields["zero_trained_examples"] = zero
+    from .masking_analysis import by_harm
+    reasons = by_harm(reasons)
     sev = {r.severity for r in reasons}
     verdict = "fail" if "fail" in sev else "warn" if "warn" in sev else "pass"
     report = MaskingReport(verdict=verdict, reasons=reasons, **fields)

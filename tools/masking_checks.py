@@ -57,6 +57,16 @@ class TrlRun:
     pad_token: str | None
     training_template: str | None       # TRL's swapped-in template, None = the tokenizer's
     warnings: list[str] = field(default_factory=list)
+    lengths: "LengthStats | None" = None  # every row of the split, untruncated
+
+
+@dataclass
+class LengthStats:
+    """Per row of the whole split (not only the checked sample): what truncation would do."""
+    rows: list[int]            # row number in the split
+    lengths: list[int]         # tokens before truncation
+    trained: list[int]         # trained tokens before truncation
+    trained_within: list[int]  # trained tokens inside max_length (keep_start truncation)
 
 
 class _Capture(logging.Handler):
@@ -104,8 +114,13 @@ def _dummy_model(tokenizer):
 
 def run_trl(rows: list[dict], tokenizer, *, completion_only_loss: bool | None,
             assistant_only_loss: bool, packing: bool, max_length: int | None,
-            batch_size: int = 8) -> TrlRun:
-    """Prepare `rows` exactly as SFTTrainer would and collate them with its collator."""
+            batch_size: int = 8, row_numbers: list[int] | None = None,
+            all_rows: list[tuple[int, dict]] | None = None) -> TrlRun:
+    """Prepare `rows` exactly as SFTTrainer would and collate them with its collator.
+
+    `row_numbers`: each sample row's number in the split. `all_rows` ((number, row) for the whole
+    split) is only tokenised, untruncated, for the length and truncation counts: a cut that hits
+    1 row in 200 is invisible in a 64-row sample."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -141,12 +156,56 @@ def run_trl(rows: list[dict], tokenizer, *, completion_only_loss: bool | None,
         full.sort(key=lambda r: r["__row"])
 
         final, unmatched = _collate(trainer, full, batch_size)
+        if all_rows is None or len(all_rows) == len(rows):
+            lengths = length_stats(full_ds, max_length)
+            lengths.rows = [(row_numbers or range(len(rows)))[i] for i in lengths.rows]
+        else:
+            lengths = _all_row_lengths(trainer, tokenizer, full_args, all_rows, max_length)
         return TrlRun(full=full, final=final, unmatched_segments=unmatched,
                       completion_only_loss=bool(trainer.completion_only_loss),
                       padding_free=bool(trainer.padding_free),
                       pad_token_id=getattr(trainer.data_collator, "pad_token_id", None),
                       pad_token=tokenizer.pad_token, training_template=trainer.chat_template,
-                      warnings=list(cap.messages))
+                      warnings=list(cap.messages), lengths=lengths)
+
+
+def _all_row_lengths(trainer, tokenizer, full_args, all_rows, max_length) -> LengthStats | None:
+    """Tokenise the whole split as the trainer would, untruncated; None when TRL refuses a row
+    outside the sample (the sample's own findings still stand, the counts fall back to it)."""
+    from datasets import Dataset
+    ds = Dataset.from_list([{**r, "__row": i} for i, r in all_rows])
+    try:
+        prepared = trainer._prepare_dataset(ds, tokenizer, full_args, False, None, "lengths")
+    except RuntimeError as exc:
+        if "assistant" in str(exc):  # a row outside the sample: training would refuse it too
+            raise TrlRefused("no_assistant_tokens", str(exc)) from exc
+        return None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return length_stats(prepared, max_length)
+
+
+def length_stats(prepared, max_length: int | None) -> LengthStats:
+    """Lengths and trained-token counts per row, straight from the Arrow columns (fast on 100k rows)."""
+    import numpy as np
+    table = prepared.data.table
+    ids = table.column("input_ids").combine_chunks()
+    labels = table.column("labels").combine_chunks()
+    offs = ids.offsets.to_numpy()
+    lengths = np.diff(offs - offs[0])
+    loffs = labels.offsets.to_numpy()
+    loffs = loffs - loffs[0]
+    trained_flags = labels.flatten().to_numpy(zero_copy_only=False) != -100
+    cs = np.concatenate([[0], np.cumsum(trained_flags)])
+    trained = cs[loffs[1:]] - cs[loffs[:-1]]
+    if max_length is None:
+        within = trained
+    else:
+        within = cs[np.minimum(loffs[:-1] + max_length, loffs[1:])] - cs[loffs[:-1]]
+    rows = table.column("__row").to_pylist() if "__row" in table.column_names \
+        else list(range(len(lengths)))
+    return LengthStats(rows=rows, lengths=lengths.tolist(), trained=trained.tolist(),
+                       trained_within=within.tolist())
 
 
 def _collate(trainer, full: list[dict], batch_size: int):
@@ -249,6 +308,75 @@ class Conversation:
     assistant_turns: list[dict]  # {turn, out_start, content_end, trained_expected}
     gen_prompts: list[tuple[int, str]]  # (turn index, generation prompt by the inference tpl)
     missing: list[tuple[int, str]] = field(default_factory=list)  # (turn, role) not rendered
+    pieces: dict[int, list["Piece"]] = field(default_factory=dict)  # what each message holds
+    bounds: list[int] = field(default_factory=list)  # char where each turn starts (+ the end)
+
+    def turn_text(self, k: int) -> str:
+        return self.text[self.bounds[k]:self.bounds[k + 1]] if self.bounds else ""
+
+
+@dataclass
+class Piece:
+    """A part of a message's data: its content, or the reasoning and the answer in it."""
+    kind: str        # content | reasoning | answer
+    text: str
+    rendered: bool = False
+
+
+def split_reasoning(text: str) -> tuple[str, str] | None:
+    """(reasoning, answer) of a reply that holds `<think>...</think>`, else None."""
+    if "</think>" not in text:
+        return None
+    head, _, answer = text.partition("</think>")
+    return head.split("<think>")[-1].strip(), answer.strip()
+
+
+def message_pieces(msg: dict) -> list[Piece]:
+    """What the data asks the template to render for `msg`, as searchable pieces.
+
+    Reasoning is its own piece (`reasoning_content`, or the `<think>` part of the content), so a
+    template that drops it is seen as dropping it: the answer alone is not the whole reply."""
+    out = []
+    reasoning = msg.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip():
+        out.append(Piece("reasoning", reasoning.strip()))
+    for text in _content_texts(msg.get("content")):
+        split = split_reasoning(text) if norm_role(msg.get("role")) == "assistant" else None
+        if split is None:
+            out.append(Piece("content", text))
+        else:
+            out += [Piece("reasoning", split[0]), Piece("answer", split[1])]
+    return [p for p in out if p.text.strip()]
+
+
+def _locate(full: str, claimed: list[bool], text: str, lo: int, hi: int):
+    """Where `text` (as written or trimmed) is rendered: in its own turn, else anywhere not
+    yet claimed (the template moved it, e.g. a system prompt folded into the first user turn)."""
+    def find(a: int, b: int):
+        for cand in (text, text.strip()):
+            j = full.find(cand, a, b) if cand else -1
+            if j >= 0:
+                return j, j + len(cand)
+        return None
+    loc = find(lo, hi)
+    j = 0
+    while loc is None:
+        loc = find(j, len(full))
+        if loc is None or not any(claimed[loc[0]:loc[1]]):
+            return loc
+        j, loc = loc[0] + 1, None
+    return loc
+
+
+def tool_call_names(msg: dict) -> list[str]:
+    """Names of the tool calls an assistant message makes (OpenAI nested or flat form)."""
+    out = []
+    for tc in msg.get("tool_calls") or []:
+        if isinstance(tc, dict):
+            fn = tc.get("function") if isinstance(tc.get("function"), dict) else tc
+            if isinstance(fn.get("name"), str) and fn["name"]:
+                out.append(fn["name"])
+    return out
 
 
 def render(tokenizer, messages, *, template, tools, kwargs, add_generation_prompt=False) -> str:
@@ -283,40 +411,28 @@ def conversation_view(tokenizer, messages: list[dict], *, first_trained_turn: in
             char_turn[c] = k
 
     claimed = [False] * n
-
-    def locate(text: str, lo: int, hi: int) -> tuple[int, int] | None:
-        # as written, trimmed, or without the reasoning some templates strip from old turns
-        for cand in (text, text.strip(), text.split("</think>")[-1].strip()):
-            if not cand:
-                continue
-            j = full.find(cand, lo, hi)
-            if j >= 0:
-                return j, j + len(cand)
-        return None
-
     spans: dict[int, list[tuple[int, int]]] = {}
     missing: list[tuple[int, str]] = []
+    pieces: dict[int, list[Piece]] = {}
     for k, msg in enumerate(messages):
         role = norm_role(msg.get("role"))
         if role == "assistant" and k < first_trained_turn:
             role = CONTEXT  # an earlier reply given in the prompt: context, not trained
-        for text in _content_texts(msg.get("content")):
-            loc = locate(text, bounds[k], bounds[k + 1])
-            if loc is None:  # the template moved it (e.g. system folded into a user turn)
-                j = 0
-                while True:
-                    loc = locate(text, j, n)
-                    if loc is None or not any(claimed[loc[0]:loc[1]]):
-                        break
-                    j = loc[0] + 1
+        found_any = False
+        for piece in message_pieces(msg):
+            loc = _locate(full, claimed, piece.text, bounds[k], bounds[k + 1])
+            piece.rendered = loc is not None
+            pieces.setdefault(k, []).append(piece)
             if loc is None:
-                missing.append((k, str(msg.get("role"))))
                 continue
+            found_any = True
             a, b = loc
             for c in range(a, b):
                 char_role[c] = role
                 claimed[c] = True
             spans.setdefault(k, []).append((a, b))
+        if pieces.get(k) and not found_any:
+            missing.append((k, str(msg.get("role"))))
 
     added = set(tokenizer.get_added_vocab().keys()) | set(tokenizer.all_special_tokens)
     assistant_turns = []
@@ -356,10 +472,13 @@ def conversation_view(tokenizer, messages: list[dict], *, first_trained_turn: in
             for c in range(out_start, content_end):
                 if not claimed[c]:
                     char_role[c] = "assistant"
+        calls = tool_call_names(msg)
         assistant_turns.append({"turn": k, "out_start": out_start, "content_end": content_end,
-                                "trained_expected": k >= first_trained_turn})
+                                "trained_expected": k >= first_trained_turn,
+                                "tool_calls": calls,
+                                "tool_calls_missing": [c for c in calls if c not in full[lo:hi]]})
     return Conversation(full, char_role, char_turn, assistant_turns, gen_prompts,
-                        missing=missing)
+                        missing=missing, pieces=pieces, bounds=bounds)
 
 
 def text_view(prompt: str | None, completion: str | None, text: str | None,
@@ -437,3 +556,27 @@ def json_tools(value):
         with contextlib.suppress(ValueError):
             return json.loads(value)
     return value
+
+
+def row_messages(row: dict) -> list | None:
+    """The conversation of a chat row (messages, or prompt + completion), else None."""
+    if isinstance(row.get("messages"), list):
+        return row["messages"]
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        return list(row["prompt"]) + list(row["completion"])
+    return None
+
+
+def first_render_error(tokenizer, rows: list[tuple[int, dict]], template: str | None,
+                       limit: int = 100_000) -> tuple[int, str] | None:
+    """(row number, the template's own error) for the first row the template cannot render."""
+    for n, row in rows[:limit]:
+        msgs = row_messages(row)
+        if msgs is None:
+            continue
+        try:
+            render(tokenizer, msgs, template=template, tools=json_tools(row.get("tools")),
+                   kwargs=row.get("chat_template_kwargs") or {})
+        except Exception as exc:  # noqa: BLE001 - the template's error is the finding
+            return n, f"{type(exc).__name__}: {exc}"
+    return None

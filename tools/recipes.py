@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from . import chat_templates
 from .errors import UserError
 from .memory import MemoryEstimate
 from .recommend import Recommendation
@@ -943,8 +944,8 @@ def generate_recipe(
                                                                "(default 1024, capped at the model's "
                                                                "context).")] = None,
     chat_template: Annotated[Optional[str], Field(
-        description="A .jinja chat template (or tokenizer dir) to train a base model with, e.g. the Instruct "
-                    "model's; LoRA/QLoRA then also train embed_tokens and lm_head (modules_to_save).")] = None,
+        description="A .jinja chat template (or tokenizer dir, or 'trl:<name>', a template TRL ships) to "
+                    "train with, e.g. the Instruct model's; LoRA/QLoRA then also train embed_tokens and lm_head (modules_to_save).")] = None,
     spectrum_config: Annotated[Optional[str], Field(
         description="Spectrum YAML from spectrum_scan (method spectrum; scanned automatically if omitted).")] = None,
     epochs: Annotated[Optional[float], Field(gt=0, description="num_train_epochs (default from the dataset "
@@ -1076,6 +1077,8 @@ def generate_recipe(
     cfg["packing"] = bool(packing)
     why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
                       "packing so completion/assistant masks survive.")
+    if chat_template and chat_templates.is_ref(chat_template):
+        chat_template = chat_templates.materialize(chat_template, field="chat_template")
     if chat_template:
         ct_path = _is_local_ref(chat_template, ws.root)
         if ct_path is not None:
