@@ -444,8 +444,10 @@ def merge_adapter(
     chats = _sample_chats(prompts)
 
     # Nothing may reach stdout (an MCP stdio stream): library prints go to stderr.
+    removed: list[str] = []  # temporary folders of interrupted earlier merges, removed first
     with contextlib.redirect_stdout(sys.stderr), \
-            ws.atomic_dir(output_dir, overwrite=overwrite) as tmp:
+            ws.atomic_dir(output_dir, overwrite=overwrite, removed=removed) as tmp:
+        notes += [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
         has_tok = any((adir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
         tok_src = str(adir) if has_tok else base_id
         try:

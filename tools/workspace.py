@@ -3,7 +3,8 @@
 The server is started with one workspace directory (default: the current directory). Relative
 paths are taken from it; absolute paths are accepted only when they resolve inside it; `..` or
 symlinks that lead out are refused. Writes go to a temporary sibling first, then are renamed,
-so a failure never leaves a partial file behind.
+so a failure never leaves a partial file behind; the temporary folder of a writer that was killed
+is removed by the next write of the same output.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import contextlib
 import contextvars
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -126,9 +128,80 @@ def field_of(filename: str | None, seen: dict[Path, str]) -> str | None:
 
 
 def _umask() -> int:
+    """The process umask. Read from /proc where it can be: setting it to read it back would
+    briefly give files that other threads create at that moment no umask at all."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+TMP_TAG = ".llmft.tmp"  # ends the name of every temporary output folder (atomic_dir)
+
+
+def _temp_dir_locked(target: Path) -> tuple[Path, int]:
+    """A new temporary sibling of `target` and an fd holding an exclusive flock on it for the
+    writer's lifetime: the kernel drops the lock when the writer dies (SIGKILL, a timeout), which
+    is how a later call tells a leftover from a live writer's folder. A cleaner may take the lock
+    between mkdtemp and our flock and delete the folder: then the inode check fails; retry."""
+    import fcntl
+    for _ in range(10):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_TAG, dir=target.parent))
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OSError(f"could not create a temporary folder next to {target}")
+
+
+def _stale_candidates(target: Path) -> Iterator[Path]:
+    """Sibling folders that may be leftovers: any temporary output folder of ours (tagged), and,
+    for `target` itself (its lock is held), untagged ones of earlier versions and the .old folder
+    of an interrupted overwrite."""
+    own = re.compile(rf"\.{re.escape(target.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old)")
+    tagged = re.compile(rf"\..+\.[a-z0-9_]{{8}}{re.escape(TMP_TAG)}")
+    for p in sorted(target.parent.iterdir()):
+        if (tagged.fullmatch(p.name) or own.fullmatch(p.name)) and p.is_dir() and not p.is_symlink():
+            yield p
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def remove_stale_temps(target: Path) -> list[tuple[Path, int]]:
+    """Remove the temporary folders next to `target` that dead writers left behind; return them
+    with their sizes. Call it holding the lock on `target` (exclusive). A folder whose flock is
+    held belongs to a live writer and is left alone."""
+    import fcntl
+    removed = []
+    for p in _stale_candidates(target):
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # gone already (another cleaner) or unreadable: not ours to force
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            size = _tree_bytes(p)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append((p, size))
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager
@@ -278,9 +351,10 @@ class Workspace:
 
     @contextlib.contextmanager
     def atomic_dir(self, path: str | os.PathLike, *, field: str = "output_dir",
-                   overwrite: bool = False) -> Iterator[Path]:
+                   overwrite: bool = False, removed: list[str] | None = None) -> Iterator[Path]:
         """Yield a temporary directory; on success it replaces `path` (refused if non-empty
-        unless overwrite). On failure nothing is left behind."""
+        unless overwrite). On failure nothing is left behind; temporary folders that killed
+        earlier writers of `path` left are removed first, and listed in `removed` (with sizes)."""
         target = self.resolve(path, field=field)
         if target == self.root:
             raise UserError("is the workspace root itself.", field=field,
@@ -288,16 +362,21 @@ class Workspace:
         self.check_empty(target, path, field=field, overwrite=overwrite)
         with exclusive(target, field=field) as created:
             self.check_empty(target, path, field=field, overwrite=overwrite)  # again, under the lock
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the user's umask decides
-            _note_field(tmp, field)
+            for p, size in remove_stale_temps(target):
+                if removed is not None:
+                    removed.append(f"'{self.rel(p)}' ({size / 2**20:.1f} MiB)")
+            tmp, lock_fd = _temp_dir_locked(target)
             try:
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the user's umask decides
+                _note_field(tmp, field)
                 yield from self._fill_dir(tmp, target)
             except BaseException:
                 if created:
                     with contextlib.suppress(OSError):
                         target.rmdir()  # only the empty folder this call made
                 raise
+            finally:
+                os.close(lock_fd)  # releases the writer's flock
 
     def check_empty(self, target: Path, given: object, *, field: str, overwrite: bool) -> None:
         """UserError when `target` exists and is a file or a non-empty directory (unless overwrite)."""
