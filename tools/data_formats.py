@@ -7,7 +7,9 @@ list; the target formats (`messages`, conversational `prompt`/`completion`) are 
 """
 from __future__ import annotations
 
+import functools
 import json
+import string
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -58,13 +60,30 @@ PROBLEM_HELP = {
     "system_not_first": "a system message after the first turn",
     "assistant_first": "the first non-system turn is the assistant's (no user turn before it)",
     "consecutive_user": "two user turns in a row",
-    "consecutive_assistant": "two assistant turns in a row",
+    "consecutive_assistant": "two assistant turns in a row (convert_dataset(merge_assistant_turns="
+                             "true) joins them into one turn)",
     "tool_without_call": "a tool result not preceded by an assistant tool call",
     "no_assistant": "no assistant turn to train on",
-    "bad_tool_call": "a tool call that is not {name, arguments} JSON",
+    "bad_tool_call": "a tool call that is not {name, arguments} JSON, or whose arguments are not a "
+                     "JSON object",
     "bad_tools": "a tools value that is not a JSON list of function schemas",
     "raw_text": "raw text has no roles to convert",
+    "media_content": "an image/audio/video/file content part: the models trained here are text-only "
+                     "and TRL's text path cannot render it. convert_dataset(drop_media=true) drops "
+                     "those parts and keeps the text; a vision model needs a VLM pipeline instead",
 }
+
+# Changes made to rows that are kept (counted, with lines, in both reports).
+CHANGE_HELP = {
+    "nan_as_null": "NaN/Infinity in the JSON (not valid JSON; pandas writes it) read as null",
+    "function_call_converted": "legacy OpenAI `function_call` turns rewritten as `tool_calls` "
+                               "(role `function` results become role `tool`)",
+    "media_parts_dropped": "image/audio/video/file content parts dropped (drop_media=true); the "
+                           "text parts are kept",
+    "assistant_turns_merged": "consecutive assistant turns joined into one (merge_assistant_turns=true)",
+}
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+TEMPLATE_KEYS = ("prompt", "completion", "instruction", "input", "output", "system")
 
 
 class RowError(Exception):
@@ -206,15 +225,26 @@ def _tool_call(tc: Any) -> dict:
         fn, tc = {"name": tc["name"], "arguments": tc.get("arguments", {})}, {}
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         raise RowError("bad_tool_call", "tool call without a function name")
-    args = fn.get("arguments", {})
-    if isinstance(args, str):  # OpenAI stores a JSON string; HF chat templates expect an object
-        try:
-            parsed = json.loads(args) if args.strip() else {}
-            args = parsed if isinstance(parsed, dict) else args
-        except ValueError:
-            pass
     out = {k: v for k, v in tc.items() if k not in ("function", "type")}
-    return {**out, "type": "function", "function": {**fn, "arguments": args}}
+    return {**out, "type": "function", "function": {**fn, "arguments": _arguments(fn)}}
+
+
+def _arguments(fn: dict) -> dict:
+    """A call's arguments as an object: OpenAI stores a JSON string, but HF chat templates render
+    `arguments | tojson` or `| items` (a string would come out quoted, or raise)."""
+    args = fn.get("arguments")
+    if args is None:
+        return {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise RowError("bad_tool_call", f"the arguments of '{fn['name']}' are not valid JSON: "
+                                            f"{args[:60]!r}") from None
+    if not isinstance(args, dict):
+        raise RowError("bad_tool_call", f"the arguments of '{fn['name']}' are a "
+                                        f"{type(args).__name__}, not a JSON object")
+    return args
 
 
 def _message(m: Any, idx: int, *, sharegpt: bool) -> dict:
@@ -276,10 +306,66 @@ def _tools(v: Any) -> list | None:
     return out or None
 
 
+class _Rendered(str):
+    """Text built from a mapping template: always one plain turn, never parsed as JSON."""
+
+
+@functools.lru_cache(maxsize=64)
+def _template_parts(value: str) -> tuple[tuple[str, str | None], ...]:
+    """(literal text, column or None) pieces of a mapping template. ValueError: bad syntax."""
+    parts = []
+    for literal, name, spec, conv in string.Formatter().parse(value):
+        if name is not None and (not name.strip() or spec or conv or any(c in name for c in ".[]")):
+            raise ValueError(f"placeholder {{{name}{'!' + conv if conv else ''}"
+                             f"{':' + spec if spec else ''}}} must be a plain column name "
+                             "(no format spec, conversion, '.', '[', or empty {})")
+        parts.append((literal, name))
+    return tuple(parts)
+
+
+def template_fields(value: str) -> tuple[str, ...] | None:
+    """The column names of a mapping value like "Subject: {subject}\n\n{message}", or None when
+    the value has no {column} placeholder (it is then a column name). ValueError: bad syntax."""
+    names = tuple(dict.fromkeys(n for _, n in _template_parts(value) if n is not None))
+    return names or None
+
+
+def _as_template(value: str) -> tuple[str, ...] | None:
+    """template_fields, or None for a value that is no valid template (a column name with a
+    stray brace): templates given by the caller are validated before any row is read."""
+    try:
+        return template_fields(value) if "{" in value else None
+    except ValueError:
+        return None
+
+
+def mapping_columns(mapping: dict[str, str]) -> dict[str, None]:
+    """The source columns a mapping reads, templates included, in mapping order."""
+    cols: dict[str, None] = {}
+    for v in mapping.values():
+        cols.update((c, None) for c in (_as_template(v) or (v,)))
+    return cols
+
+
+def _render(tpl: str, row: dict, key: str) -> _Rendered:
+    """The template filled in from the row (numbers as text); a null column is a missing_field."""
+    out = []
+    for literal, name in _template_parts(tpl):
+        out.append(literal)
+        if name is not None:
+            v = row.get(name)
+            if v is None:
+                raise RowError("missing_field", f"column '{name}' (in the {key} template) is null")
+            out.append(_scalar(v, name))
+    return _Rendered("".join(out))
+
+
 def _get(row: dict, mapping: dict[str, str], key: str, required: bool = True) -> Any:
     col = mapping.get(key)
     if col is None:
         return None
+    if col not in row and _as_template(col):
+        return _render(col, row, key)
     v = row.get(col)
     if required and (v is None or (isinstance(v, str) and not v.strip() and key != "input")):
         raise RowError("missing_field" if v is None else "empty_content",
@@ -289,13 +375,15 @@ def _get(row: dict, mapping: dict[str, str], key: str, required: bool = True) ->
 
 def _scalar(v: Any, col: str) -> str:
     if isinstance(v, str):
-        return v
+        return str(v)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)
     raise RowError("bad_type", f"column '{col}' is a {type(v).__name__}, expected text")
 
 
 def _side(v: Any, col: str, role: str) -> list[dict]:
+    if isinstance(v, _Rendered):
+        return [{"role": role, "content": str(v)}]
     v = _maybe_json(v)
     if isinstance(v, list):
         if not v:
@@ -331,10 +419,108 @@ def to_messages(row: dict, fmt: str, mapping: dict[str, str]) -> tuple[list[dict
     if "tools" in mapping:
         tools = _tools(row.get(mapping["tools"]))
     if "system" in mapping:
-        sys_v = row.get(mapping["system"])
+        sys_v = _get(row, mapping, "system", required=False)
         if isinstance(sys_v, str) and sys_v.strip() and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": sys_v})
     return msgs, tools
+
+
+def normalize(msgs: list[dict], *, drop_media: bool = False,
+              merge_assistant: bool = False) -> tuple[list[dict], dict[str, int]]:
+    """Rewrite a row's messages into what chat templates render, before the checks; returns the
+    messages and the changes made, counted by CHANGE_HELP kind. RowError: a row that cannot be
+    repaired (an image part without drop_media, a malformed legacy call)."""
+    changes: dict[str, int] = {}
+    if not merge_assistant and not any("function_call" in m or isinstance(m.get("content"), list)
+                                       or "content" not in m or m["content"] is None for m in msgs):
+        return msgs, changes  # the common case: nothing to rewrite, no copies
+    steps = [("function_call_converted", _legacy_function_calls),
+             ("media_parts_dropped", functools.partial(_text_content, drop_media=drop_media)),
+             (None, _tool_call_content)]
+    if merge_assistant:
+        steps.append(("assistant_turns_merged", _merge_assistant_turns))
+    for kind, step in steps:
+        msgs, n = step(msgs)
+        if n and kind:
+            changes[kind] = n
+    return msgs, changes
+
+
+def _legacy_function_calls(msgs: list[dict]) -> tuple[list[dict], int]:
+    """OpenAI's pre-tools format: an assistant `function_call` {name, arguments} becomes one
+    `tool_calls` entry (role `function` results are already folded into `tool`)."""
+    out, n = [], 0
+    for m in msgs:
+        if "function_call" in m and m.get("role") == "assistant":
+            m = dict(m)
+            fc = m.pop("function_call")
+            if fc:
+                m["tool_calls"] = list(m.get("tool_calls") or []) + [_tool_call(fc)]
+                n += 1
+        out.append(m)
+    return out, n
+
+
+def _text_content(msgs: list[dict], *, drop_media: bool) -> tuple[list[dict], int]:
+    """Content given as a list of parts becomes one string: text-only templates concatenate
+    `message.content` (a list raises, or renders as nothing). Non-text parts are an error unless
+    drop_media; the count is of parts dropped."""
+    out, dropped = [], 0
+    for i, m in enumerate(msgs):
+        content = m.get("content")
+        if isinstance(content, list):
+            texts, media = _split_parts(content)
+            if media and not drop_media:
+                raise RowError("media_content", f"message {i} ({m.get('role')}) has a "
+                                                f"'{media[0]}' part")
+            dropped += len(media)
+            m = {**m, "content": "\n".join(texts)}
+        out.append(m)
+    return out, dropped
+
+
+def _split_parts(parts: list) -> tuple[list[str], list[str]]:
+    """(texts, types of the non-text parts) of a multimodal content list."""
+    texts, media = [], []
+    for p in parts:
+        if isinstance(p, str):
+            texts.append(p)
+        elif isinstance(p, dict) and (p.get("type") in TEXT_PART_TYPES or
+                                      ("type" not in p and isinstance(p.get("text"), str))):
+            texts.append(str(p.get("text") or ""))
+        else:
+            media.append(str(p.get("type", "untyped")) if isinstance(p, dict) else type(p).__name__)
+    return texts, media
+
+
+def _tool_call_content(msgs: list[dict]) -> tuple[list[dict], int]:
+    """Tool-call turns without content get "": templates that read `message.content` on every
+    assistant turn (DeepSeek-V3, Phi-3, LFM2...) raise on the missing key, and transformers drops
+    a null content before rendering, so null is no better than missing."""
+    out, n = [], 0
+    for m in msgs:
+        if m.get("tool_calls") and m.get("content") is None:
+            m, n = {**m, "content": ""}, n + 1
+        out.append(m)
+    return out, n
+
+
+def _merge_assistant_turns(msgs: list[dict]) -> tuple[list[dict], int]:
+    """Join runs of assistant turns (a reply split in two) into one; an earlier turn with
+    tool_calls is never merged (its result would be missing between the turns)."""
+    out: list[dict] = []
+    n = 0
+    for m in msgs:
+        prev = out[-1] if out else None
+        if prev is not None and m.get("role") == prev.get("role") == "assistant" \
+                and not prev.get("tool_calls"):
+            text = "\n\n".join(t for t in (_text_of(prev.get("content")), _text_of(m.get("content")))
+                                if t.strip())
+            out[-1] = {**m, **{k: v for k, v in prev.items() if k not in m}, "content": text}
+            n += 1
+            continue
+        out.append(m)
+    return out, n
 
 
 def problems(msgs: list[dict]) -> list[tuple[str, str]]:
