@@ -21,10 +21,11 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from .data_formats import (MAPPING_KEYS, PROBLEM_HELP, SOURCE_FORMATS, Detection, RowError,
-                           add_system, build_row, detect, format_from_mapping, normalized, problems,
+from .data_formats import (CHANGE_HELP, MAPPING_KEYS, PROBLEM_HELP, SOURCE_FORMATS, TEMPLATE_KEYS,
+                           Detection, RowError, add_system, build_row, detect, format_from_mapping,
+                           mapping_columns, normalize, normalized, problems, template_fields,
                            to_messages, trim_trailing)
-from .data_io import HUB_ID, jsonable, open_source
+from .data_io import HUB_ID, open_source
 from .hub import hub_offline, hub_unreachable
 from .errors import UserError
 from .template_guard import check_template
@@ -34,8 +35,22 @@ MAX_LINES = 20          # line numbers kept per problem kind
 TOKEN_BATCH = 256       # rows rendered, then tokenized together
 SENTINEL = "\ue000system_prompt\ue000"  # private-use chars: never escaped, never in real data
 PROBLEM_HELP = {**PROBLEM_HELP,
-                "template_error": "the tokenizer's chat template rejected this conversation",
+                "template_error": "the tokenizer's chat template raised on this conversation (the "
+                                  "example quotes the template's own error, e.g. roles must "
+                                  "alternate, one tool call per turn)",
+                "tool_calls_not_rendered": "the chat template rendered the conversation without its "
+                                           "tool calls, so training would teach an empty reply: the "
+                                           "template has no tool-call support or expects another "
+                                           "shape (DeepSeek-R1-Distill's renders calls only when "
+                                           "content is null, which transformers drops). Use a "
+                                           "tool-capable template (Qwen2.5, Qwen3, Llama 3.1) or "
+                                           "leave the tool rows out",
                 "too_long": "longer than max_length tokens (TRL would truncate it)"}
+DEDUPE_NOTE = ("Duplicates are counted two ways: duplicate_rows compares whole source rows (every "
+               "column, ids and metadata included, problem rows too); duplicate_conversations "
+               "compares the converted conversation (+ tools) of usable rows, which is what "
+               "convert_dataset drops with dedupe='exact' (counts.duplicates). Rows that differ "
+               "only in unmapped columns are duplicates in the second sense only.")
 
 SourceFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion", "question_answer", "text"]
 
@@ -43,7 +58,8 @@ SourceFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion", "q
 # ---- report models ------------------------------------------------------------------------
 
 class ProblemSummary(BaseModel):
-    """Rows with one kind of problem: how many, where (first 20), one example, what it means."""
+    """Rows with one kind of problem (or change): how many, where (first 20), one example, what it
+    means."""
     kind: str
     count: int
     lines: list[int] = Field(description="locations (see location_unit) of the first 20 rows.")
@@ -70,7 +86,8 @@ class TokenStats(BaseModel):
     max_length: Optional[int] = None
     over_max_length: Optional[int] = Field(None, description="measured rows longer than max_length.")
     over_max_length_lines: list[int] = []
-    template_errors: int = 0
+    template_errors: int = Field(0, description="rows the chat template raised on or rendered "
+                                                "without their tool calls (see problems/skipped).")
 
 
 class SuggestedConversion(BaseModel):
@@ -104,10 +121,18 @@ class DatasetReport(BaseModel):
     rows_with_trailing_turns: int = Field(0, description="rows ending after the last assistant turn "
                                                          "(those turns are dropped on conversion).")
     problems: list[ProblemSummary]
+    changes: list[ProblemSummary] = Field(
+        default_factory=list, description="what conversion changes in rows it keeps (NaN read as "
+                                          "null, legacy function_call rewritten, ...): kind, rows, lines.")
     empty_rows: int
     empty_row_lines: list[int]
-    duplicate_rows: int = Field(description="exact duplicates of an earlier sampled row.")
+    duplicate_rows: int = Field(description="whole-row duplicates: sampled rows equal to an earlier "
+                                            "one in every column (ids and metadata included).")
     duplicate_row_lines: list[int]
+    duplicate_conversations: int = Field(
+        0, description="usable sampled rows whose converted conversation (+ tools) equals an earlier "
+                       "one: what convert_dataset drops with dedupe='exact' (its counts.duplicates).")
+    duplicate_conversation_lines: list[int] = []
     token_lengths: Optional[TokenStats] = None
     suggested_conversion: Optional[SuggestedConversion] = None
     samples: list[dict[str, Any]] = Field(description="first sampled rows as convert would read them.")
@@ -118,7 +143,10 @@ class ConvertCounts(BaseModel):
     read: int = Field(description="source rows read.")
     converted: int = Field(description="rows written (train + test).")
     skipped: int = Field(description="rows dropped for a problem or length (see `skipped`).")
-    duplicates: int = Field(description="rows dropped as duplicates.")
+    duplicates: int = Field(description="rows dropped as duplicates of an earlier written row, "
+                                        "compared after mapping (conversation + tools; see dedupe): "
+                                        "inspect_dataset's duplicate_conversations, not its "
+                                        "whole-row duplicate_rows.")
     train: int
     test: int
     system_prompt_added: int = 0
@@ -135,10 +163,17 @@ class ConvertReport(BaseModel):
     location_unit: Literal["line", "row"]
     counts: ConvertCounts
     skipped: list[ProblemSummary]
+    changes: list[ProblemSummary] = Field(
+        default_factory=list, description="what was changed on the way: NaN read as null (rows read), "
+                                          "legacy function_call rewritten, media parts dropped, "
+                                          "assistant turns merged (rows written).")
     duplicate_lines: list[int] = Field(description="locations of the first 20 duplicates dropped.")
     dropped_columns: list[str] = Field(description="source columns not carried into the output.")
     token_lengths: Optional[TokenStats] = None
     samples: list[dict[str, Any]] = Field(description="the first converted rows (long strings cut).")
+    notes: list[str] = Field(default_factory=list, description="how the input was read (encoding, "
+                             "delimiter, array-in-JSONL, save_to_disk) and stale temporary folders "
+                             "of interrupted earlier calls that were removed.")
     elapsed_s: float
     next_steps: list[str]
 
@@ -156,10 +191,11 @@ def _cut(obj: Any, n: int = 300) -> Any:
 
 
 class _Tally:
-    """Counts and first locations per problem kind."""
+    """Counts and first locations per problem (or change) kind."""
 
-    def __init__(self):
+    def __init__(self, meanings: dict[str, str] | None = None):
         self.items: dict[str, dict] = {}
+        self.meanings = PROBLEM_HELP if meanings is None else meanings
 
     def add(self, kind: str, loc: int, detail: str):
         it = self.items.setdefault(kind, {"count": 0, "lines": [], "example": ""})
@@ -174,7 +210,7 @@ class _Tally:
 
     def summaries(self, unit: str) -> list[ProblemSummary]:
         return [ProblemSummary(kind=k, count=v["count"], lines=v["lines"],
-                               example=f"{unit} {v['example']}", meaning=PROBLEM_HELP.get(k, k))
+                               example=f"{unit} {v['example']}", meaning=self.meanings.get(k, k))
                 for k, v in sorted(self.items.items(), key=lambda kv: -kv[1]["count"])]
 
 
@@ -215,13 +251,41 @@ def _resolve_format(rows: list[dict], source_format: str | None,
         raise UserError(f"keys {unknown or missing_keys} {'are not used' if unknown else 'are required'} "
                         f"for format {fmt}.", field="column_mapping",
                         fix=f"Format {fmt} takes {_keys_doc(fmt)}.")
-    absent = {k: v for k, v in column_mapping.items() if v not in cols}
-    if absent:
-        raise UserError(f"names columns that the dataset does not have: {absent}. Columns: {list(cols)}.",
-                        field="column_mapping", fix="Map each key to one of the dataset's columns.")
+    _check_mapped_columns(column_mapping, list(cols))
     det = detect(rows)
     conv = det.conversational if det.format == fmt else None
     return Detection(fmt, dict(column_mapping), conv, "from column_mapping")
+
+
+def _check_mapped_columns(column_mapping: dict[str, str], cols: list[str]) -> None:
+    """Every mapped column exists; a value that is no column but has {column} placeholders is a
+    template (text keys only), and each of its columns must exist too."""
+    absent: dict[str, str] = {}
+    for key, value in column_mapping.items():
+        try:
+            fields = None if value in cols else template_fields(value)
+        except ValueError as exc:
+            raise UserError(f"the {key} template {value!r}: {exc}.", field="column_mapping",
+                            fix='Write placeholders as {column}, e.g. "Subject: {subject}\\n\\n'
+                                '{message}"; double literal braces ({{ }}).') from None
+        if fields is None:
+            if value not in cols:
+                absent[key] = value
+            continue
+        if key not in TEMPLATE_KEYS:
+            raise UserError(f"'{key}' must name a column; templates ({value!r}) build text only.",
+                            field="column_mapping",
+                            fix=f"Use a template for one of {', '.join(TEMPLATE_KEYS)}.")
+        missing = [c for c in fields if c not in cols]
+        if missing:
+            raise UserError(f"the {key} template {value!r} names column(s) {missing} that the dataset "
+                            f"does not have. Columns: {cols}.", field="column_mapping",
+                            fix="Use the dataset's column names inside the braces (they are "
+                                "case-sensitive).")
+    if absent:
+        raise UserError(f"names columns that the dataset does not have: {absent}. Columns: {cols}.",
+                        field="column_mapping", fix="Map each key to one of the dataset's columns, or "
+                                                    "to a template of them like \"{title}: {body}\".")
 
 
 def _keys_doc(fmt: str) -> str:
@@ -273,19 +337,45 @@ def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
     return tok
 
 
-def _lengths(tok, items: list[tuple[list[dict], list | None]]) -> list[int | None]:
+def _lengths(tok, items: list[tuple[list[dict], list | None]]) -> list[int | RowError]:
     """Token count of each conversation as TRL tokenizes it: the chat template rendered without a
-    generation prompt, then tokenized without extra special tokens. None: the template failed."""
-    texts: list[str | None] = []
-    for msgs, tools in items:
-        try:
-            texts.append(tok.apply_chat_template(msgs, tools=tools or None, tokenize=False))
-        except Exception:  # noqa: BLE001 - templates raise on role orders they reject
-            texts.append(None)
-    ok = [t for t in texts if t is not None]
+    generation prompt, then tokenized without extra special tokens; or the RowError saying why
+    the template cannot train it (its own error, or tool calls it left out)."""
+    checked = [_rendered(tok, msgs, tools) for msgs, tools in items]
+    ok = [t for t in checked if isinstance(t, str)]
     ids = tok(ok, add_special_tokens=False)["input_ids"] if ok else []
     it = iter(ids)
-    return [None if t is None else len(next(it)) for t in texts]
+    return [len(next(it)) if isinstance(t, str) else t for t in checked]
+
+
+def _rendered(tok, msgs: list[dict], tools: list | None) -> str | RowError:
+    try:
+        text = tok.apply_chat_template(msgs, tools=tools or None, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - templates raise on what they reject
+        return RowError("template_error", _cut(f"{type(exc).__name__}: {exc}", 240))
+    lost = _dropped_call(tok, msgs, tools)
+    return RowError("tool_calls_not_rendered", lost) if lost else text
+
+
+def _dropped_call(tok, msgs: list[dict], tools: list | None) -> str | None:
+    """The first tool call the template leaves out of the text, or None. Each call's name is
+    replaced by a marker and the marker looked for: the real name also appears in the tool
+    schemas, so finding it would prove nothing."""
+    where = [(i, j) for i, m in enumerate(msgs) for j in range(len(m.get("tool_calls") or []))]
+    if not where:
+        return None
+    probe = json.loads(json.dumps(msgs))
+    for i, j in where:
+        probe[i]["tool_calls"][j]["function"]["name"] = f"\ue001call{i}_{j}\ue001"
+    try:
+        text = tok.apply_chat_template(probe, tools=tools or None, tokenize=False)
+    except Exception:  # noqa: BLE001 - the real rendering worked; do not guess
+        return None
+    for i, j in where:
+        if f"\ue001call{i}_{j}\ue001" not in text:
+            name = msgs[i]["tool_calls"][j]["function"]["name"]
+            return f"message {i}: the template rendered no trace of the call to '{name}'"
+    return None
 
 
 def _token_stats(name: str, lengths: list[int], locs: list[int], max_length: int | None,
@@ -325,9 +415,149 @@ def _jtype(v: Any) -> str:
 
 # ---- inspect ---------------------------------------------------------------------------------
 
+MAPPING_DOC = ("format key -> column name, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}; "
+               "a text key (prompt, completion, instruction, input, output, system) may also take a "
+               "template of columns, e.g. {\"prompt\": \"Subject: {subject}\\n\\n{message}\", "
+               "\"completion\": \"reply\"} (literal braces doubled).")
+DROP_MEDIA_DOC = ("drop image/audio/video/file content parts (the models trained here are text-only) "
+                  "and keep the text parts; without it such rows are skipped as media_content.")
+MERGE_DOC = ("join two (or more) assistant turns in a row into one turn (texts separated by a blank "
+             "line); without it such rows are skipped as consecutive_assistant.")
+
+
+def _prepare(row: dict, det: Detection, drop_media: bool,
+             merge_assistant_turns: bool) -> tuple[list[dict], list | None, dict[str, int]]:
+    """One source row -> (messages, tools, changes made), the same for inspect and convert: the
+    mapping applied, then the messages normalized for chat templates. RowError if it cannot."""
+    msgs, tools = to_messages(row, det.format, det.mapping)
+    msgs, changes = normalize(msgs, drop_media=drop_media, merge_assistant=merge_assistant_turns)
+    return msgs, tools, changes
+
+
+def _column_infos(plain: list[dict]) -> list[ColumnInfo]:
+    colnames = {k: None for r in plain for k in r}
+    columns = []
+    for c in colnames:
+        vals = [r.get(c) for r in plain]
+        non_empty = [v for v in vals if not _empty(v)]
+        ex = json.dumps(non_empty[0], ensure_ascii=False)[:160] if non_empty else None
+        columns.append(ColumnInfo(name=c, types=sorted({_jtype(v) for v in vals}),
+                                  non_empty=len(non_empty), example=ex))
+    return columns
+
+
+class _Dupes:
+    """Duplicates by an 8-byte hash: how many, and the locations of the first ones."""
+
+    def __init__(self):
+        self.seen: set[bytes] = set()
+        self.count = 0
+        self.lines: list[int] = []
+
+    def add(self, loc: int, key: bytes) -> bool:
+        """Record `key`; True when it was seen before (a duplicate)."""
+        h = hashlib.blake2b(key, digest_size=8).digest()
+        if h not in self.seen:
+            self.seen.add(h)
+            return False
+        self.count += 1
+        if len(self.lines) < MAX_LINES:
+            self.lines.append(loc)
+        return True
+
+
+def _dedupe_key(text: bytes, out: dict, dedupe: str) -> bytes:
+    """What dedupe compares: the written row's bytes (exact) or its normalized form."""
+    if dedupe == "exact":
+        return text
+    return json.dumps(normalized(out), ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
+def _whole_row_duplicates(rows: list[tuple[int, dict]]) -> tuple[_Dupes, int, list[int]]:
+    """Whole-row duplicates (every column) and empty rows of the sample."""
+    dupes, empty_lines, n_empty = _Dupes(), [], 0
+    for loc, r in rows:
+        if all(_empty(v) for v in r.values()):
+            n_empty += 1
+            if len(empty_lines) < MAX_LINES:
+                empty_lines.append(loc)
+            continue
+        dupes.add(loc, json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return dupes, n_empty, empty_lines
+
+
+class _DryRun:
+    """inspect's conversion of the sample, row by row as convert does it: problems, changes,
+    roles, turns, and duplicates after mapping."""
+
+    def __init__(self, det: Detection, system_prompt: str | None, drop_media: bool,
+                 merge_assistant_turns: bool, changes: _Tally):
+        self.det, self.system_prompt = det, system_prompt
+        self.opts = (drop_media, merge_assistant_turns)
+        self.tally, self.changes, self.dupes = _Tally(), changes, _Dupes()
+        self.roles: dict[str, int] = {}
+        self.turns: list[int] = []
+        self.usable: list[tuple[int, list[dict], list | None]] = []
+        self.with_system = self.with_tools = self.trailing = 0
+        self.samples: list[dict] = []
+
+    def row(self, loc: int, r: dict) -> None:
+        try:
+            msgs, tools, changes = _prepare(r, self.det, *self.opts)
+        except RowError as e:
+            self.tally.add(e.reason, loc, e.detail)
+            return
+        for m in msgs:
+            self.roles[str(m.get("role"))] = self.roles.get(str(m.get("role")), 0) + 1
+        self.turns.append(len(msgs))
+        self.with_system += any(m.get("role") == "system" for m in msgs)
+        self.with_tools += bool(tools)
+        probs = problems(msgs)
+        for kind, detail in probs:
+            self.tally.add(kind, loc, detail)
+        if probs:
+            return
+        msgs, dropped = trim_trailing(msgs)
+        self.trailing += dropped > 0
+        msgs, _ = add_system(msgs, self.system_prompt)
+        for kind, n in changes.items():
+            self.changes.add(kind, loc, f"{n} in this row")
+        out = build_row(msgs, tools, "prompt_completion")
+        self.dupes.add(loc, _dedupe_key(json.dumps(out, ensure_ascii=False).encode("utf-8"), out, "exact"))
+        self.usable.append((loc, msgs, tools))
+        if len(self.samples) < 3:
+            self.samples.append(_cut({"messages": msgs, **({"tools": tools} if tools else {})}))
+
+
+def _sample_lengths(tokenizer: str, det: Detection, rows, usable, tally: _Tally,
+                    max_length: int | None) -> TokenStats | None:
+    """Token lengths of the sample (chat rows as TRL renders them; raw text as is)."""
+    tok = load_tokenizer(tokenizer)
+    lengths, locs, errors = [], [], 0
+    if det.format == "text":
+        col = det.mapping["text"]
+        texts = [(loc, r.get(col)) for loc, r in rows if isinstance(r.get(col), str)]
+        for i in range(0, len(texts), TOKEN_BATCH):
+            chunk = texts[i:i + TOKEN_BATCH]
+            lengths += [len(x) for x in tok([t for _, t in chunk])["input_ids"]]
+            locs += [loc for loc, _ in chunk]
+    else:
+        for i in range(0, len(usable), TOKEN_BATCH):
+            chunk = usable[i:i + TOKEN_BATCH]
+            for (loc, _, _), n in zip(chunk, _lengths(tok, [(m, t) for _, m, t in chunk])):
+                if isinstance(n, RowError):
+                    errors += 1
+                    tally.add(n.reason, loc, n.detail)
+                else:
+                    lengths.append(n)
+                    locs.append(loc)
+    return _token_stats(tokenizer, lengths, locs, max_length, errors)
+
+
 def inspect_dataset(
-    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file or directory in the "
-                                              "workspace, or a hub dataset id (when online).")],
+    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them or "
+                                              "a datasets.save_to_disk directory in the workspace, "
+                                              "or a hub dataset id (when online).")],
     split: Annotated[str, Field(description="split to read (hub datasets and directories).")] = "train",
     sample_size: Annotated[int, Field(ge=1, le=200_000, description="rows to analyse (from the start).")] = 1000,
     tokenizer: Annotated[Optional[str], Field(
@@ -339,147 +569,98 @@ def inspect_dataset(
     source_format: Annotated[Optional[SourceFormat], Field(
         description="override format detection.")] = None,
     column_mapping: Annotated[Optional[dict[str, str]], Field(
-        description="format key -> column name, to check a mapping before converting.")] = None,
+        description=MAPPING_DOC + " Checks a mapping before converting.")] = None,
     subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
+    drop_media: Annotated[bool, Field(description=DROP_MEDIA_DOC)] = False,
+    merge_assistant_turns: Annotated[bool, Field(description=MERGE_DOC)] = False,
 ) -> DatasetReport:
     """Inspect a dataset before fine-tuning: detect its format (OpenAI/TRL messages incl. tool
-    calls, ShareGPT incl. glaive function_call/observation, Alpaca, prompt/completion, question/
-    answer-like column pairs, raw text), and find what would break or weaken training: role-order
-    problems (assistant first, two user turns in a row, empty content, unknown roles, tool results
-    without a call) with line numbers, empty and duplicate rows, and, given a tokenizer, token
-    lengths (p50/p95/max, rows over max_length) rendered with its chat template as TRL does.
-    Call it first on any dataset. Returns a DatasetReport whose `suggested_conversion.arguments`
-    can be passed to convert_dataset as is (add output_dir, system_prompt, test_size)."""
+    calls and legacy function_call, ShareGPT incl. glaive function_call/observation, Alpaca,
+    prompt/completion, question/answer-like column pairs, raw text), and find what would break or
+    weaken training: role-order problems (assistant first, two user turns in a row, empty content,
+    unknown roles, tool results without a call, image parts) with line numbers, empty and
+    duplicate rows (whole rows, and conversations after mapping), and, given a tokenizer, token
+    lengths (p50/p95/max, rows over max_length) rendered with its chat template as TRL does, with
+    the template's own error for rows it rejects. Call it first on any dataset. Returns a
+    DatasetReport whose `suggested_conversion.arguments` can be passed to convert_dataset as is
+    (add output_dir, system_prompt, test_size)."""
     src = open_source(dataset, split=split, subset=subset)
-    rows: list[tuple[int, dict]] = []
-    for loc, row in src.rows(limit=sample_size):
-        rows.append((loc, jsonable(row) if src.kind in ("parquet", "hub", "mixed") else row))
+    changes = _Tally(CHANGE_HELP)
+    rows = list(src.rows(limit=sample_size, on_change=changes.add))
     if not rows:
         raise UserError(f"'{dataset}' has no rows (split '{split}').", field="dataset",
                         fix="Check the file is not empty and the split name is right.")
+    if max_length and not tokenizer:
+        raise UserError("max_length needs a tokenizer to count tokens.", field="max_length",
+                        fix="Pass tokenizer= the model (or tokenizer) directory you will train.")
     total = len(rows) if len(rows) < sample_size else src.count_rows()
     plain = [r for _, r in rows]
     det = _resolve_format(plain, source_format, column_mapping)
-
-    # columns
-    colnames: dict[str, None] = {}
-    for r in plain:
-        for k in r:
-            colnames.setdefault(k, None)
-    columns = []
-    for c in colnames:
-        vals = [r.get(c) for r in plain]
-        types = sorted({_jtype(v) for v in vals})
-        non_empty = [v for v in vals if not _empty(v)]
-        ex = json.dumps(non_empty[0], ensure_ascii=False)[:160] if non_empty else None
-        columns.append(ColumnInfo(name=c, types=types, non_empty=len(non_empty), example=ex))
-
-    # empty and duplicate rows (exact, on the raw row)
-    empty_lines, dup_lines, seen = [], [], set()
-    n_empty = n_dup = 0
-    for loc, r in rows:
-        if all(_empty(v) for v in r.values()):
-            n_empty += 1
-            if len(empty_lines) < MAX_LINES:
-                empty_lines.append(loc)
-            continue
-        h = hashlib.blake2b(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode(),
-                            digest_size=8).digest()
-        if h in seen:
-            n_dup += 1
-            if len(dup_lines) < MAX_LINES:
-                dup_lines.append(loc)
-        seen.add(h)
-
-    # conversion dry run: problems, roles, turns
-    tally = _Tally()
-    roles: dict[str, int] = {}
-    turns: list[int] = []
-    usable: list[tuple[int, list[dict], list | None]] = []
-    with_system = with_tools = trailing = 0
-    samples: list[dict] = []
+    whole, n_empty, empty_lines = _whole_row_duplicates(rows)
+    run = _DryRun(det, system_prompt, drop_media, merge_assistant_turns, changes)
     if det.format and det.format != "text":
         for loc, r in rows:
-            try:
-                msgs, tools = to_messages(r, det.format, det.mapping)
-            except RowError as e:
-                tally.add(e.reason, loc, e.detail)
-                continue
-            for m in msgs:
-                roles[str(m.get("role"))] = roles.get(str(m.get("role")), 0) + 1
-            turns.append(len(msgs))
-            with_system += any(m.get("role") == "system" for m in msgs)
-            with_tools += bool(tools)
-            probs = problems(msgs)
-            for kind, detail in probs:
-                tally.add(kind, loc, detail)
-            if probs:
-                continue
-            msgs, dropped = trim_trailing(msgs)
-            trailing += dropped > 0
-            msgs, _ = add_system(msgs, system_prompt)
-            usable.append((loc, msgs, tools))
-            if len(samples) < 3:
-                samples.append(_cut({"messages": msgs, **({"tools": tools} if tools else {})}))
-    elif det.format == "text":
-        samples = [_cut(r) for _, r in rows[:3]]
+            run.row(loc, r)
     else:
-        samples = [_cut(r) for _, r in rows[:3]]
+        run.samples = [_cut(r) for _, r in rows[:3]]
+    tstats = _sample_lengths(tokenizer, det, rows, run.usable, run.tally, max_length) if tokenizer else None
+    suggestion = _suggestion(dataset, det, split, subset, drop_media, merge_assistant_turns)
+    notes = src.notes + _inspect_notes(det, run, whole, tstats, system_prompt, max_length,
+                                       list({k: None for r in plain for k in r}))
+    if total is not None and total > len(rows):
+        notes.append(f"Analysed the first {len(rows)} of {total} rows; raise sample_size for more.")
+    ts = sorted(run.turns)
+    return DatasetReport(
+        dataset=dataset, source=src.kind, split=split, location_unit=src.unit, rows=total,
+        rows_sampled=len(rows), columns=_column_infos(plain), detected_format=det.format,
+        format_evidence=det.evidence, conversational=det.conversational, column_mapping=det.mapping,
+        usable_rows=len(run.usable), roles=run.roles,
+        turns={"min": ts[0], "median": statistics.median(ts), "max": ts[-1]} if ts else {},
+        rows_with_system=run.with_system, rows_with_tools=run.with_tools,
+        rows_with_trailing_turns=run.trailing, problems=run.tally.summaries(src.unit),
+        changes=changes.summaries(src.unit), empty_rows=n_empty, empty_row_lines=empty_lines,
+        duplicate_rows=whole.count, duplicate_row_lines=whole.lines,
+        duplicate_conversations=run.dupes.count, duplicate_conversation_lines=run.dupes.lines,
+        token_lengths=tstats, suggested_conversion=suggestion, samples=run.samples, notes=notes)
 
-    # token lengths
-    tstats = None
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-        lengths, locs, errors = [], [], 0
-        if det.format == "text":
-            col = det.mapping["text"]
-            texts = [(loc, r.get(col)) for loc, r in rows if isinstance(r.get(col), str)]
-            for i in range(0, len(texts), TOKEN_BATCH):
-                chunk = texts[i:i + TOKEN_BATCH]
-                ids = tok([t for _, t in chunk])["input_ids"]
-                lengths += [len(x) for x in ids]
-                locs += [loc for loc, _ in chunk]
-        else:
-            for i in range(0, len(usable), TOKEN_BATCH):
-                chunk = usable[i:i + TOKEN_BATCH]
-                for (loc, msgs, _), n in zip(chunk, _lengths(tok, [(m, t) for _, m, t in chunk])):
-                    if n is None:
-                        errors += 1
-                        tally.add("template_error", loc, "the chat template raised on this conversation")
-                    else:
-                        lengths.append(n)
-                        locs.append(loc)
-        tstats = _token_stats(tokenizer, lengths, locs, max_length, errors)
-    elif max_length:
-        raise UserError("max_length needs a tokenizer to count tokens.", field="max_length",
-                        fix="Pass tokenizer= the model (or tokenizer) directory you will train.")
 
-    # suggestion and notes
+def _suggestion(dataset: str, det: Detection, split: str, subset: str | None, drop_media: bool,
+                merge_assistant_turns: bool) -> SuggestedConversion | None:
+    if not det.format or det.format == "text":
+        return None
+    args = {"dataset": dataset, "target_format": "prompt_completion", "source_format": det.format,
+            "column_mapping": det.mapping}
+    if split != "train":
+        args["split"] = split
+    if subset:
+        args["subset"] = subset
+    if drop_media:
+        args["drop_media"] = True
+    if merge_assistant_turns:
+        args["merge_assistant_turns"] = True
+    return SuggestedConversion(target_format="prompt_completion", source_format=det.format,
+                               column_mapping=det.mapping, arguments=args)
+
+
+def _inspect_notes(det: Detection, run: _DryRun, whole: _Dupes, tstats: TokenStats | None,
+                   system_prompt: str | None, max_length: int | None, colnames: list[str]) -> list[str]:
     notes: list[str] = []
-    suggestion = None
+    usable = len(run.usable)
     if det.format and det.format != "text":
-        args = {"dataset": dataset, "target_format": "prompt_completion", "source_format": det.format,
-                "column_mapping": det.mapping}
-        if split != "train":
-            args["split"] = split
-        if subset:
-            args["subset"] = subset
-        suggestion = SuggestedConversion(target_format="prompt_completion", source_format=det.format,
-                                         column_mapping=det.mapping, arguments=args)
         notes.append("Target prompt_completion (conversational) so TRL trains on the completion only "
                      "(completion_only_loss); use target_format='messages' only with "
                      "assistant_only_loss and a template with {% generation %} markers.")
-        if with_system < len(usable) // 2 and not system_prompt:
-            notes.append(f"{len(usable) - with_system} of {len(usable)} usable rows have no system "
+        if run.with_system < usable // 2 and not system_prompt:
+            notes.append(f"{usable - run.with_system} of {usable} usable rows have no system "
                          "message: pass system_prompt to convert_dataset if the model should learn "
                          "under one (it is added only where none exists).")
-        if tally.items:
-            notes.append(f"{tally.total()} problems in the sample: convert_dataset skips such rows and "
+        if run.tally.items:
+            notes.append(f"{run.tally.total()} problems in the sample: convert_dataset skips such rows and "
                          "reports them (strict=true stops at the first).")
-        if with_tools:
-            notes.append(f"{with_tools} rows carry tools: use a model whose chat template renders "
-                         "tools and tool_calls (Qwen2.5, Llama 3.1+, Hermes...); verify_masking shows "
-                         "the rendering.")
+        if run.with_tools:
+            notes.append(f"{run.with_tools} rows carry tools: use a model whose chat template renders "
+                         "tools and tool_calls (Qwen2.5, Qwen3, Llama 3.1+, Hermes...); pass tokenizer "
+                         "to check it renders them, and verify_masking shows the rendering.")
         if det.format == "question_answer" and "chosen" in det.mapping.get("completion", ""):
             notes.append("Preference data (prompt/chosen/rejected): only 'chosen' is used for SFT.")
         if det.format in ("prompt_completion", "question_answer") and det.conversational is False:
@@ -488,29 +669,18 @@ def inspect_dataset(
         notes.append("Raw text has no roles: train it as language modeling (dataset_text_field='text', "
                      "no conversion), or map columns to a chat format with column_mapping.")
     else:
-        notes.append(f"Unknown format. Columns: {list(colnames)}. Pass column_mapping, e.g. "
+        notes.append(f"Unknown format. Columns: {colnames}. Pass column_mapping, e.g. "
                      '{"prompt": "<question column>", "completion": "<answer column>"} '
-                     '(question_answer) or {"messages": "<column>"}.')
-    if n_dup:
-        notes.append(f"{n_dup} exact duplicate rows in the sample: convert_dataset dedupes by default.")
+                     '(question_answer) or {"messages": "<column>"}; several columns combine with a '
+                     'template: {"prompt": "Subject: {subject}\\n\\n{message}", ...}.')
+    if whole.count or run.dupes.count:
+        notes.append(f"{whole.count} whole-row duplicates, {run.dupes.count} duplicate conversations "
+                     "in the sample (convert_dataset drops the latter by default). " + DEDUPE_NOTE)
     if tstats and tstats.over_max_length:
         notes.append(f"{tstats.over_max_length} rows exceed max_length={max_length} tokens; TRL would "
                      "truncate them (losing the end of the answer). Raise max_length or pass the same "
                      "tokenizer/max_length to convert_dataset to drop them.")
-    if total is not None and total > len(rows):
-        notes.append(f"Analysed the first {len(rows)} of {total} rows; raise sample_size for more.")
-
-    ts = sorted(turns)
-    return DatasetReport(
-        dataset=dataset, source=src.kind, split=split, location_unit=src.unit, rows=total,
-        rows_sampled=len(rows), columns=columns, detected_format=det.format,
-        format_evidence=det.evidence, conversational=det.conversational, column_mapping=det.mapping,
-        usable_rows=len(usable), roles=roles,
-        turns={"min": ts[0], "median": statistics.median(ts), "max": ts[-1]} if ts else {},
-        rows_with_system=with_system, rows_with_tools=with_tools, rows_with_trailing_turns=trailing,
-        problems=tally.summaries(src.unit), empty_rows=n_empty, empty_row_lines=empty_lines,
-        duplicate_rows=n_dup, duplicate_row_lines=dup_lines, token_lengths=tstats,
-        suggested_conversion=suggestion, samples=samples, notes=notes)
+    return notes
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -551,48 +721,9 @@ def _write_split(scratch: Path, offsets: array, order, dst: Path) -> None:
             out.write(src.read(offsets[i + 1] - offsets[i]))
 
 
-def convert_dataset(
-    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file or directory in the "
-                                              "workspace, or a hub dataset id (when online).")],
-    output_dir: Annotated[str, Field(description="directory to create (workspace-relative); gets "
-                                                 "train.jsonl and, with test_size, test.jsonl.")],
-    target_format: Annotated[Literal["messages", "prompt_completion"], Field(
-        description="prompt_completion (conversational; completion-only loss, recommended) or "
-                    "messages (whole conversation; needs assistant_only_loss to mask prompts).")] = "prompt_completion",
-    system_prompt: Annotated[Optional[str], Field(
-        description="system message added to rows that have none.")] = None,
-    column_mapping: Annotated[Optional[dict[str, str]], Field(
-        description="format key -> column name, e.g. {\"prompt\": \"question\", \"completion\": "
-                    "\"answer\"}; default: the detected mapping (see inspect_dataset).")] = None,
-    source_format: Annotated[Optional[SourceFormat], Field(
-        description="source format; default: auto-detect.")] = None,
-    test_size: Annotated[float, Field(ge=0, description="test split: a fraction (<1) or a row count "
-                                                        "(>=1); 0 = no test split.")] = 0,
-    seed: Annotated[int, Field(description="seed for shuffle and split.")] = 42,
-    dedupe: Annotated[Literal["none", "exact", "normalized"], Field(
-        description="drop duplicate output rows: exact, or normalized (case, Unicode, whitespace).")] = "exact",
-    tokenizer: Annotated[Optional[str], Field(
-        description="model or tokenizer directory: measure token lengths with its chat template.")] = None,
-    max_length: Annotated[Optional[int], Field(
-        ge=1, description="with tokenizer: skip rows longer than this many tokens.")] = None,
-    shuffle: Annotated[bool, Field(description="shuffle rows before splitting and writing.")] = True,
-    strict: Annotated[bool, Field(description="fail on the first bad row instead of skipping it.")] = False,
-    overwrite: Annotated[bool, Field(description="replace a non-empty output_dir.")] = False,
-    limit: Annotated[Optional[int], Field(ge=1, description="read at most this many source rows.")] = None,
-    split: Annotated[str, Field(description="source split (hub datasets and directories).")] = "train",
-    subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
-) -> ConvertReport:
-    """Convert a dataset into the JSONL TRL's SFTTrainer trains on, and report what happened.
-    Writes the directory output_dir with train.jsonl (and test.jsonl when test_size > 0), one JSON
-    object per line; `load_dataset(output_dir)` and a recipe's `dataset_name: output_dir` read it.
-    prompt_completion (default) rows are {"prompt": [system?, user, ...], "completion":
-    [last assistant turn]}: every turn before the last assistant turn (tool calls and tool results
-    included) is prompt, so TRL trains on the final answer only. messages rows are {"messages":
-    [...]}. Tools travel in a `tools` column. Rows with problems (role order, empty content, ...)
-    are skipped with their line numbers; duplicates and rows over max_length tokens are dropped.
-    Streams: large files convert in constant memory. Written atomically: a failure leaves nothing.
-    Call inspect_dataset first; then verify_masking on the output. Returns a ConvertReport."""
-    t0 = time.monotonic()
+def _check_convert_args(target_format: str, dedupe: str, test_size: float, tokenizer: str | None,
+                        max_length: int | None) -> None:
+    """Refuse bad arguments before any work."""
     if max_length and not tokenizer:
         raise UserError("max_length needs a tokenizer to count tokens.", field="max_length",
                         fix="Pass tokenizer= the model (or tokenizer) directory you will train.")
@@ -603,10 +734,10 @@ def convert_dataset(
         raise UserError(f"unknown dedupe mode {dedupe!r}.", field="dedupe",
                         fix="Use 'none', 'exact' or 'normalized'.")
     if test_size < 0 or (test_size >= 1 and not float(test_size).is_integer()):
-        _test_count(test_size, 2**62)  # raises the explanatory error now, before any work
-    ws = get_workspace()
-    out_path = ws.resolve(output_dir, field="output_dir")
-    src = open_source(dataset, split=split, subset=subset)
+        _test_count(test_size, 2**62)  # raises the explanatory error now
+
+
+def _check_output(output_dir: str, out_path: Path, src, overwrite: bool) -> None:
     for f in src.files:
         if f == out_path or out_path in f.parents:
             raise UserError(f"'{output_dir}' contains the input file {f.name}.", field="output_dir",
@@ -618,10 +749,11 @@ def convert_dataset(
         raise UserError(f"'{output_dir}' exists and is not empty.", field="output_dir",
                         fix="Choose a new output directory, or pass overwrite=true.")
 
-    def coerce(row):
-        return jsonable(row) if src.kind in ("parquet", "hub", "mixed") else row
 
-    peek = [coerce(r) for _, r in src.rows(limit=min(200, limit or 200))]
+def _convertible_format(src, dataset: str, split: str, limit: int | None, source_format: str | None,
+                        column_mapping: dict[str, str] | None) -> Detection:
+    """The format and mapping, from the first 200 rows; refused when nothing can be converted."""
+    peek = [r for _, r in src.rows(limit=min(200, limit or 200))]
     if not peek:
         raise UserError(f"'{dataset}' has no rows (split '{split}').", field="dataset",
                         fix="Check the file is not empty and the split name is right.")
@@ -637,136 +769,145 @@ def convert_dataset(
                         "assistant turn to convert.", field="source_format",
                         fix="Train it as language modeling as is (SFTConfig dataset_text_field='text'), "
                             "or pass column_mapping naming its prompt/answer columns.")
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    used_cols = set(det.mapping.values())
+    return det
 
-    skipped, dup_lines = _Tally(), []
-    counts = dict(read=0, duplicates=0, system_prompt_added=0, trailing_turns_dropped=0)
-    seen: set[bytes] = set()
-    offsets = array("Q", [0])
-    samples: list[dict] = []
-    lengths: list[int] = []
-    length_locs: list[int] = []
-    template_errors = 0
-    dropped_cols: dict[str, None] = {}
-    seen_keys: set[tuple] = set()
-    sys_placeholder = {"role": "system", "content": SENTINEL}
-    sys_json = json.dumps(system_prompt or "", ensure_ascii=False)[1:-1]
-    unit = src.unit
 
-    def bad(loc: int, reason: str, detail: str):
-        if strict:
+class _Converter:
+    """convert_dataset's row pipeline: prepare, check, dedupe, measure with the tokenizer, and
+    append to the scratch file (only byte offsets and dedupe hashes stay in memory)."""
+
+    def __init__(self, det: Detection, fh, *, target_format: str, system_prompt: str | None,
+                 dedupe: str, tok, max_length: int | None, strict: bool, unit: str,
+                 drop_media: bool, merge_assistant_turns: bool, changes: _Tally):
+        self.det, self.fh, self.target, self.system_prompt = det, fh, target_format, system_prompt
+        self.dedupe, self.tok, self.max_length, self.strict, self.unit = dedupe, tok, max_length, strict, unit
+        self.opts = (drop_media, merge_assistant_turns)
+        self.skipped, self.changes, self.dupes = _Tally(), changes, _Dupes()
+        self.counts = dict(read=0, system_prompt_added=0, trailing_turns_dropped=0)
+        self.offsets = array("Q", [0])
+        self.samples: list[dict] = []
+        self.lengths: list[int] = []
+        self.length_locs: list[int] = []
+        self.template_errors = 0
+        self.pending: list[tuple] = []
+        self.used_cols = set(mapping_columns(det.mapping))
+        self.dropped_cols: dict[str, None] = {}
+        self.seen_keys: set[tuple] = set()
+        # The same system prompt on every row: JSON-encoded once and spliced in (see _encode).
+        self.sys_json = json.dumps(system_prompt or "", ensure_ascii=False)[1:-1]
+
+    @property
+    def written(self) -> int:
+        return len(self.offsets) - 1
+
+    def bad(self, loc: int, reason: str, detail: str) -> None:
+        if self.strict:
             raise UserError(f"row cannot be converted: {reason}: {detail} "
-                            f"({PROBLEM_HELP.get(reason, reason)}).", field=f"{unit} {loc}",
+                            f"({PROBLEM_HELP.get(reason, reason)}).", field=f"{self.unit} {loc}",
                             fix="Fix or remove that row, or run with strict=false to skip bad rows "
                                 "(they are listed in the report).")
-        skipped.add(reason, loc, detail)
+        self.skipped.add(reason, loc, detail)
 
-    with ws.atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        scratch = tmp / ".rows.jsonl.tmp"
-        pending: list[tuple[int, list, Any, bytes, dict]] = []
-        with open(scratch, "wb", buffering=1 << 20) as fh:
-            pos = 0
+    def row(self, loc: int, row: dict) -> None:
+        self.counts["read"] += 1
+        keys = tuple(row)
+        if keys not in self.seen_keys:
+            self.seen_keys.add(keys)
+            self.dropped_cols.update((k, None) for k in keys if k not in self.used_cols)
+        try:
+            msgs, tools, changes = _prepare(row, self.det, *self.opts)
+            msgs, added = add_system(msgs, self.system_prompt)
+            probs = problems(msgs)
+            if probs:
+                raise RowError(*probs[0])
+        except RowError as e:
+            self.bad(loc, e.reason, e.detail)
+            return
+        msgs, dropped = trim_trailing(msgs)
+        self.counts["system_prompt_added"] += added
+        self.counts["trailing_turns_dropped"] += dropped > 0
+        out = build_row(msgs, tools, self.target)
+        b = self._encode(out, msgs, added)
+        if self.dedupe != "none" and self.dupes.add(loc, _dedupe_key(b, out, self.dedupe)):
+            return
+        item = (loc, msgs, tools, b, out, changes)
+        if self.tok is None:
+            self._write(item)
+            return
+        self.pending.append(item)
+        if len(self.pending) >= TOKEN_BATCH:
+            self.flush()
 
-            def write(b: bytes, out: dict):
-                nonlocal pos
-                fh.write(b)
-                pos += len(b)
-                offsets.append(pos)
-                if len(samples) < 3:
-                    samples.append(_cut(out, 500))
+    def _encode(self, out: dict, msgs: list[dict], added: bool) -> bytes:
+        if not added:
+            return (json.dumps(out, ensure_ascii=False) + "\n").encode("utf-8")
+        turns = out["messages"] if self.target == "messages" else out["prompt"]
+        turns[0] = {"role": "system", "content": SENTINEL}
+        text = json.dumps(out, ensure_ascii=False).replace(SENTINEL, self.sys_json, 1)
+        turns[0] = msgs[0]
+        return (text + "\n").encode("utf-8")
 
-            def flush():
-                nonlocal template_errors
-                ns = _lengths(tok, [(m, t) for _, m, t, _, _ in pending])
-                for (loc, _, _, b, out), n in zip(pending, ns):
-                    if n is None:
-                        template_errors += 1
-                        bad(loc, "template_error", "the tokenizer's chat template raised")
-                    elif max_length and n > max_length:
-                        skipped.add("too_long", loc, f"{n} tokens > max_length {max_length}")
-                    else:
-                        lengths.append(n)
-                        length_locs.append(loc)
-                        write(b, out)
-                pending.clear()
+    def flush(self) -> None:
+        """Measure the pending rows with the tokenizer; write those its template can train."""
+        if not self.pending:
+            return
+        ns = _lengths(self.tok, [(m, t) for _, m, t, _, _, _ in self.pending])
+        for item, n in zip(self.pending, ns):
+            loc = item[0]
+            if isinstance(n, RowError):
+                self.template_errors += 1
+                self.bad(loc, n.reason, n.detail)
+            elif self.max_length and n > self.max_length:
+                self.skipped.add("too_long", loc, f"{n} tokens > max_length {self.max_length}")
+            else:
+                self.lengths.append(n)
+                self.length_locs.append(loc)
+                self._write(item)
+        self.pending.clear()
 
-            for loc, row in src.rows(limit=limit):
-                counts["read"] += 1
-                row = coerce(row)
-                keys = tuple(row)
-                if keys not in seen_keys:
-                    seen_keys.add(keys)
-                    dropped_cols.update((k, None) for k in keys if k not in used_cols)
-                try:
-                    msgs, tools = to_messages(row, det.format, det.mapping)
-                    msgs, added = add_system(msgs, system_prompt)
-                    probs = problems(msgs)
-                    if probs:
-                        raise RowError(*probs[0])
-                except RowError as e:
-                    bad(loc, e.reason, e.detail)
-                    continue
-                msgs, dropped = trim_trailing(msgs)
-                counts["system_prompt_added"] += added
-                counts["trailing_turns_dropped"] += dropped > 0
-                out = build_row(msgs, tools, target_format)
-                if added:  # the same system prompt on every row: encode it once, splice it in
-                    turns = out["messages"] if target_format == "messages" else out["prompt"]
-                    turns[0] = sys_placeholder
-                    text = json.dumps(out, ensure_ascii=False).replace(SENTINEL, sys_json, 1)
-                    turns[0] = msgs[0]
-                else:
-                    text = json.dumps(out, ensure_ascii=False)
-                b = (text + "\n").encode("utf-8")
-                if dedupe != "none":
-                    key_src = b if dedupe == "exact" else json.dumps(
-                        normalized(out), ensure_ascii=False, sort_keys=True).encode("utf-8")
-                    h = hashlib.blake2b(key_src, digest_size=8).digest()
-                    if h in seen:
-                        counts["duplicates"] += 1
-                        if len(dup_lines) < MAX_LINES:
-                            dup_lines.append(loc)
-                        continue
-                    seen.add(h)
-                if tok is not None:
-                    pending.append((loc, msgs, tools, b, out))
-                    if len(pending) >= TOKEN_BATCH:
-                        flush()
-                else:
-                    write(b, out)
-            if pending:
-                flush()
-        seen.clear()
-        n = len(offsets) - 1
-        if counts["read"] == 0:
+    def _write(self, item: tuple) -> None:
+        loc, _, _, b, out, changes = item
+        self.fh.write(b)
+        self.offsets.append(self.offsets[-1] + len(b))
+        for kind, k in changes.items():
+            self.changes.add(kind, loc, f"{k} in this row")
+        if len(self.samples) < 3:
+            self.samples.append(_cut(out, 500))
+
+    def refuse_if_empty(self, dataset: str) -> None:
+        if self.counts["read"] == 0:
             raise UserError(f"'{dataset}' has no rows.", field="dataset", fix="Check the file.")
-        if n == 0:
-            reasons = ", ".join(f"{s.kind}: {s.count}" for s in skipped.summaries(unit)) or \
-                f"all {counts['duplicates']} rows were duplicates"
+        if self.written == 0:
+            reasons = "; ".join(f"{s.kind}: {s.count} (e.g. {s.example})"
+                                for s in self.skipped.summaries(self.unit)) or \
+                f"all {self.dupes.count} rows were duplicates"
             raise UserError(f"no row could be converted ({reasons}).", field="dataset",
                             fix="Run inspect_dataset to see the problems and their lines; check "
-                                "column_mapping/source_format.")
-        n_test = _test_count(test_size, n)
-        files = {"train": tmp / "train.jsonl"}
-        if n_test == 0 and not shuffle:
-            os.replace(scratch, files["train"])
-        else:
-            order = _permutation(n, seed) if shuffle else range(n)
-            if n_test:
-                files["test"] = tmp / "test.jsonl"
-                test_order = order[:n_test] if shuffle else range(n - n_test, n)
-                train_order = order[n_test:] if shuffle else range(n - n_test)
-                _write_split(scratch, offsets, test_order, files["test"])
-            else:
-                train_order = order
-            _write_split(scratch, offsets, train_order, files["train"])
-            scratch.unlink()
+                                "column_mapping/source_format (and the tokenizer's chat template).")
 
-    rel = ws.rel(out_path)
-    tstats = _token_stats(tokenizer, lengths, length_locs, max_length, template_errors) if tok else None
-    n_skipped = skipped.total()
-    next_steps = [
+
+def _write_splits(tmp: Path, scratch: Path, offsets: array, n_test: int, shuffle: bool,
+                  seed: int) -> dict[str, Path]:
+    """train.jsonl (and test.jsonl) from the scratch file, shuffled by `seed` when asked."""
+    n = len(offsets) - 1
+    files = {"train": tmp / "train.jsonl"}
+    if n_test == 0 and not shuffle:
+        os.replace(scratch, files["train"])
+        return files
+    order = _permutation(n, seed) if shuffle else range(n)
+    train_order = order
+    if n_test:
+        files["test"] = tmp / "test.jsonl"
+        test_order = order[:n_test] if shuffle else range(n - n_test, n)
+        train_order = order[n_test:] if shuffle else range(n - n_test)
+        _write_split(scratch, offsets, test_order, files["test"])
+    _write_split(scratch, offsets, train_order, files["train"])
+    scratch.unlink()
+    return files
+
+
+def _next_steps(rel: str, n_test: int, target_format: str, n_skipped: int) -> list[str]:
+    steps = [
         f"verify_masking on {rel}/train.jsonl with the model's tokenizer before training.",
         f"Recipe: dataset_name: {rel} (dataset_train_split: train"
         + (", dataset_test_split: test)" if n_test else ")")
@@ -775,15 +916,104 @@ def convert_dataset(
                                      "{% generation %}) or every token is trained."),
     ]
     if n_skipped:
-        next_steps.append(f"{n_skipped} rows skipped: see `skipped` for reasons and lines.")
+        steps.append(f"{n_skipped} rows skipped: see `skipped` for reasons and lines.")
+    return steps
+
+
+def convert_dataset(
+    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them or "
+                                              "a datasets.save_to_disk directory in the workspace, "
+                                              "or a hub dataset id (when online).")],
+    output_dir: Annotated[str, Field(description="directory to create (workspace-relative); gets "
+                                                 "train.jsonl and, with test_size, test.jsonl.")],
+    target_format: Annotated[Literal["messages", "prompt_completion"], Field(
+        description="prompt_completion (conversational; completion-only loss, recommended) or "
+                    "messages (whole conversation; needs assistant_only_loss to mask prompts).")] = "prompt_completion",
+    system_prompt: Annotated[Optional[str], Field(
+        description="system message added to rows that have none.")] = None,
+    column_mapping: Annotated[Optional[dict[str, str]], Field(
+        description=MAPPING_DOC + " Default: the detected mapping (see inspect_dataset).")] = None,
+    source_format: Annotated[Optional[SourceFormat], Field(
+        description="source format; default: auto-detect.")] = None,
+    test_size: Annotated[float, Field(ge=0, description="test split: a fraction (<1) or a row count "
+                                                        "(>=1); 0 = no test split.")] = 0,
+    seed: Annotated[int, Field(description="seed for shuffle and split.")] = 42,
+    dedupe: Annotated[Literal["none", "exact", "normalized"], Field(
+        description="drop duplicate output rows, compared after mapping (conversation + tools, not "
+                    "unmapped columns): exact, or normalized (case, Unicode, whitespace).")] = "exact",
+    tokenizer: Annotated[Optional[str], Field(
+        description="model or tokenizer directory: render every row with its chat template (rows it "
+                    "rejects or renders without their tool calls are skipped, with the template's "
+                    "error) and measure token lengths.")] = None,
+    max_length: Annotated[Optional[int], Field(
+        ge=1, description="with tokenizer: skip rows longer than this many tokens.")] = None,
+    shuffle: Annotated[bool, Field(description="shuffle rows before splitting and writing.")] = True,
+    strict: Annotated[bool, Field(description="fail on the first bad row instead of skipping it.")] = False,
+    overwrite: Annotated[bool, Field(description="replace a non-empty output_dir.")] = False,
+    limit: Annotated[Optional[int], Field(ge=1, description="read at most this many source rows.")] = None,
+    split: Annotated[str, Field(description="source split (hub datasets and directories).")] = "train",
+    subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
+    drop_media: Annotated[bool, Field(description=DROP_MEDIA_DOC)] = False,
+    merge_assistant_turns: Annotated[bool, Field(description=MERGE_DOC)] = False,
+) -> ConvertReport:
+    """Convert a dataset into the JSONL TRL's SFTTrainer trains on, and report what happened.
+    Writes the directory output_dir with train.jsonl (and test.jsonl when test_size > 0), one JSON
+    object per line; `load_dataset(output_dir)` and a recipe's `dataset_name: output_dir` read it.
+    prompt_completion (default) rows are {"prompt": [system?, user, ...], "completion":
+    [last assistant turn]}: every turn before the last assistant turn (tool calls and tool results
+    included) is prompt, so TRL trains on the final answer only. messages rows are {"messages":
+    [...]}. Tools travel in a `tools` column; tool-call turns get "content": "" and object
+    arguments, legacy function_call turns become tool_calls. Rows with problems (role order,
+    empty content, image parts, ...) are skipped with their line numbers; duplicates and rows
+    over max_length tokens are dropped; what was changed is in `changes`. Streams: large files
+    convert in constant memory. Written atomically: a failure leaves nothing, and temporary
+    folders of interrupted earlier calls are removed. Call inspect_dataset first; then
+    verify_masking on the output. Returns a ConvertReport."""
+    t0 = time.monotonic()
+    _check_convert_args(target_format, dedupe, test_size, tokenizer, max_length)
+    ws = get_workspace()
+    out_path = ws.resolve(output_dir, field="output_dir")
+    src = open_source(dataset, split=split, subset=subset)
+    _check_output(output_dir, out_path, src, overwrite)
+    det = _convertible_format(src, dataset, split, limit, source_format, column_mapping)
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    changes, removed = _Tally(CHANGE_HELP), []
+    with ws.atomic_dir(output_dir, overwrite=overwrite, removed=removed) as tmp:
+        scratch = tmp / ".rows.jsonl.tmp"
+        with open(scratch, "wb", buffering=1 << 20) as fh:
+            conv = _Converter(det, fh, target_format=target_format, system_prompt=system_prompt,
+                              dedupe=dedupe, tok=tok, max_length=max_length, strict=strict,
+                              unit=src.unit, drop_media=drop_media,
+                              merge_assistant_turns=merge_assistant_turns, changes=changes)
+            for loc, row in src.rows(limit=limit, on_change=changes.add):
+                conv.row(loc, row)
+            conv.flush()
+        conv.dupes.seen.clear()
+        conv.refuse_if_empty(dataset)
+        n = conv.written
+        n_test = _test_count(test_size, n)
+        files = _write_splits(tmp, scratch, conv.offsets, n_test, shuffle, seed)
+
+    rel = ws.rel(out_path)
+    tstats = _token_stats(tokenizer, conv.lengths, conv.length_locs, max_length,
+                          conv.template_errors) if tok else None
+    n_skipped = conv.skipped.total()
+    notes = src.notes + [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
+    if conv.dupes.count:
+        notes.append(f"{conv.dupes.count} duplicates dropped, compared after mapping (dedupe="
+                     f"'{dedupe}'): rows that differ only in unmapped columns count as duplicates "
+                     "here, unlike inspect_dataset's whole-row duplicate_rows.")
+    c = conv.counts
     return ConvertReport(
         output_dir=rel, files={k: ws.rel(out_path / v.name) for k, v in files.items()},
         target_format=target_format, source_format=det.format, column_mapping=det.mapping,
-        location_unit=unit,
-        counts=ConvertCounts(read=counts["read"], converted=n, skipped=n_skipped,
-                             duplicates=counts["duplicates"], train=n - n_test, test=n_test,
-                             system_prompt_added=counts["system_prompt_added"],
-                             trailing_turns_dropped=counts["trailing_turns_dropped"]),
-        skipped=skipped.summaries(unit), duplicate_lines=dup_lines,
-        dropped_columns=list(dropped_cols), token_lengths=tstats, samples=samples,
-        elapsed_s=round(time.monotonic() - t0, 3), next_steps=next_steps)
+        location_unit=src.unit,
+        counts=ConvertCounts(read=c["read"], converted=n, skipped=n_skipped,
+                             duplicates=conv.dupes.count, train=n - n_test, test=n_test,
+                             system_prompt_added=c["system_prompt_added"],
+                             trailing_turns_dropped=c["trailing_turns_dropped"]),
+        skipped=conv.skipped.summaries(src.unit), changes=changes.summaries(src.unit),
+        duplicate_lines=conv.dupes.lines, dropped_columns=list(conv.dropped_cols),
+        token_lengths=tstats, samples=conv.samples, notes=notes,
+        elapsed_s=round(time.monotonic() - t0, 3),
+        next_steps=_next_steps(rel, n_test, target_format, n_skipped))
