@@ -193,7 +193,7 @@ def remove_stale_temps(target: Path) -> list[tuple[Path, int]]:
             continue  # gone already (another cleaner) or unreadable: not ours to force
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_NB | fcntl.LOCK_EX)
             except BlockingIOError:
                 continue  # its writer is alive
             size = _tree_bytes(p)
