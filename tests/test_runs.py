@@ -75,7 +75,7 @@ async def wait_done(c, run_id: str, timeout: float = POLL_TIMEOUT_S, until=None)
     while True:
         r = await call(c, "training_status", run_id=run_id, log_lines=40, plot=False)
         s = r.structured_content
-        seen.append((s["state"], s["step"]))
+        seen.append((s["state"], s.get("step")))
         if until is not None and until(s):
             return s
         if s["state"] not in ("queued", "running"):
@@ -238,14 +238,19 @@ def test_stop_then_resume_continues_from_checkpoint(runs_ws):
             n = s["summary"]["steps"]
             stopped_summary = s["summary"]
             assert stop["last_checkpoint"].endswith(f"checkpoint-{n}")
-            # Relaunch the same output_dir with a closer max_steps: it resumes at step n.
-            recipe(ws, "resume", max_steps=n + 3, save_steps=100000, learning_rate=1e-4)
+            # Relaunch the same output_dir with a closer max_steps and an edited save cadence: it
+            # resumes at step n, applies the new cadence (Trainer would keep the checkpoint's), and
+            # says so; the two runs are linked as one logical run.
+            recipe(ws, "resume", max_steps=n + 3, save_steps=1, learning_rate=1e-4)
             res2 = (await call(c, "launch_training", recipe=r, require_masking_report=False)).structured_content
             assert res2["resumes_from"] == stop["last_checkpoint"]
             s2 = await wait_done(c, res2["run_id"])
+            assert s2["continues_run"] == rid and s2["logical_run"] == rid
+            assert any("save_steps 1 (the checkpoint had 100000)" in w for w in s2["warnings"]), s2["warnings"]
             return n, res2, s2, stopped_summary
 
     n, res2, s2, stopped_summary = run(main())
+    assert (Path(res2["output_dir"]) / f"checkpoint-{n + 1}").is_dir()  # the recipe's cadence
     out = Path(res2["output_dir"])
     assert stopped_summary["stop_signal"] == "SIGTERM" and stopped_summary["model_path"] is None
     assert 3 <= n < 3000
@@ -487,3 +492,39 @@ def test_multi_node_recipe_slurm_script_and_a_two_machine_launch(runs_ws, tiny_m
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     summ = json.loads((ws.root / "out/mn_cpu/summary.json").read_text())
     assert summ["status"] == "completed" and summ["world_size"] == 2 and summ["steps"] == 3
+
+
+def test_an_evaluation_run_shows_its_metrics_and_no_training_fields(runs_ws):
+    """training_status of a background evaluate: the metrics (not summary null), and none of the
+    training-only fields (loss, steps, checkpoints) in what the client receives."""
+    from test_evaluate import write_arith
+
+    from tools import evaluate as ev
+    write_arith(runs_ws.root / "arith.jsonl")
+    r = ev.evaluate(model="models/tiny-llama", local_task="arith.jsonl", limit=2, max_gen_toks=4,
+                    background=True, output_dir="evals/st")
+
+    async def main():
+        async with __import__("mcp").Client(server()) as c:
+            return await wait_done(c, r.run_id)
+
+    s = run(main())
+    assert s["state"] == "completed", s["log_tail"]
+    assert s["summary"]["metrics"] and s["summary"]["table"]
+    label, metrics_ = next(iter(s["summary"]["metrics"].items()))
+    assert metrics_[0]["n"] == 2
+    for k in ("loss", "step", "max_steps", "last_checkpoint", "eval_loss", "tokens_per_second"):
+        assert k not in s, k
+
+
+def test_a_one_point_loss_curve_is_drawn(tmp_path):
+    from PIL import Image
+
+    from tools.runs import _plot_loss
+    png = _plot_loss([{"step": 1, "loss": 2.5}], tmp_path / "loss.png", "one point")
+    img = Image.open(png).convert("RGB")
+    w, h = img.size
+    # A single point sits in the middle of the axes; the legend's line sample is in a corner.
+    box = img.crop((int(w * 0.35), int(h * 0.3), int(w * 0.75), int(h * 0.7)))
+    blue = [px for px in box.getdata() if abs(px[0] - 31) < 40 and abs(px[1] - 119) < 40 and px[2] > 150]
+    assert len(blue) >= 4  # matplotlib's first colour, #1f77b4

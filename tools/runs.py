@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 from .errors import UserError
 from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describe, list_run_dirs,
@@ -31,6 +31,11 @@ __all__ = ["start_job", "launch_training", "training_status", "stop_training", "
 State = Literal["queued", "running", "completed", "failed", "stopped"]
 LaunchState = Literal["running", "dry_run"]
 TRAIN_KIND = "train"
+EVAL_KIND = "eval"
+TRAINING_ONLY = ("method", "step", "max_steps", "progress_pct", "epoch", "loss", "first_loss",
+                 "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
+                 "seconds_per_step", "num_tokens", "last_checkpoint", "loss_plot_path",
+                 "suggested_overrides", "continues_run", "logical_run")
 
 
 # ============================================================================ launch
@@ -231,6 +236,18 @@ def _last_checkpoint(output_dir: Path) -> Optional[str]:
     return str(max(ckpts, key=lambda p: int(p.name[11:]))) if ckpts else None
 
 
+def _earlier_run(output_dir: Path) -> dict:
+    """The run a resume continues (newest earlier training run into the same output_dir), and
+    the first run of that chain: one logical run id across resumes."""
+    prev = [d for d in (describe(r) for r in list_run_dirs())
+            if d.get("kind") == TRAIN_KIND and output_dir_of(d) == output_dir]
+    if not prev:
+        return {}
+    last = max(prev, key=lambda d: float(d.get("created_ts") or 0))
+    first = (last.get("meta") or {}).get("logical_run") or last["run_id"]
+    return {"continues_run": last["run_id"], "logical_run": first}
+
+
 def _plan_run(cfg: dict, recipe_copy: Path, acc_path: Optional[Path], num_processes: Optional[int],
               gpu_ids: Optional[list[int]], checks: list[str], warnings: list[str]):
     """The launch plan (argv, environment, process count) for this host's GPUs."""
@@ -284,6 +301,8 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
                     "method": method, "base_model": cfg.get("model_name_or_path"),
                     "num_processes": plan.world_size, "accelerate_config": str(acc_path) if acc_path else None,
                     "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
+            if resumes_from:
+                meta.update(_earlier_run(output_dir))
             shutil.copyfile(rpath, recipe_copy)
             if acc_path:
                 shutil.copyfile(acc_path, rdir / "accelerate_config.yaml")
@@ -419,7 +438,17 @@ class TrainingStatus(BaseModel):
     loss_plot_path: Optional[str] = Field(None, description="PNG of the loss curve (also returned as an image).")
     suggested_overrides: Optional[dict[str, Any]] = Field(
         None, description="after an OOM: recipe keys to relaunch with (launch_training overrides=).")
+    continues_run: Optional[str] = Field(None, description="the run this one resumed.")
+    logical_run: Optional[str] = Field(None, description="first run id of a chain of resumes.")
     next_step: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_training_fields(self, handler):
+        data = handler(self)
+        if self.kind == EVAL_KIND:  # an evaluation has no loss, steps or checkpoints
+            for k in TRAINING_ONLY:
+                data.pop(k, None)
+        return data
 
 
 def _read_metrics(output_dir: Path) -> list[dict]:
@@ -484,8 +513,8 @@ def _plot_loss(metrics: list[dict], png: Path, title: str) -> Optional[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     try:
-        if train:
-            ax.plot(*zip(*train), label="train loss", lw=1.5)
+        if train:  # a marker, so a one-point curve is not a blank image
+            ax.plot(*zip(*train), "o-" if len(train) < 20 else "-", label="train loss", lw=1.5, ms=3)
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
         from matplotlib.ticker import MaxNLocator
@@ -538,8 +567,12 @@ def training_status(
     if start_ts:
         res.elapsed_s = round((end_ts or time.time()) - float(start_ts), 1)
 
+    res.continues_run, res.logical_run = meta.get("continues_run"), meta.get("logical_run")
+
     tail = log_tail(rdir, max(log_lines, 200))
     res.log_tail = tail[-log_lines:] if log_lines else []
+    if d.get("kind") == EVAL_KIND:
+        return _eval_status(res, out_dir, state, start_ts)
 
     metrics: list[dict] = []
     if res.output_dir:
@@ -584,6 +617,9 @@ def training_status(
             res.max_steps = meta["max_steps"]
         if res.last_checkpoint is None:
             res.last_checkpoint = _last_checkpoint(out)
+        _resume_warnings(res, read_json(out / "resume.json"), fresh)
+        if res.seconds_per_step is None and res.step and res.elapsed_s and state == "running":
+            res.seconds_per_step = round(res.elapsed_s / res.step, 3)  # before a second step lands
         if res.step is not None and res.max_steps:
             res.progress_pct = round(100.0 * res.step / res.max_steps, 1)
             if state == "running" and res.seconds_per_step:
@@ -615,6 +651,37 @@ def training_status(
         res.next_step = "Poll again in 30-60 s."
 
     return _finish_status(res, plot, metrics, rdir, run_id, state)
+
+
+def _resume_warnings(res: "TrainingStatus", resume: Optional[dict], fresh) -> None:
+    if not resume or not fresh(resume):
+        return
+    changed = resume.get("cadence_changed") or {}
+    if changed:
+        text = ", ".join(f"{k} {v[1]} (the checkpoint had {v[0]})" for k, v in sorted(changed.items())
+                         if isinstance(v, list) and len(v) == 2)
+        res.warnings.append(f"resumed at step {resume.get('step')} with the edited recipe's cadence: "
+                            f"{text}. Trainer would have kept the checkpoint's values.")
+
+
+def _eval_status(res: "TrainingStatus", out_dir: Optional[Path], state: str,
+                 start_ts) -> "TrainingStatus":
+    """An evaluation run: its metrics from results.json (or its error), not a training view."""
+    results = read_json(out_dir / "results.json") if out_dir else None
+    fresh = results and (not start_ts or (out_dir / "results.json").stat().st_mtime >= float(start_ts) - 1)
+    if results and fresh:
+        res.summary = {k: results.get(k) for k in ("table", "comparison", "notes", "results_file")}
+        res.summary["metrics"] = {r.get("label"): r.get("metrics") for r in results.get("runs") or []}
+    if state == "failed":
+        err = read_json(out_dir / "error.json") if out_dir else None
+        res.error = (err or {}).get("error") or error_from_log(res.log_tail) or res.reason
+        res.next_step = "Read `error`, fix the evaluate arguments, and run evaluate again."
+    elif state == "completed":
+        res.next_step = ("Compare the table; spot-check outputs before trusting the numbers."
+                         if res.summary else "results.json is missing: read log_tail.")
+    else:
+        res.next_step = "Poll again in 30-60 s."
+    return res
 
 
 def _finish_status(res: "TrainingStatus", plot: bool, metrics: list[dict], rdir: Path, run_id: str,

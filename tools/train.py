@@ -171,6 +171,19 @@ def _peak_memory_gib() -> float:
     return round(rss / (GIB if sys.platform == "darwin" else 2 ** 20), 4)
 
 
+CADENCE = ("logging", "eval", "save")
+
+
+def apply_recipe_cadence(args, state) -> dict[str, list]:
+    """On resume the Trainer replaces its state with trainer_state.json, whose logging/eval/save
+    steps are the old recipe's: an edited cadence would be ignored silently. Re-apply the
+    recipe's (TrainerState.compute_steps is what a fresh run uses); return {key: [old, new]}."""
+    before = {k: getattr(state, f"{k}_steps", None) for k in CADENCE}
+    state.compute_steps(args, state.max_steps)
+    return {f"{k}_steps": [before[k], getattr(state, f"{k}_steps", None)] for k in CADENCE
+            if before[k] != getattr(state, f"{k}_steps", None)}
+
+
 def _make_callback(output_dir: Path):
     """A TrainerCallback writing metrics.jsonl / progress.json and honouring SIGTERM."""
     from transformers import TrainerCallback
@@ -188,6 +201,12 @@ def _make_callback(output_dir: Path):
         def on_train_begin(self, args, state, control, **kw):
             self.t_begin = time.time()
             self.start_step = state.global_step
+            if state.global_step and state.is_world_process_zero:
+                write_json_atomic(output_dir / "resume.json", {
+                    "step": state.global_step, "timestamp": time.time(),
+                    "cadence_changed": apply_recipe_cadence(args, state)})
+            elif state.global_step:
+                apply_recipe_cadence(args, state)
             if self._stop_everywhere(args):  # signalled while loading: stop early, nothing to save
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
@@ -258,7 +277,7 @@ def _make_callback(output_dir: Path):
 
 def _reset_run_files(output_dir: Path, resume: str | None) -> None:
     """A fresh run starts fresh files; a resumed one keeps metrics up to its checkpoint's step."""
-    for name in ("progress.json", "summary.json"):
+    for name in ("progress.json", "summary.json", "resume.json"):
         (output_dir / name).unlink(missing_ok=True)
     metrics = output_dir / "metrics.jsonl"
     if not metrics.exists():
