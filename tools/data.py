@@ -101,7 +101,8 @@ class SuggestedConversion(BaseModel):
 class DatasetReport(BaseModel):
     """What inspect_dataset found in the dataset (or its first sample_size rows)."""
     dataset: str
-    source: str = Field(description="jsonl | json | csv | parquet | hub | mixed")
+    source: str = Field(description="jsonl | json | csv | parquet | disk (a datasets.save_to_disk "
+                                    "folder) | hub | mixed")
     split: str
     location_unit: Literal["line", "row"] = Field(
         description="'line': locations are 1-based file line numbers; 'row': 1-based row numbers.")

@@ -4,6 +4,9 @@ messages, and the role-order checks a training conversation must pass.
 Every source format is turned into one list of OpenAI/TRL messages (`role`, `content`, and for
 tool use `tool_calls` on assistant turns and role `tool` for results) plus an optional `tools`
 list; the target formats (`messages`, conversational `prompt`/`completion`) are cut from it.
+`normalize` then rewrites the messages into the shape chat templates render (tool-call turns
+with "content": "", legacy function_call as tool_calls, content parts as one string) and counts
+what it changed; `problems` lists what still makes a row unusable.
 """
 from __future__ import annotations
 
