@@ -131,7 +131,8 @@ def _call(name: str, fn: Callable[..., Any], heavy: tuple[str, ...], args, kwarg
             raise _to_tool_error(name, exc, seen) from exc
 
 
-def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = ()) -> Callable[..., Any]:
+def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = (),
+           progress_steps: bool = False) -> Callable[..., Any]:
     """Wrap a tools/ function for MCP: same signature and docstring, errors become ToolErrors
     that name the field; `heavy` libraries are first imported one thread at a time."""
     name = fn.__name__
@@ -145,14 +146,62 @@ def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = ()) -> Callable[...,
                 raise _to_tool_error(name, exc) from exc
         return awrapper
 
+    if progress_steps:
+        return _with_progress(name, fn, heavy)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return _call(name, fn, heavy, args, kwargs)
     return wrapper
 
 
+PROGRESS_MIN_INTERVAL_S = 0.25  # a client needs a few updates a second at most
+
+
+def _with_progress(name: str, fn: Callable[..., Any], heavy: tuple[str, ...]) -> Callable[..., Any]:
+    """An async wrapper taking the MCP Context: the tool runs in a worker thread whose
+    tools.progress.report calls become progress notifications (a no-op when the client sent no
+    progress token)."""
+    import time
+
+    import anyio
+    import anyio.to_thread
+    from anyio import from_thread
+    from mcp.server.mcpserver import Context
+
+    from tools import progress
+
+    @functools.wraps(fn)
+    async def pwrapper(*args, ctx: Context, **kwargs):
+        last = [0.0]
+
+        def send(done, total, message):
+            now = time.monotonic()
+            if now - last[0] < PROGRESS_MIN_INTERVAL_S and (total is None or done < total):
+                return
+            last[0] = now
+            from_thread.run(ctx.report_progress, done, total, message)
+
+        def work():
+            with progress.sink(send):
+                return _call(name, fn, heavy, args, kwargs)
+        return await anyio.to_thread.run_sync(work)
+
+    # Resolved annotations: the tools' modules use `from __future__ import annotations`, and this
+    # wrapper's globals are not theirs.
+    import typing
+    sig = inspect.signature(fn, eval_str=True)
+    params = list(sig.parameters.values()) + [
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
+    pwrapper.__signature__ = sig.replace(parameters=params)
+    pwrapper.__annotations__ = {**typing.get_type_hints(fn, include_extras=True), "ctx": Context}
+    return pwrapper
+
+
 def add_tool(mcp, fn: Callable[..., Any], annotations: ToolAnnotations, *, name: str | None = None,
-             title: str | None = None, heavy: tuple[str, ...] = ()) -> None:
+             title: str | None = None, heavy: tuple[str, ...] = (), progress: bool = False) -> None:
     """Register `fn` (a tools/ function with typed parameters and a docstring) as an MCP tool.
-    heavy: libraries (tools.heavy.GROUPS) it imports, warmed one thread at a time."""
-    mcp.tool(name=name or fn.__name__, title=title, annotations=annotations)(expose(fn, heavy))
+    heavy: libraries (tools.heavy.GROUPS) it imports, warmed one thread at a time. progress: the
+    tool reports progress (tools.progress.report) as MCP progress notifications."""
+    mcp.tool(name=name or fn.__name__, title=title, annotations=annotations)(
+        expose(fn, heavy, progress_steps=progress))

@@ -15,4 +15,4 @@ def register(mcp) -> None:
     add_tool(mcp, convert_dataset, WRITES, title="Convert a dataset to TRL JSONL")
     # Saves its report under reports/masking/ (launch_training looks it up): writes.
     add_tool(mcp, verify_masking, WRITES, title="Verify loss masking with TRL's own preparation",
-             heavy=TRAINING_STACK)
+             heavy=TRAINING_STACK, progress=True)

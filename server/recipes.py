@@ -15,4 +15,4 @@ def register(mcp) -> None:
     add_tool(mcp, validate_recipe, WRITES_OPEN, title="Validate and migrate a TRL recipe",
              heavy=TRAINING_STACK)
     # Reads local safetensors (or the local hub cache), writes the Spectrum YAML and scores.
-    add_tool(mcp, spectrum_scan, WRITES, title="Spectrum layer selection (SNR scan)")
+    add_tool(mcp, spectrum_scan, WRITES, title="Spectrum layer selection (SNR scan)", progress=True)

@@ -352,7 +352,10 @@ def verify_masking(
     trained, trained tokens per role, decoded examples with trained spans in [[...]], and the
     path of the saved JSON report.
     """
+    from .progress import report
+    report(0, 4, "loading the dataset, tokenizer and template")
     inp = _load(dataset, tokenizer, chat_template, split, sample_size, packing, max_length)
+    report(1, 4, f"TRL prepares {len(inp.rows)} sampled rows and tokenises all {len(inp.all_rows)}")
     base = _base_fields(inp, completion_only_loss, assistant_only_loss, packing, max_length)
     reasons: list[Reason] = []
     if len(inp.rows) < len(inp.all_rows):
@@ -364,6 +367,7 @@ def verify_masking(
     settings = dict(completion_only_loss=completion_only_loss,
                     assistant_only_loss=assistant_only_loss, packing=packing, max_length=max_length)
     run = _run(inp, base, reasons, settings)
+    report(2, 4, "TRL prepared the rows")
     if run is None:
         return _finish(base, reasons, zero=base.pop("zero_trained_examples_extra", 0))
     s: MaskingSettings = base["settings"]
@@ -377,10 +381,13 @@ def verify_masking(
                     "TRL tokenises with its own training variant of this template. The checks "
                     "below compare it with the inference template."))
     from .masking_analysis import analyse
+    report(3, 4, "attributing every token to its message")
     tpl = inp.tok.chat_template if isinstance(inp.tok.chat_template, str) else None
-    report = analyse(base, reasons, run, inp.tok, inp.idx, inp.fmt,
+    fields = analyse(base, reasons, run, inp.tok, inp.idx, inp.fmt,
                      _stop_ids(inp.tok, inp.t_path), show_examples, tpl)
-    return _finish(report, reasons)
+    out = _finish(fields, reasons)
+    report(4, 4, f"verdict {out.verdict}")
+    return out
 
 
 @dataclass

@@ -142,6 +142,7 @@ def spectrum_scan(
     ws = get_workspace()
     files, shown = _weights(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .progress import report
     t0 = time.perf_counter()
     scores: dict[str, dict] = {}
     numel: dict[str, int] = {}
@@ -180,6 +181,7 @@ def spectrum_scan(
                     for n, v in zip(chunk, vals.tolist()):
                         scores[n] = {"snr": v}
                     del mats
+                    report(len(scores), None, f"{len(scores)} matrices scanned ({f.name})")
     if not scores:
         raise UserError(f"no decoder weight matrices found in '{model}'.", field="model",
                         fix="Spectrum needs a transformer checkpoint with per-layer linear weights.")
