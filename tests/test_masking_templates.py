@@ -241,3 +241,22 @@ def test_every_reason_code_is_documented():
     doc = (Path(__file__).resolve().parent.parent / "references/masking.md").read_text()
     assert len(codes) > 20
     assert not {c for c in codes if f"`{c}`" not in doc}
+
+
+def test_verify_masking_reads_the_recipe_as_launch_training_does(ws):
+    import yaml
+
+    from tools.runs import _check_masking
+    data, tok = _write(ws, "pc", _pc(3, False)), _tok(ws, "qwen2_5")
+    tpl = chat_templates.materialize("trl:qwen2_5.jinja")
+    cfg = {"model_name_or_path": tok, "dataset_name": data, "max_length": 77, "chat_template_path": tpl}
+    (ws.root / "r.yaml").write_text(yaml.safe_dump(cfg))
+    rep = verify_masking(recipe="r.yaml")
+    assert rep.verdict == "pass", rep.reasons
+    assert rep.settings.max_length == 77 and rep.settings.chat_template == tpl
+    checks: list[str] = []
+    _check_masking(cfg, checks, [])  # the launch gate finds exactly this report
+    assert f"masking report for {data} [train]: pass" in checks
+    with pytest.raises(UserError) as e:
+        verify_masking(recipe="r.yaml", tokenizer="tok/other")
+    assert e.value.field == "tokenizer"

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .template_guard import check_template
-from .workspace import get_workspace
+from .workspace import get_workspace, short
 
 REPORT_DIR = "reports/masking"
 DATA_EXT = (".jsonl", ".ndjson", ".json", ".parquet")
@@ -318,10 +318,13 @@ def _stop_ids(tok, tok_dir: Path) -> set[int]:
 # The tool
 # --------------------------------------------------------------------------------------------
 def verify_masking(
-    dataset: Annotated[str, Field(description="Converted dataset directory (train.jsonl/test.jsonl "
-                                              "from convert_dataset) or a .jsonl/.json file, in "
-                                              "the workspace.")],
-    tokenizer: Annotated[str, Field(description="Model or tokenizer directory in the workspace.")],
+    dataset: Annotated[Optional[str], Field(description="Converted dataset directory "
+                                                        "(train.jsonl/test.jsonl) or a .jsonl/.json "
+                                                        "file, in the workspace; from the recipe "
+                                                        "when recipe is given.")] = None,
+    tokenizer: Annotated[Optional[str], Field(description="Model or tokenizer directory in the "
+                                                          "workspace; from the recipe when "
+                                                          "given.")] = None,
     completion_only_loss: Annotated[Optional[bool], Field(
         description="SFTConfig.completion_only_loss; None = TRL default (on for prompt/completion "
                     "data).")] = None,
@@ -339,6 +342,10 @@ def verify_masking(
                                                                  "the split.")] = 64,
     show_examples: Annotated[int, Field(ge=0, le=20, description="Decoded examples in the "
                                                                  "report.")] = 3,
+    recipe: Annotated[Optional[str], Field(
+        description="A recipe YAML: its dataset, model (tokenizer), chat_template_path and masking "
+                    "settings are used (they replace the masking arguments), so the report is "
+                    "the one launch_training looks for.")] = None,
 ) -> MaskingReport:
     """Prove which tokens SFTTrainer will train on, before training. Call it after
     convert_dataset and before launch_training (which requires a passing report), with the
@@ -353,6 +360,12 @@ def verify_masking(
     path of the saved JSON report.
     """
     from .progress import report
+    if recipe is not None:
+        dataset, tokenizer, split, chat_template, completion_only_loss, assistant_only_loss, \
+            packing, max_length = _from_recipe(recipe, dataset, tokenizer)
+    if not dataset or not tokenizer:
+        raise UserError("needs a dataset and a tokenizer.", field="dataset" if not dataset else "tokenizer",
+                        fix="Pass dataset= and tokenizer=, or recipe=<the recipe YAML>.")
     report(0, 4, "loading the dataset, tokenizer and template")
     inp = _load(dataset, tokenizer, chat_template, split, sample_size, packing, max_length)
     report(1, 4, f"TRL prepares {len(inp.rows)} sampled rows and tokenises all {len(inp.all_rows)}")
@@ -388,6 +401,31 @@ def verify_masking(
     out = _finish(fields, reasons)
     report(4, 4, f"verdict {out.verdict}")
     return out
+
+
+def _from_recipe(recipe: str, dataset: Optional[str], tokenizer: Optional[str]) -> tuple:
+    """verify_masking's inputs read from a recipe, the way launch_training reads them."""
+    from .runs import read_yaml_mapping
+    ws = get_workspace()
+    cfg = read_yaml_mapping(ws.resolve(recipe, field="recipe", must_exist=True, kind="file"))
+    rm = recipe_masking(cfg)
+    if not rm.inputs or not rm.tokenizer:
+        raise UserError("names no dataset or no model.", field="recipe",
+                        fix="Set dataset_name (or datasets:) and model_name_or_path in the recipe.")
+    if tokenizer is not None and tokenizer != rm.tokenizer:
+        raise UserError(f"'{short(tokenizer)}' is not the recipe's model '{short(rm.tokenizer)}', which "
+                        "training loads its tokenizer from.", field="tokenizer",
+                        fix="Leave tokenizer out when recipe is given.")
+    picked = [x for x in rm.inputs if dataset is None or x[0] == dataset]
+    if len(picked) != 1:
+        names = ", ".join(d for d, _ in rm.inputs)
+        raise UserError(("the recipe trains on several datasets" if dataset is None else
+                         f"'{short(dataset)}' is not one of the recipe's datasets")
+                        + f" ({names}).", field="dataset",
+                        fix="Pass dataset= one of them, once per dataset.")
+    st = rm.settings
+    return (picked[0][0], rm.tokenizer, picked[0][1], st["chat_template_path"],
+            st["completion_only_loss"], st["assistant_only_loss"], st["packing"], st["max_length"])
 
 
 @dataclass
@@ -590,6 +628,50 @@ def _finish(fields: dict, reasons: list[Reason], zero: int = 0) -> MaskingReport
     report.report_path = str(ws.resolve(rel, field="report_path"))
     ws.write_text(rel, report.model_dump_json(indent=2), field="report_path")
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# A recipe's masking inputs: one reading for verify_masking(recipe=) and launch_training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RecipeMasking:
+    tokenizer: Optional[str]
+    inputs: list[tuple[str, str]]   # (dataset, split) a report must cover
+    settings: dict                  # find_masking_report's keyword settings
+
+
+def recipe_masking(cfg: dict) -> RecipeMasking:
+    """What a recipe trains with, as the masking report's inputs (TRL's defaults where unset)."""
+    settings = dict(completion_only_loss=cfg.get("completion_only_loss"),
+                    assistant_only_loss=bool(cfg.get("assistant_only_loss", False)),
+                    packing=bool(cfg.get("packing", False)),
+                    max_length=cfg.get("max_length", 1024),
+                    chat_template_path=cfg.get("chat_template_path"))
+    tok = cfg.get("model_name_or_path")  # SFTTrainer loads its tokenizer from the model
+    return RecipeMasking(str(tok) if tok else None, recipe_datasets(cfg), settings)
+
+
+def recipe_datasets(cfg: dict) -> list[tuple[str, str]]:
+    """(dataset path, split) pairs a masking report must cover."""
+    out: list[tuple[str, str]] = []
+    mixture = cfg.get("datasets")
+    if isinstance(mixture, list) and mixture:
+        for d in mixture:
+            if not isinstance(d, dict):
+                continue
+            files = d.get("data_files")
+            if isinstance(files, dict):
+                files = files.get(d.get("split", "train")) or next(iter(files.values()), None)
+            if isinstance(files, str):
+                files = [files]
+            if isinstance(files, list) and files:
+                out.extend((str(f), "train") for f in files)
+            elif d.get("path"):
+                out.append((str(d["path"]), d.get("split", "train")))
+    elif cfg.get("dataset_name"):
+        out.append((str(cfg["dataset_name"]), str(cfg.get("dataset_train_split") or "train")))
+    return out
+
 
 
 # --------------------------------------------------------------------------------------------

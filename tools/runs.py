@@ -166,38 +166,11 @@ def _check_disk(cfg: dict, output_dir: Path, v, checks: list[str]) -> None:
     checks.append(f"disk: ~{need.total_gib:.1f} GiB needed ({need.why}), {free:.0f} GiB free")
 
 
-def _masking_inputs(cfg: dict) -> list[tuple[str, str]]:
-    """(dataset path, split) pairs a masking report must cover."""
-    out: list[tuple[str, str]] = []
-    mixture = cfg.get("datasets")
-    if isinstance(mixture, list) and mixture:
-        for d in mixture:
-            if not isinstance(d, dict):
-                continue
-            files = d.get("data_files")
-            if isinstance(files, dict):
-                files = files.get(d.get("split", "train")) or next(iter(files.values()), None)
-            if isinstance(files, str):
-                files = [files]
-            if isinstance(files, list) and files:
-                out.extend((str(f), "train") for f in files)
-            elif d.get("path"):
-                out.append((str(d["path"]), d.get("split", "train")))
-    elif cfg.get("dataset_name"):
-        out.append((str(cfg["dataset_name"]), str(cfg.get("dataset_train_split") or "train")))
-    return out
-
-
 def _check_masking(cfg: dict, checks: list[str], warnings: list[str]) -> None:
-    from tools.masking import find_masking_report  # lazy
+    from tools.masking import find_masking_report, recipe_masking  # lazy
 
-    tokenizer = cfg.get("model_name_or_path")
-    settings = dict(completion_only_loss=cfg.get("completion_only_loss"),
-                    assistant_only_loss=bool(cfg.get("assistant_only_loss", False)),
-                    packing=bool(cfg.get("packing", False)),
-                    max_length=cfg.get("max_length", 1024),
-                    chat_template_path=cfg.get("chat_template_path"))
-    inputs = _masking_inputs(cfg)
+    rm = recipe_masking(cfg)
+    tokenizer, settings, inputs = rm.tokenizer, rm.settings, rm.inputs
     if not inputs or not tokenizer:
         raise UserError("names no dataset or no model, so no masking report can match it.", field="recipe",
                         fix="Set dataset_name (or datasets:) and model_name_or_path in the recipe.")
