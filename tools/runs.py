@@ -539,77 +539,90 @@ def training_status(
     end_ts = d.get("ended_ts") or (_ts(d.get("ended")) if d.get("ended") else None)
     if start_ts:
         res.elapsed_s = round((end_ts or time.time()) - float(start_ts), 1)
-
     res.continues_run, res.logical_run = meta.get("continues_run"), meta.get("logical_run")
 
     tail = log_tail(rdir, max(log_lines, 200))
     res.log_tail = tail[-log_lines:] if log_lines else []
     if d.get("kind") == EVAL_KIND:
         return _eval_status(res, out_dir, state, start_ts)
+    metrics = _training_view(res, Path(res.output_dir), meta, state, start_ts) if res.output_dir else []
+    _next_step(res, d, meta, state, tail)
+    return _finish_status(res, plot, metrics, rdir, run_id, state)
 
-    metrics: list[dict] = []
-    if res.output_dir:
-        out = Path(res.output_dir)
-        metrics = _read_metrics(out)
-        prog = read_json(out / "progress.json")
-        summ = read_json(out / "summary.json")
-        # summary.json / progress.json left by an earlier run in the same output_dir are stale.
-        fresh = (lambda rec: not start_ts or float(rec.get("timestamp") or rec.get("started") or 0)
-                 >= float(start_ts) - 1)
-        if summ and fresh(summ):
-            res.summary = summ
-        if prog and fresh(prog):
-            res.step = prog.get("step")
-            res.max_steps = prog.get("max_steps")
-            res.epoch = prog.get("epoch")
-            res.seconds_per_step = prog.get("seconds_per_step")
-        train_recs = [r for r in metrics if isinstance(r.get("loss"), (int, float))]
-        if train_recs:
-            last = train_recs[-1]
-            res.loss = last.get("loss")
-            res.first_loss = train_recs[0].get("loss")
-            res.learning_rate = last.get("learning_rate")
-            res.grad_norm = last.get("grad_norm")
-            res.num_tokens = last.get("num_tokens")
-            tps = [r["tokens_per_second"] for r in train_recs[-5:]
-                   if isinstance(r.get("tokens_per_second"), (int, float))]
-            res.tokens_per_second = round(sum(tps) / len(tps), 1) if tps else None
-            res.peak_memory_gib = max((r.get("peak_memory_gib") or 0) for r in metrics) or None
-            if res.step is None:
-                res.step, res.epoch = last.get("step"), last.get("epoch")
-        evals = [r for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
-        if evals:
-            res.eval_loss = evals[-1]["eval_loss"]
-        if res.summary:
-            s = res.summary
-            res.step = s.get("steps", res.step)
-            res.max_steps = s.get("max_steps", res.max_steps)
-            res.peak_memory_gib = s.get("peak_memory_gib") or res.peak_memory_gib
-            res.last_checkpoint = s.get("last_checkpoint")
-        if res.max_steps is None and isinstance(meta.get("max_steps"), int) and meta["max_steps"] > 0:
-            res.max_steps = meta["max_steps"]
-        if res.last_checkpoint is None:
-            res.last_checkpoint = _last_checkpoint(out)
-        _resume_warnings(res, read_json(out / "resume.json"), fresh)
-        if res.seconds_per_step is None and res.step and res.elapsed_s and state == "running":
-            res.seconds_per_step = round(res.elapsed_s / res.step, 3)  # before a second step lands
-        if res.step is not None and res.max_steps:
-            res.progress_pct = round(100.0 * res.step / res.max_steps, 1)
-            if state == "running" and res.seconds_per_step:
-                res.eta_s = round(max(res.max_steps - res.step, 0) * res.seconds_per_step, 1)
-                res.eta = _fmt_eta(res.eta_s)
-        losses = [r["loss"] for r in train_recs]
-        if any(isinstance(x, float) and not math.isfinite(x) for x in losses):
-            res.warnings.append("loss is NaN/inf: see references/troubleshooting.md (NaN or zero loss).")
-        elif len(losses) >= 3 and all(x == 0 for x in losses[-3:]):
-            res.warnings.append("loss is exactly 0: nothing is trained on (every label masked?) - "
-                                "see references/troubleshooting.md.")
 
+def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, start_ts) -> list[dict]:
+    """Progress, losses, rates and ETA from the files tools.train writes in output_dir."""
+    metrics = _read_metrics(out)
+    prog = read_json(out / "progress.json")
+    summ = read_json(out / "summary.json")
+    # summary.json / progress.json left by an earlier run in the same output_dir are stale.
+    fresh = (lambda rec: not start_ts or float(rec.get("timestamp") or rec.get("started") or 0)
+             >= float(start_ts) - 1)
+    if summ and fresh(summ):
+        res.summary = summ
+    if prog and fresh(prog):
+        res.step, res.max_steps = prog.get("step"), prog.get("max_steps")
+        res.epoch, res.seconds_per_step = prog.get("epoch"), prog.get("seconds_per_step")
+    train_recs = [r for r in metrics if isinstance(r.get("loss"), (int, float))]
+    if train_recs:
+        _latest_losses(res, metrics, train_recs)
+    evals = [r for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
+    if evals:
+        res.eval_loss = evals[-1]["eval_loss"]
+    if res.summary:
+        s = res.summary
+        res.step = s.get("steps", res.step)
+        res.max_steps = s.get("max_steps", res.max_steps)
+        res.peak_memory_gib = s.get("peak_memory_gib") or res.peak_memory_gib
+        res.last_checkpoint = s.get("last_checkpoint")
+    if res.max_steps is None and isinstance(meta.get("max_steps"), int) and meta["max_steps"] > 0:
+        res.max_steps = meta["max_steps"]
+    if res.last_checkpoint is None:
+        res.last_checkpoint = _last_checkpoint(out)
+    _resume_warnings(res, read_json(out / "resume.json"), fresh)
+    _eta(res, state)
+    _loss_warnings(res, [r["loss"] for r in train_recs])
+    return metrics
+
+
+def _latest_losses(res: "TrainingStatus", metrics: list[dict], train_recs: list[dict]) -> None:
+    last = train_recs[-1]
+    res.loss, res.first_loss = last.get("loss"), train_recs[0].get("loss")
+    res.learning_rate, res.grad_norm = last.get("learning_rate"), last.get("grad_norm")
+    res.num_tokens = last.get("num_tokens")
+    tps = [r["tokens_per_second"] for r in train_recs[-5:]
+           if isinstance(r.get("tokens_per_second"), (int, float))]
+    res.tokens_per_second = round(sum(tps) / len(tps), 1) if tps else None
+    res.peak_memory_gib = max((r.get("peak_memory_gib") or 0) for r in metrics) or None
+    if res.step is None:
+        res.step, res.epoch = last.get("step"), last.get("epoch")
+
+
+def _eta(res: "TrainingStatus", state: str) -> None:
+    if res.seconds_per_step is None and res.step and res.elapsed_s and state == "running":
+        res.seconds_per_step = round(res.elapsed_s / res.step, 3)  # before a second step lands
+    if res.step is not None and res.max_steps:
+        res.progress_pct = round(100.0 * res.step / res.max_steps, 1)
+        if state == "running" and res.seconds_per_step:
+            res.eta_s = round(max(res.max_steps - res.step, 0) * res.seconds_per_step, 1)
+            res.eta = _fmt_eta(res.eta_s)
+
+
+def _loss_warnings(res: "TrainingStatus", losses: list) -> None:
+    if any(isinstance(x, float) and not math.isfinite(x) for x in losses):
+        res.warnings.append("loss is NaN/inf: see references/troubleshooting.md (NaN or zero loss).")
+    elif len(losses) >= 3 and all(x == 0 for x in losses[-3:]):
+        res.warnings.append("loss is exactly 0: nothing is trained on (every label masked?) - "
+                            "see references/troubleshooting.md.")
+
+
+def _next_step(res: "TrainingStatus", d: dict, meta: dict, state: str, tail: list[str]) -> None:
+    """What the agent should do now (and, after an OOM, the overrides to relaunch with)."""
     if state == "failed":
         res.error = error_from_log(tail) or (res.summary or {}).get("error") or d.get("reason")
         if res.error and ("OutOfMemoryError" in res.error or "out of memory" in res.error.lower()):
             _oom_advice(res, meta)
-            return _finish_status(res, plot, metrics, rdir, run_id, state)
+            return
         res.next_step = ("Read `error` and log_tail (references/troubleshooting.md lists the usual causes), "
                          "fix the recipe, then launch_training again; it resumes from the last checkpoint "
                          "in output_dir if there is one.")
@@ -622,8 +635,6 @@ def training_status(
                          else "evaluate (base vs fine-tuned)." if d.get("kind") == TRAIN_KIND else None)
     else:
         res.next_step = "Poll again in 30-60 s."
-
-    return _finish_status(res, plot, metrics, rdir, run_id, state)
 
 
 def _resume_warnings(res: "TrainingStatus", resume: Optional[dict], fresh) -> None:

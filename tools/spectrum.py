@@ -17,6 +17,7 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -134,7 +135,6 @@ def spectrum_scan(
     load), on the GPU when present; a 7-8B model takes seconds on a GPU, minutes on CPU. Returns
     the per-type scores and selection, and the trainable share of parameters."""
     import torch
-    from safetensors import safe_open
 
     if not isinstance(top_percent, (int, float)) or not 0 < top_percent <= 100:
         raise UserError(f"must be in (0, 100] (got {top_percent!r}).", field="top_percent",
@@ -142,52 +142,97 @@ def spectrum_scan(
     ws = get_workspace()
     files, shown = _weights(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from .progress import report
     t0 = time.perf_counter()
-    scores: dict[str, dict] = {}
-    numel: dict[str, int] = {}
-    skipped: list[str] = []
-    extra: list[str] = []        # embeddings / head names, in checkpoint order
-    prefixes: dict[str, int] = {}
+    scan = _scan(files, device)
+    if not scan.scores:
+        raise UserError(f"no decoder weight matrices found in '{model}'.", field="model",
+                        fix="Spectrum needs a transformer checkpoint with per-layer linear weights.")
+    types, selected = _select(scan, top_percent)
+    lines, unfrozen = _yaml_lines(shown, top_percent, scan.extra, selected)
+    notes = []
+    if not any("lm_head" in n for n in scan.extra):
+        notes.append("no lm_head.weight in the checkpoint (tied embeddings): unfreezing embed_tokens also "
+                     "trains the output layer.")
+    total = sum(scan.numel.values())
+    trainable = sum(scan.numel[n] for n in scan.extra) + \
+        sum(scan.numel[n] for _, names in selected for n in names)
 
+    out = ws.resolve(output_path or f"recipes/spectrum/{_slug(shown)}_top{top_percent:g}.yaml",
+                     field="output_path")
+    snr_out = out.with_name(out.stem + ".snr.json")
+    ws.write_text(out, "\n".join(lines) + "\n", field="output_path")
+    ws.write_text(snr_out, json.dumps({"model": shown, "top_percent": top_percent, "scores": scan.scores},
+                                      indent=1, sort_keys=True) + "\n", field="output_path")
+    return SpectrumResult(
+        model=shown, top_percent=top_percent, output_path=ws.rel(out), snr_path=ws.rel(snr_out), device=device,
+        matrices_scanned=len(scan.scores), seconds=round(time.perf_counter() - t0, 3),
+        unfrozen_parameters=unfrozen, types=types, trainable_params=trainable, total_params=total,
+        trainable_fraction=round(trainable / total, 6) if total else 0.0, skipped=scan.skipped[:50],
+        notes=notes)
+
+
+@dataclass
+class _Scan:
+    """What one pass over the safetensors found."""
+    scores: dict[str, dict] = field(default_factory=dict)  # matrix name -> {"snr": ...}
+    numel: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)          # embeddings / head, in checkpoint order
+    prefixes: dict[str, int] = field(default_factory=dict)  # layer prefix -> matrices under it
+
+
+def _scan(files: list, device: str) -> _Scan:
+    """SNR of every 2-D float decoder matrix, tensor by tensor (batched by shape on a GPU)."""
+    import torch
+    from safetensors import safe_open
+
+    from .progress import report
+    scan = _Scan()
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            cands: dict[tuple, list[str]] = {}
-            for name in st.keys():
-                sl = st.get_slice(name)
-                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
-                numel[name] = math.prod(shape) if shape else 1
-                split = _layer_split(name)
-                if split is None:
-                    if len(shape) == 2 and re.search(r"(embed_tokens|lm_head|wte|embed_in|embed_out)\.weight$", name):
-                        extra.append(name)
-                    continue
-                if len(shape) != 2:
-                    if len(shape) > 2:
-                        skipped.append(f"{name}: {len(shape)}-D (fused experts) not scanned")
-                    continue
-                if dt not in FLOAT_DTYPES:
-                    skipped.append(f"{name}: dtype {dt} (quantized) not scanned")
-                    continue
-                prefixes[split[0]] = prefixes.get(split[0], 0) + 1
-                cands.setdefault(shape, []).append(name)
+            cands = _candidates(st, scan)
             for shape, names in cands.items():
                 per = 4 * shape[0] * shape[1]
                 step = max(1, GPU_BATCH_BYTES // per) if device == "cuda" else 1
                 for i in range(0, len(names), step):
                     chunk = names[i:i + step]
                     mats = torch.stack([st.get_tensor(n).to(torch.float32) for n in chunk])
-                    vals = snr_scores(mats, device)
-                    for n, v in zip(chunk, vals.tolist()):
-                        scores[n] = {"snr": v}
+                    for n, v in zip(chunk, snr_scores(mats, device).tolist()):
+                        scan.scores[n] = {"snr": v}
                     del mats
-                    report(len(scores), None, f"{len(scores)} matrices scanned ({f.name})")
-    if not scores:
-        raise UserError(f"no decoder weight matrices found in '{model}'.", field="model",
-                        fix="Spectrum needs a transformer checkpoint with per-layer linear weights.")
-    main_prefix = max(prefixes, key=prefixes.get)
+                    report(len(scan.scores), None, f"{len(scan.scores)} matrices scanned ({f.name})")
+    return scan
+
+
+def _candidates(st, scan: _Scan) -> dict[tuple, list[str]]:
+    """The scannable matrices of one file, grouped by shape; the rest noted in `scan`."""
+    cands: dict[tuple, list[str]] = {}
+    for name in st.keys():
+        sl = st.get_slice(name)
+        shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+        scan.numel[name] = math.prod(shape) if shape else 1
+        split = _layer_split(name)
+        if split is None:
+            if len(shape) == 2 and re.search(r"(embed_tokens|lm_head|wte|embed_in|embed_out)\.weight$", name):
+                scan.extra.append(name)
+            continue
+        if len(shape) != 2:
+            if len(shape) > 2:
+                scan.skipped.append(f"{name}: {len(shape)}-D (fused experts) not scanned")
+            continue
+        if dt not in FLOAT_DTYPES:
+            scan.skipped.append(f"{name}: dtype {dt} (quantized) not scanned")
+            continue
+        scan.prefixes[split[0]] = scan.prefixes.get(split[0], 0) + 1
+        cands.setdefault(shape, []).append(name)
+    return cands
+
+
+def _select(scan: _Scan, top_percent: float):
+    """Per module type, the top_percent of layers by SNR (NaN last, ties by layer index)."""
+    main_prefix = max(scan.prefixes, key=scan.prefixes.get)
     by_type: dict[str, list[tuple[int, str, float]]] = {}
-    for n, d in scores.items():
+    for n, d in scan.scores.items():
         prefix, layer, suffix = _layer_split(n)
         typ = suffix if prefix == main_prefix else f"{prefix}:{suffix}"
         d.update(type=typ, layer=layer)
@@ -195,10 +240,10 @@ def spectrum_scan(
 
     def key(item):
         s = item[2]
-        return (-(s if s == s else -math.inf), item[0])  # NaN last, then by layer index
+        return (-(s if s == s else -math.inf), item[0])
 
     types: list[SpectrumType] = []
-    selected_names: list[tuple[str, list[str]]] = []
+    selected: list[tuple[str, list[str]]] = []
     for typ in sorted(by_type):
         items = sorted(by_type[typ], key=key)
         k = max(1, int(len(items) * top_percent / 100))
@@ -206,12 +251,16 @@ def spectrum_scan(
         types.append(SpectrumType(type=typ, num_layers=len(items), num_selected=k,
                                   selected_layers=[i[0] for i in chosen],
                                   snr={str(i[0]): round(i[2], 8) for i in items}))
-        selected_names.append((typ, [i[1] for i in chosen]))
+        selected.append((typ, [i[1] for i in chosen]))
         for i in chosen:
-            scores[i[1]]["selected"] = True
+            scan.scores[i[1]]["selected"] = True
+    return types, selected
 
+
+def _yaml_lines(shown: str, top_percent: float, extra: list[str],
+                selected: list[tuple[str, list[str]]]) -> tuple[list[str], list[str]]:
+    """The Spectrum YAML (commented) and its unfrozen_parameters patterns."""
     patterns = [f"^{n}$" for n in extra]
-    head_present = any("lm_head" in n for n in extra)
     lines = [f"# Spectrum selection for {shown}: top {top_percent:g}% of the layers of each module type by",
              "# signal-to-noise ratio, written by spectrum_scan (tools/spectrum.py). Score = sum of singular",
              "# values above the Marchenko-Pastur threshold / sum of those below / largest singular value.",
@@ -219,30 +268,13 @@ def spectrum_scan(
              "unfrozen_parameters:"]
     lines += [f"- {p}" for p in patterns]
     unfrozen = list(patterns)
-    for typ, names in selected_names:
+    for typ, names in selected:
         lines.append(f"# {typ} layers")
         for n in names:
             pat = "^" + n[: -len(".weight")]
             lines.append(f"- {pat}")
             unfrozen.append(pat)
-    notes = []
-    if not head_present:
-        notes.append("no lm_head.weight in the checkpoint (tied embeddings): unfreezing embed_tokens also "
-                     "trains the output layer.")
-    total = sum(numel.values())
-    trainable = sum(numel[n] for n in extra) + sum(numel[n] for _, names in selected_names for n in names)
-
-    out = ws.resolve(output_path or f"recipes/spectrum/{_slug(shown)}_top{top_percent:g}.yaml",
-                     field="output_path")
-    snr_out = out.with_name(out.stem + ".snr.json")
-    ws.write_text(out, "\n".join(lines) + "\n", field="output_path")
-    ws.write_text(snr_out, json.dumps({"model": shown, "top_percent": top_percent, "scores": scores},
-                                      indent=1, sort_keys=True) + "\n", field="output_path")
-    return SpectrumResult(
-        model=shown, top_percent=top_percent, output_path=ws.rel(out), snr_path=ws.rel(snr_out), device=device,
-        matrices_scanned=len(scores), seconds=round(time.perf_counter() - t0, 3), unfrozen_parameters=unfrozen,
-        types=types, trainable_params=trainable, total_params=total,
-        trainable_fraction=round(trainable / total, 6) if total else 0.0, skipped=skipped[:50], notes=notes)
+    return lines, unfrozen
 
 
 def main(argv: list[str] | None = None) -> int:

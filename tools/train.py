@@ -342,33 +342,22 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     script_args, training_args, model_args, dataset_args, extras, raw = parse_recipe(config, overrides)
     method = infer_method({**raw, "use_peft": model_args.use_peft,
                            "load_in_4bit": model_args.load_in_4bit})
-
     output_dir = Path(training_args.output_dir).resolve()
     rank0 = _is_rank0()
     if rank0:
         output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     summary: dict[str, Any] = {
         "status": "running", "method": method, "load_in_4bit": bool(model_args.load_in_4bit),
         "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
         "output_dir": str(output_dir), "chat_template": training_args.chat_template_path or
         "the model's own tokenizer template", "spectrum_config_path": extras.get("spectrum_config_path"),
-        "started": started}
-
+        "started": time.time()}
     try:
-        if method == "spectrum" and model_args.use_peft:
-            raise ValueError("spectrum_config_path and use_peft are both set: Spectrum trains selected full "
-                             "layers, LoRA trains adapters. Remove one of them.")
-        if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
-            raise ValueError("load_in_4bit/load_in_8bit needs use_peft: true (a quantized model can only be "
-                             "fine-tuned through LoRA adapters, i.e. QLoRA).")
+        _check_method(method, model_args)
         patterns = read_spectrum_patterns(extras["spectrum_config_path"]) if method == "spectrum" else None
         summary["fallbacks"] = kernel_fallbacks(model_args, training_args)
         for note in summary["fallbacks"]:
             print(f"[tools.train] WARNING: {note}", file=sys.stderr, flush=True)
-
-        import transformers
-        from packaging.version import Version
         from transformers.trainer_utils import get_last_checkpoint
         from trl import SFTTrainer, get_peft_config, get_quantization_config
 
@@ -380,18 +369,7 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
         if training_args.model_init_kwargs is not None:
             model_init_kwargs.update(training_args.model_init_kwargs)
         training_args.model_init_kwargs = model_init_kwargs
-
-        dataset = _load_dataset(script_args, dataset_args)
-        if script_args.dataset_train_split not in dataset:
-            raise ValueError(f"dataset has no split '{script_args.dataset_train_split}' "
-                             f"(has {list(dataset)}); set dataset_train_split.")
-        eval_dataset = None
-        if training_args.eval_strategy != "no":
-            if script_args.dataset_test_split not in dataset:
-                raise ValueError(f"eval_strategy is '{training_args.eval_strategy}' but the dataset has no "
-                                 f"split '{script_args.dataset_test_split}'; add test.jsonl or set "
-                                 "eval_strategy: 'no'.")
-            eval_dataset = dataset[script_args.dataset_test_split]
+        train_ds, eval_ds = _datasets(script_args, training_args, dataset_args)
 
         resume = training_args.resume_from_checkpoint
         if resume is None and output_dir.is_dir():
@@ -399,62 +377,16 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
         summary["resumed_from"] = resume
         if rank0:
             _reset_run_files(output_dir, resume)
-
         run_files = _make_callback(output_dir)
-        trainer = SFTTrainer(
-            model=model_args.model_name_or_path,
-            args=training_args,
-            train_dataset=dataset[script_args.dataset_train_split],
-            eval_dataset=eval_dataset,
-            quantization_config=get_quantization_config(model_args),
-            peft_config=get_peft_config(model_args),
-            callbacks=[run_files],
-        )
-        model = trainer.model
-        if patterns is not None:
-            n_train, n_total, names = apply_spectrum(model, patterns)
-            if training_args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()  # frozen embeddings + checkpointing still get grads
-            summary["spectrum_unfrozen"] = len(names)
-        sharded = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
-        summary["fp32_master_params"] = fp32_master_weights(model, method, sharded=sharded)
-        n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-        n_total = sum(_numel(p) for p in model.parameters())
-        summary.update(trainable_params=n_train, total_params=n_total,
-                       loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
-        trainer.accelerator.print(f"[tools.train] method={method} trainable={n_train:,}/{n_total:,} "
-                                  f"resume_from={resume}")
-
+        trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args,
+                             train_dataset=train_ds, eval_dataset=eval_ds,
+                             quantization_config=get_quantization_config(model_args),
+                             peft_config=get_peft_config(model_args), callbacks=[run_files])
+        _prepare_model(trainer, method, patterns, training_args, summary)
+        trainer.accelerator.print(f"[tools.train] method={method} trainable={summary['trainable_params']:,}/"
+                                  f"{summary['total_params']:,} resume_from={resume}")
         result = trainer.train(resume_from_checkpoint=resume)
-        state = trainer.state
-        # Decided jointly by all ranks (they must agree: saving is collective under ZeRO-3). A signal
-        # after the last step does not turn a finished run into a stopped one.
-        stopped = run_files.stopped_at is not None and state.global_step < state.max_steps
-        last_ckpt = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if not stopped:
-            trainer.save_model(str(output_dir))  # adapter (PEFT) or model, plus the tokenizer
-        metrics = dict(result.metrics or {})
-        last_log = next((h for h in reversed(state.log_history) if "num_tokens" in h), {})
-        summary.update(
-            status="stopped" if stopped else "completed",
-            stop_signal=_STOP["signal"] if stopped else None,
-            steps=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-            train_loss=metrics.get("train_loss"), runtime_s=metrics.get("train_runtime"),
-            train_samples_per_second=metrics.get("train_samples_per_second"),
-            tokens=last_log.get("num_tokens"),
-            final_loss=next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
-            peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
-            adapter_path=str(output_dir) if (model_args.use_peft and not stopped) else None,
-            model_path=str(output_dir) if (not model_args.use_peft and not stopped) else None,
-            world_size=training_args.world_size, ended=time.time())
-        if stopped:
-            summary["next_step"] = ("Relaunch the same recipe (same output_dir) to resume from "
-                                    f"{last_ckpt}.")
-        if trainer.is_world_process_zero():
-            write_json_atomic(output_dir / "summary.json", summary)
-        if Version(transformers.__version__) >= Version("5.18.0"):
-            trainer.end()  # finish trackers and destroy the process group, as trl's sft script does
-        return summary
+        return _finish(trainer, result, run_files, output_dir, model_args, training_args, summary)
     except BaseException as exc:
         if rank0:
             summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], ended=time.time(),
@@ -464,6 +396,82 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
             except OSError:
                 pass
         raise
+
+
+def _check_method(method: str, model_args) -> None:
+    if method == "spectrum" and model_args.use_peft:
+        raise ValueError("spectrum_config_path and use_peft are both set: Spectrum trains selected full "
+                         "layers, LoRA trains adapters. Remove one of them.")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise ValueError("load_in_4bit/load_in_8bit needs use_peft: true (a quantized model can only be "
+                         "fine-tuned through LoRA adapters, i.e. QLoRA).")
+
+
+def _datasets(script_args, training_args, dataset_args):
+    """(train, eval or None) splits of the recipe's dataset, with the split named on a miss."""
+    dataset = _load_dataset(script_args, dataset_args)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"dataset has no split '{script_args.dataset_train_split}' "
+                         f"(has {list(dataset)}); set dataset_train_split.")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(f"eval_strategy is '{training_args.eval_strategy}' but the dataset has no "
+                             f"split '{script_args.dataset_test_split}'; add test.jsonl or set "
+                             "eval_strategy: 'no'.")
+        eval_dataset = dataset[script_args.dataset_test_split]
+    return dataset[script_args.dataset_train_split], eval_dataset
+
+
+def _prepare_model(trainer, method: str, patterns, training_args, summary: dict) -> None:
+    """Spectrum's unfreezing and fp32 master weights on the trainer's model; counts in summary."""
+    model = trainer.model
+    if patterns is not None:
+        _, _, names = apply_spectrum(model, patterns)
+        if training_args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings + checkpointing still get grads
+        summary["spectrum_unfrozen"] = len(names)
+    sharded = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+    summary["fp32_master_params"] = fp32_master_weights(model, method, sharded=sharded)
+    summary.update(trainable_params=sum(_numel(p) for p in model.parameters() if p.requires_grad),
+                   total_params=sum(_numel(p) for p in model.parameters()),
+                   loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)))
+
+
+def _finish(trainer, result, run_files, output_dir: Path, model_args, training_args,
+            summary: dict) -> dict[str, Any]:
+    """Save (unless stopped), write summary.json, end the trainer."""
+    import transformers
+    from packaging.version import Version
+    from transformers.trainer_utils import get_last_checkpoint
+    state = trainer.state
+    # Decided jointly by all ranks (they must agree: saving is collective under ZeRO-3). A signal
+    # after the last step does not turn a finished run into a stopped one.
+    stopped = run_files.stopped_at is not None and state.global_step < state.max_steps
+    last_ckpt = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if not stopped:
+        trainer.save_model(str(output_dir))  # adapter (PEFT) or model, plus the tokenizer
+    metrics = dict(result.metrics or {})
+    last_log = next((h for h in reversed(state.log_history) if "num_tokens" in h), {})
+    summary.update(
+        status="stopped" if stopped else "completed",
+        stop_signal=_STOP["signal"] if stopped else None,
+        steps=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+        train_loss=metrics.get("train_loss"), runtime_s=metrics.get("train_runtime"),
+        train_samples_per_second=metrics.get("train_samples_per_second"),
+        tokens=last_log.get("num_tokens"),
+        final_loss=next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
+        peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
+        adapter_path=str(output_dir) if (model_args.use_peft and not stopped) else None,
+        model_path=str(output_dir) if (not model_args.use_peft and not stopped) else None,
+        world_size=training_args.world_size, ended=time.time())
+    if stopped:
+        summary["next_step"] = f"Relaunch the same recipe (same output_dir) to resume from {last_ckpt}."
+    if trainer.is_world_process_zero():
+        write_json_atomic(output_dir / "summary.json", summary)
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()  # finish trackers and destroy the process group, as trl's sft script does
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
