@@ -260,3 +260,21 @@ def test_verify_masking_reads_the_recipe_as_launch_training_does(ws):
     with pytest.raises(UserError) as e:
         verify_masking(recipe="r.yaml", tokenizer="tok/other")
     assert e.value.field == "tokenizer"
+
+
+def test_the_enable_thinking_fix_through_convert_dataset(ws):
+    """The fix template_text_trained names, done with the tools: convert with the kwargs column."""
+    from tools.data import convert_dataset
+    src = ws.root / "raw.jsonl"
+    src.write_text("".join(json.dumps({"question": f"What is 7 times {i}?", "answer": f"{7 * i}."}) + "\n"
+                           for i in range(6)))
+    tok = _tok(ws, "qwen2_5")
+    for out, kwargs in (("plain", None), ("nothink", {"enable_thinking": False})):
+        convert_dataset("raw.jsonl", f"data/{out}", test_size=0, chat_template_kwargs=kwargs)
+        rep = verify_masking(f"data/{out}", tok, chat_template="trl:qwen3.jinja")
+        if kwargs is None:
+            assert _codes(rep) == ["template_text_trained"], rep.reasons
+        else:
+            assert rep.verdict == "pass", rep.reasons
+            row = json.loads((ws.root / "data/nothink/train.jsonl").read_text().splitlines()[0])
+            assert row["chat_template_kwargs"] == {"enable_thinking": False}

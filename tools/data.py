@@ -338,20 +338,21 @@ def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
     return tok
 
 
-def _lengths(tok, items: list[tuple[list[dict], list | None]]) -> list[int | RowError]:
+def _lengths(tok, items: list[tuple[list[dict], list | None]],
+             kwargs: dict | None = None) -> list[int | RowError]:
     """Token count of each conversation as TRL tokenizes it: the chat template rendered without a
     generation prompt, then tokenized without extra special tokens; or the RowError saying why
     the template cannot train it (its own error, or tool calls it left out)."""
-    checked = [_rendered(tok, msgs, tools) for msgs, tools in items]
+    checked = [_rendered(tok, msgs, tools, kwargs) for msgs, tools in items]
     ok = [t for t in checked if isinstance(t, str)]
     ids = tok(ok, add_special_tokens=False)["input_ids"] if ok else []
     it = iter(ids)
     return [len(next(it)) if isinstance(t, str) else t for t in checked]
 
 
-def _rendered(tok, msgs: list[dict], tools: list | None) -> str | RowError:
+def _rendered(tok, msgs: list[dict], tools: list | None, kwargs: dict | None = None) -> str | RowError:
     try:
-        text = tok.apply_chat_template(msgs, tools=tools or None, tokenize=False)
+        text = tok.apply_chat_template(msgs, tools=tools or None, tokenize=False, **(kwargs or {}))
     except Exception as exc:  # noqa: BLE001 - templates raise on what they reject
         return RowError("template_error", _cut(f"{type(exc).__name__}: {exc}", 240))
     lost = _dropped_call(tok, msgs, tools)
@@ -779,8 +780,10 @@ class _Converter:
 
     def __init__(self, det: Detection, fh, *, target_format: str, system_prompt: str | None,
                  dedupe: str, tok, max_length: int | None, strict: bool, unit: str,
-                 drop_media: bool, merge_assistant_turns: bool, changes: _Tally):
+                 drop_media: bool, merge_assistant_turns: bool, changes: _Tally,
+                 template_kwargs: dict | None = None):
         self.det, self.fh, self.target, self.system_prompt = det, fh, target_format, system_prompt
+        self.template_kwargs = template_kwargs or None
         self.dedupe, self.tok, self.max_length, self.strict, self.unit = dedupe, tok, max_length, strict, unit
         self.opts = (drop_media, merge_assistant_turns)
         self.skipped, self.changes, self.dupes = _Tally(), changes, _Dupes()
@@ -828,6 +831,8 @@ class _Converter:
         self.counts["system_prompt_added"] += added
         self.counts["trailing_turns_dropped"] += dropped > 0
         out = build_row(msgs, tools, self.target)
+        if self.template_kwargs:  # TRL passes a row's chat_template_kwargs to the template
+            out["chat_template_kwargs"] = self.template_kwargs
         b = self._encode(out, msgs, added)
         if self.dedupe != "none" and self.dupes.add(loc, _dedupe_key(b, out, self.dedupe)):
             return
@@ -852,7 +857,7 @@ class _Converter:
         """Measure the pending rows with the tokenizer; write those its template can train."""
         if not self.pending:
             return
-        ns = _lengths(self.tok, [(m, t) for _, m, t, _, _, _ in self.pending])
+        ns = _lengths(self.tok, [(m, t) for _, m, t, _, _, _ in self.pending], self.template_kwargs)
         for item, n in zip(self.pending, ns):
             loc = item[0]
             if isinstance(n, RowError):
@@ -956,6 +961,10 @@ def convert_dataset(
     subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
     drop_media: Annotated[bool, Field(description=DROP_MEDIA_DOC)] = False,
     merge_assistant_turns: Annotated[bool, Field(description=MERGE_DOC)] = False,
+    chat_template_kwargs: Annotated[Optional[dict[str, Any]], Field(
+        description="written on every row as the chat_template_kwargs column TRL passes to the "
+                    "template, e.g. {\"enable_thinking\": false} for a non-thinking Qwen3 "
+                    "fine-tune.")] = None,
 ) -> ConvertReport:
     """Convert a dataset into the JSONL TRL's SFTTrainer trains on, and report what happened.
     Writes the directory output_dir with train.jsonl (and test.jsonl when test_size > 0), one JSON
@@ -985,7 +994,8 @@ def convert_dataset(
             conv = _Converter(det, fh, target_format=target_format, system_prompt=system_prompt,
                               dedupe=dedupe, tok=tok, max_length=max_length, strict=strict,
                               unit=src.unit, drop_media=drop_media,
-                              merge_assistant_turns=merge_assistant_turns, changes=changes)
+                              merge_assistant_turns=merge_assistant_turns, changes=changes,
+                              template_kwargs=chat_template_kwargs)
             for loc, row in src.rows(limit=limit, on_change=changes.add):
                 conv.row(loc, row)
             conv.flush()
