@@ -402,9 +402,10 @@ def _content_reasons(ev: Evidence, ctx: Ctx, R) -> None:
                "thinking, add the reasoning to the data (reasoning_content or <think>...</think> "
                "in the reply); (2) for a non-thinking fine-tune, use prompt/completion data with "
                "a chat_template_kwargs column {\"enable_thinking\": false} on every row "
-               "(convert_dataset(chat_template_kwargs={\"enable_thinking\": false})) (the block then belongs to the prompt and is not trained; use enable_thinking=False "
-               "at inference too), or a template without the block (e.g. "
-               "'trl:qwen3_instruct_2507.jinja' style); (3) accept it knowingly."
+               "(convert_dataset(chat_template_kwargs={\"enable_thinking\": false})): the "
+               "block then belongs to the prompt and is not trained (use enable_thinking=False "
+               "at inference too); or a template without the block (e.g. "
+               "'trl:qwen3_instruct_2507.jinja'); (3) accept it knowingly."
                if think else "Use a template whose trained span holds only the reply and its "
                "end-of-turn token, or accept it knowingly.")
         R(Reason(severity="warn", code="template_text_trained",
