@@ -3,6 +3,7 @@ endpoint (a local fake OpenAI server with known answers), errors, background, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -377,3 +378,219 @@ def test_batch_size_auto(ws, tiny_model):
     r = evaluate(model="models/tiny-llama", local_task="arith.jsonl", limit=3, max_gen_toks=4, batch_size="auto")
     (m,) = r.runs[0].metrics
     assert r.status == "completed" and m.n == 3 and r.settings["batch_size"] == "auto"
+
+
+# ---------------------------------------------------------------- the metric follows the answers
+SUPPORT = [
+    ("How long does shipping take?", "Orders ship in 5-7 business days."),
+    ("Can I return an item?", "Yes, you can return any item within 30 days of delivery for a full refund."),
+    ("Do you ship abroad?", "We ship to most countries in Europe and North America."),
+    ("How do I reset my password?", "Click 'Forgot password' on the login page and follow the email link."),
+    ("Is there a phone line?", "Our phone line is open on weekdays from nine to five."),
+    ("Can I change my order?", "You can change an order until it leaves the warehouse, usually within a day."),
+]
+# What the served "tuned" model replies: verbatim, a paraphrase, or off topic.
+SUPPORT_REPLIES = {
+    SUPPORT[0][0]: "Orders ship in 5-7 business days.",
+    SUPPORT[1][0]: "You can return items within 30 days for a refund.",
+    SUPPORT[2][0]: "I like turtles.",
+    SUPPORT[3][0]: "Click 'Forgot password' on the login page and follow the email link.",
+    SUPPORT[4][0]: "The phone line is open weekdays, nine to five.",
+    SUPPORT[5][0]: "Sorry, I cannot help with that.",
+}
+
+
+def write_support(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in SUPPORT))
+    return path
+
+
+@contextlib.contextmanager
+def chat_server(reply):
+    """An OpenAI-compatible server on loopback whose chat replies are reply(request json)."""
+    requests: list[dict] = []
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": "served", "object": "model"}]})
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append({**req, "_authorization": self.headers.get("Authorization")})
+            self._send({"id": "c", "object": "chat.completion", "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": reply(req)}}]})
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", requests
+    finally:
+        srv.shutdown()
+
+
+def support_reply(req) -> str:
+    return SUPPORT_REPLIES[req["messages"][-1]["content"]]
+
+
+def test_free_text_answers_are_scored_by_rouge_and_chrf(ws, api_deps):
+    """Issue 10: free-text replies got numeric extraction ('5-7 business days' -> '-7') and 0 vs
+    0. Now the whole reply is scored by ROUGE-L and chrF, with the values rouge-score and
+    sacrebleu give for each reply."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    from tools.evaluate import evaluate
+    write_support(ws.root / "support.jsonl")
+    with chat_server(support_reply) as (url, _):
+        r = evaluate(base_url=url, local_task="support.jsonl", max_gen_toks=32)
+    lt = r.local_task
+    assert lt["answer_mode"] == "free_text" and lt["metrics"] == ["rougeL", "chrf"]
+    assert lt["answer_kinds"] == {"long": 6}
+    data = read_jsonl(ws.root / lt["data_path"])
+    assert data[0]["target"] == "Orders ship in 5-7 business days."  # not "-7"
+    assert any("ROUGE-L" in n and "6 of 6" in n for n in r.notes), r.notes
+    metrics = {m.metric: m for m in r.runs[0].metrics}
+    assert set(metrics) == {"rougeL", "chrf"}
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want_r = [rouge.score(a, SUPPORT_REPLIES[q])["rougeL"].fmeasure for q, a in SUPPORT]
+    want_c = [CHRF().sentence_score(SUPPORT_REPLIES[q], [a]).score / 100 for q, a in SUPPORT]
+    assert metrics["rougeL"].value == pytest.approx(sum(want_r) / 6)
+    assert metrics["chrf"].value == pytest.approx(sum(want_c) / 6)
+    assert 0.3 < metrics["rougeL"].value < 0.9 and metrics["rougeL"].stderr > 0
+    assert metrics["rougeL"].n == 6 and metrics["rougeL"].higher_is_better is True
+    rows = read_jsonl(ws.root / r.runs[0].samples_files["local_support"])
+    verbatim = next(s for s in rows if s["target"].startswith("Orders"))
+    assert verbatim["rougeL"] == pytest.approx(1.0) and verbatim["correct"] is None
+    assert verbatim["response"] == verbatim["extracted"] == "Orders ship in 5-7 business days."
+
+
+@pytest.mark.parametrize("answer,kind", [
+    ("Orders ship in 5-7 business days.", "long"), ("#### 19", "numeric"), ("12+7=19\n#### 19", "numeric"),
+    ("It is 1,000.", "numeric"), ("So the answer is 19.", "numeric"), ("Paris", "short"),
+    ("even", "short"), ("\\boxed{x+1}", "short"), ("New York City", "short"),
+    ("Yes, you can return any item within 30 days.", "long"),
+])
+def test_answer_kind(answer, kind):
+    from tools.eval_tasks import answer_kind
+    assert answer_kind(answer) == kind
+
+
+def test_short_answers_keep_exact_match_on_the_whole_label(ws):
+    """Labels and short phrases: exact match on the label itself, never on a number inside it."""
+    from tools.eval_tasks import build_local_task
+    rows = [("Which road?", "Route 66"), ("Capital of France?", "Paris"), ("Biggest city?", "New York City"),
+            ("Colour of the sky?", "blue")]
+    (ws.root / "labels.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                                  for q, a in rows))
+    t = build_local_task("labels.jsonl")
+    assert (t.answer_mode, t.metrics) == ("text", ["exact_match"])
+    assert [d["target"] for d in read_jsonl(ws.root / t.data_path)] == [a for _, a in rows]
+
+
+def test_an_extraction_that_does_not_fit_the_answers_is_refused(ws):
+    from tools.eval_tasks import build_local_task
+    write_support(ws.root / "support.jsonl")
+    with pytest.raises(UserError, match="only 0 of 6 reference answers are numbers") as ei:
+        build_local_task("support.jsonl", answer_mode="numeric")
+    assert ei.value.field == "answer_mode" and "free_text" in ei.value.fix
+    with pytest.raises(UserError, match="exact match scores ~0") as ei:
+        build_local_task("support.jsonl", answer_mode="text")
+    assert ei.value.field == "answer_mode"
+    with pytest.raises(UserError, match="finds an answer in only 1 of 6") as ei:
+        build_local_task("support.jsonl", answer_regex=r"(\d+-\d+)")
+    assert ei.value.field == "answer_regex"
+    with pytest.raises(UserError, match="free_text scores the whole reply") as ei:
+        build_local_task("support.jsonl", answer_regex=r"(\w+)", answer_mode="free_text")
+    assert ei.value.field == "answer_regex"
+    # Mostly numbers: numeric is allowed, and the odd row is named in a note.
+    write_arith(ws.root / "arith.jsonl")
+    with (ws.root / "arith.jsonl").open("a") as fh:
+        fh.write(json.dumps({"question": "Name a number.", "answer": "Many exist, pick any one you like."}) + "\n")
+    t = build_local_task("arith.jsonl", answer_mode="numeric")
+    assert t.answer_mode == "numeric" and any("1 of 11" in n for n in t.notes), t.notes
+    assert build_local_task("arith.jsonl").answer_mode == "text"  # auto: not all numbers
+
+
+def test_answer_mode_and_judge_need_a_local_task(ws, tiny_model):
+    from tools.evaluate import evaluate
+    for kw, name in (({"answer_mode": "free_text"}, "answer_mode"),
+                     ({"judge_url": "http://127.0.0.1:9/v1"}, "judge_url")):
+        with pytest.raises(UserError, match="local_task only") as ei:
+            evaluate(model="models/tiny-llama", tasks=["gsm8k_cot"], **kw)
+        assert ei.value.field == name
+
+
+def test_zero_for_every_model_is_called_out():
+    """base 0.0 vs tuned 0.0 on exact match comes with a note that it measures nothing."""
+    from tools.evaluate import ModelRun, TaskMetric, _zero_notes
+
+    def run(v):
+        return ModelRun(label="x", backend="hf", apply_chat_template=True, samples_files={},
+                        raw_results_file="r.json", elapsed_s=0.0,
+                        metrics=[TaskMetric(task="t", metric="exact_match", filter="f", value=v, n=9)])
+    (note,) = _zero_notes([run(0.0), run(0.0)])
+    assert "0 for every model" in note and "free_text" in note
+    assert _zero_notes([run(0.0), run(0.5)]) == []
+
+
+def judge_reply(req) -> str:
+    """A judge that gives 5 to a candidate equal to the reference, 1 otherwise."""
+    text = req["messages"][-1]["content"]
+    ref = text.split("Reference answer:\n", 1)[1].split("\n\nCandidate answer:\n", 1)[0]
+    cand = text.split("\n\nCandidate answer:\n", 1)[1]
+    return "score: 5" if cand.strip() == ref.strip() else "Score: 1 (different)"
+
+
+def test_llm_judge_scores_each_reply(ws, tiny_model, api_deps, monkeypatch):
+    """judge_url: every reply of both models goes to the judge with question, reference and reply;
+    its 1-5 scores become the 'judge' metric (0..1) side by side; the key only from the named
+    variable."""
+    from tools.evaluate import evaluate
+    write_support(ws.root / "support.jsonl")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-global")
+    monkeypatch.setenv("JUDGE_KEY", "judge-secret")
+    with chat_server(support_reply) as (url, _), chat_server(judge_reply) as (jurl, jreqs):
+        r = evaluate(base_url=url, compare_with="models/tiny-llama", local_task="support.jsonl",
+                     max_gen_toks=8, judge_url=jurl, judge_api_key_env="JUDGE_KEY")
+    assert len(jreqs) == 12 and all(q["_authorization"] == "Bearer judge-secret" for q in jreqs)
+    assert jreqs[0]["model"] == "served" and jreqs[0]["temperature"] == 0
+    assert "Reference answer:\n" in jreqs[0]["messages"][-1]["content"]
+    tuned, base = r.runs
+    jt = next(m for m in tuned.metrics if m.metric == "judge")
+    assert jt.value == pytest.approx(2 / 6) and jt.n == 6  # two verbatim replies
+    assert jt.stderr == pytest.approx((2 / 6 * 4 / 6 / 5) ** 0.5)
+    jb = next(m for m in base.metrics if m.metric == "judge")
+    assert jb.value == 0.0
+    row = next(c for c in r.comparison if c.metric == "judge")
+    assert row.delta == pytest.approx(2 / 6)
+    rows = read_jsonl(ws.root / tuned.samples_files["local_support"])
+    assert {s["judge_score"] for s in rows} == {1, 5} and rows[0]["judge_reply"]
+    assert r.settings["judge"]["model"] == "served"
+    saved = "".join(p.read_text() for p in (ws.root / "evals").rglob("*") if p.is_file())
+    assert "judge-secret" not in saved
+
+
+def test_judge_endpoint_policy(ws, tiny_model, monkeypatch):
+    from tools.evaluate import evaluate
+    monkeypatch.delenv("LLM_FT_ALLOWED_ENDPOINTS", raising=False)  # another test may allow 10.1.2.3
+    write_support(ws.root / "support.jsonl")
+    for url, needle in (("http://169.254.169.254/v1", "link-local"), ("http://10.1.2.3:8000/v1", "not loopback")):
+        with pytest.raises(UserError, match=needle) as ei:
+            evaluate(model="models/tiny-llama", local_task="support.jsonl", judge_url=url)
+        assert ei.value.field == "judge_url"
+    with pytest.raises(UserError, match="not set") as ei:
+        evaluate(model="models/tiny-llama", local_task="support.jsonl", judge_url="http://127.0.0.1:9/v1",
+                 judge_api_key_env="NO_SUCH_JUDGE_KEY")
+    assert ei.value.field == "judge_api_key_env"

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sys
 import time
 import urllib.error
@@ -31,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from .endpoints import auth_header, check_url
 from .errors import UserError
+from .eval_tasks import FREE_TEXT_METRICS
 from .workspace import get_workspace, set_workspace
 
 log = logging.getLogger(__name__)
@@ -208,10 +210,10 @@ def _lm_eval_version() -> str:
 
 
 # ----------------------------------------------------------------------------- endpoint
-def _chat_url(base_url: str) -> tuple[str, str]:
+def _chat_url(base_url: str, field: str = "base_url") -> tuple[str, str]:
     """(chat completions URL, API root ending in /v1 or what was given), after the endpoint
     policy (tools/endpoints.py) allowed the URL."""
-    u = check_url(base_url).rstrip("/")
+    u = check_url(base_url, field=field).rstrip("/")
     if u.endswith("/chat/completions"):
         return u, u[: -len("/chat/completions")]
     if u.endswith("/completions"):
@@ -228,11 +230,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def check_endpoint(base_url: str, timeout: float = 5.0, api_key_env: str | None = None
-                   ) -> tuple[str, list[str]]:
+def check_endpoint(base_url: str, timeout: float = 5.0, api_key_env: str | None = None, *,
+                   field: str = "base_url", key_field: str = "api_key_env") -> tuple[str, list[str]]:
     """Reach `<root>/models` with a short request. Returns (chat URL, served model ids)."""
-    chat, root = _chat_url(base_url)
-    req = urllib.request.Request(root + "/models", headers=auth_header(api_key_env))
+    chat, root = _chat_url(base_url, field)
+    req = urllib.request.Request(root + "/models", headers=auth_header(api_key_env, field=key_field))
     try:
         with urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout) as resp:  # noqa: S310
             data = json.loads(resp.read().decode() or "{}")
@@ -243,10 +245,78 @@ def check_endpoint(base_url: str, timeout: float = 5.0, api_key_env: str | None 
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(
-            f"cannot reach {root}/models ({reason}).", field="base_url",
+            f"cannot reach {root}/models ({reason}).", field=field,
             fix="Start the server first (vLLM: `vllm serve <model-dir> --port 8000`; TGI: "
                 "`docker run -p 8080:80 ghcr.io/huggingface/text-generation-inference --model-id "
-                "<model>`), check host and port, then pass base_url=http://HOST:PORT/v1.") from None
+                "<model>`), check host and port, then pass "
+                f"{field}=http://HOST:PORT/v1.") from None
+
+
+# ----------------------------------------------------------------------------- LLM judge
+JUDGE_SYSTEM = ("You grade a candidate answer against the reference answer to the same question. "
+                "Judge meaning and correctness, not wording or length. Reply with one line: "
+                "'score: N', N from 1 (wrong or unrelated) to 5 (same meaning as the reference, "
+                "fully correct).")
+_SCORE = re.compile(r"score\W{0,4}([1-5])\b", re.I)
+
+
+def _judge_setup(judge_url: str, judge_model: str | None, judge_api_key_env: str | None,
+                 notes: list[str]) -> dict:
+    """The judge endpoint after the endpoint policy and a reachability check."""
+    chat, ids = check_endpoint(judge_url, api_key_env=judge_api_key_env, field="judge_url",
+                               key_field="judge_api_key_env")
+    if not judge_model:
+        judge_model = ids[0] if ids else "default"
+        notes.append(f"judge_model not given: using '{judge_model}'"
+                     + (" (first of /v1/models)." if ids else " (the server listed none)."))
+    return {"url": chat, "model": judge_model,
+            "headers": {**auth_header(judge_api_key_env, field="judge_api_key_env"),
+                        "Content-Type": "application/json"}}
+
+
+def _judge_one(judge: dict, question: str, reference: str, reply: str) -> tuple[int | None, str]:
+    """(score 1..5 or None, the judge's reply or the error) for one sample."""
+    body = {"model": judge["model"], "temperature": 0, "max_tokens": 64, "messages": [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": f"Question:\n{question}\n\nReference answer:\n{reference}"
+                                    f"\n\nCandidate answer:\n{reply}"}]}
+    req = urllib.request.Request(judge["url"], data=json.dumps(body).encode(), headers=judge["headers"])
+    err = ""
+    for _attempt in range(3):
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(req, timeout=60) as resp:  # noqa: S310
+                text = str(json.loads(resp.read().decode())["choices"][0]["message"]["content"] or "")
+            m = _SCORE.search(text) or re.search(r"\b([1-5])\b", text)
+            return (int(m.group(1)) if m else None), text[:500]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            err = f"{type(exc).__name__}: {str(getattr(exc, 'reason', exc))[:200]}"
+    return None, err
+
+
+def _judge_task(judge: dict, task: str, samples: list[dict], rows: list[dict], notes: list[str],
+                label: str) -> TaskMetric:
+    """Score every reply of a local generation task with the judge; adds judge_score and
+    judge_reply to the sample rows and returns the mean score, mapped 1..5 -> 0..1."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [((s.get("doc") or {}).get("prompt", r["prompt"]),
+             (s.get("doc") or {}).get("fewshot_target", r["target"]), r["response"] or "")
+            for s, r in zip(samples, rows)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda j: _judge_one(judge, *j), jobs))
+    for r, (score, text) in zip(rows, got):
+        r["judge_score"], r["judge_reply"] = score, text
+    vals = [(sc - 1) / 4 for sc, _ in got if sc is not None]
+    if not vals:
+        raise UserError(f"the judge gave no score for any of {len(got)} replies (e.g. "
+                        f"'{got[0][1][:200] if got else ''}').", field="judge_url",
+                        fix="Check judge_model and the server log; the judge must answer "
+                            "'score: N' with N from 1 to 5.")
+    if len(vals) < len(got):
+        notes.append(f"{label}: the judge gave no score for {len(got) - len(vals)} of {len(got)} "
+                     "replies (judge_reply in the samples file says why); they are left out.")
+    sd = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+    return TaskMetric(task=task, metric="judge", value=statistics.fmean(vals), stderr=sd,
+                      higher_is_better=True, n=len(vals))
 
 
 # ----------------------------------------------------------------------------- models
@@ -359,7 +429,8 @@ def _sample_rows(task: str, samples: list[dict], config: dict) -> list[dict]:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             prompt = json.dumps(prompt, ensure_ascii=False, default=str)
-        metric = (s.get("metrics") or [None])[0]
+        names = s.get("metrics") or []
+        metric = names[0] if names else None
         score = s.get(metric) if metric else None
         target = s.get("target")
         if mc:
@@ -375,11 +446,13 @@ def _sample_rows(task: str, samples: list[dict], config: dict) -> list[dict]:
             fr = s.get("filtered_resps") or [""]
             extracted = fr[0] if isinstance(fr, list) and fr else fr
         filt = s.get("filter")
+        # 0/1 scores say right or wrong; a ROUGE-L of 0.4 (or even 1.0) is a similarity.
+        binary = (isinstance(score, (int, float)) and score in (0, 1)
+                  and metric not in FREE_TEXT_METRICS)
         rows.append({"task": task, "doc_id": s.get("doc_id"), "filter": None if filt == "none" else filt,
                      "prompt": prompt, "target": target, "response": response,
-                     "extracted": extracted,
-                     "correct": bool(score) if isinstance(score, (int, float)) else None,
-                     metric or "score": score})
+                     "extracted": extracted, "correct": bool(score) if binary else None,
+                     **({m: s.get(m) for m in names} if names else {"score": None})})
     return rows
 
 
@@ -427,6 +500,31 @@ def _compare(base: ModelRun, tuned: ModelRun) -> list[ComparisonRow]:
     return rows
 
 
+def _extraction_notes(label: str, lt, rows: list[dict]) -> list[str]:
+    """What the sample rows say about the extraction: replies it found no answer in."""
+    if lt.answer_mode not in ("numeric", "text") or not rows:
+        return []
+    invalid = sum(r.get("extracted") == "[invalid]" for r in rows)
+    if 2 * invalid <= len(rows):
+        return []
+    return [f"{label}: the answer extraction found nothing in {invalid} of {len(rows)} replies "
+            "('[invalid]' in the samples file): read the responses; if they answer in another "
+            "form, pass answer_regex or answer_mode='free_text'."]
+
+
+def _zero_notes(runs: list[ModelRun]) -> list[str]:
+    """Exact match at zero for every model measures nothing: say so rather than report 0 vs 0."""
+    zero: dict[tuple, int] = {}
+    for run in runs:
+        for m in run.metrics:
+            if m.metric == "exact_match" and m.value == 0:
+                zero[(m.task, m.metric, m.filter)] = zero.get((m.task, m.metric, m.filter), 0) + 1
+    return [f"{t} {mt}{f' ({f})' if f else ''} is 0 for every model: nothing was matched, so the "
+            "number says nothing about the difference. Read the samples files; if the replies "
+            "look reasonable, the answers are free text (answer_mode='free_text', or judge_url) or "
+            "need another answer_regex." for (t, mt, f), k in zero.items() if k == len(runs)]
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60] or "model"
 
@@ -453,8 +551,18 @@ def evaluate(
     answer_field: Annotated[str | None, Field(description="Answer column (auto: answer/completion/"
                                                           "output/...; with choices: answer index/letter).")] = None,
     answer_regex: Annotated[str | None, Field(description="Regex with one group extracting the final "
-                                                          "answer (default: '#### N', else the last number; "
-                                                          "text answers: first line).")] = None,
+                                                          "answer for exact match (default: '#### N', else "
+                                                          "the last number; short answers: first line).")] = None,
+    answer_mode: Annotated[Literal["auto", "numeric", "text", "free_text"], Field(
+        description="local_task scoring. auto: from the answers: numbers -> exact match on the "
+                    "number, short answers -> exact match, free text -> ROUGE-L + chrF.")] = "auto",
+    judge_url: Annotated[str | None, Field(description="OpenAI-compatible endpoint of an LLM judge "
+                                                       "scoring each local_task reply 1-5 against the "
+                                                       "reference (metric 'judge', 0..1).")] = None,
+    judge_model: Annotated[str | None, Field(description="Model the judge endpoint serves (default: "
+                                                         "the first of GET /v1/models).")] = None,
+    judge_api_key_env: Annotated[str | None, Field(description="NAME of the environment variable "
+                                                               "holding judge_url's API key.")] = None,
     compare_with: Annotated[str | None, Field(description="Base model dir: evaluated the same way, "
                                                           "results side by side with the delta.")] = None,
     apply_chat_template: Annotated[bool, Field(description="Wrap prompts in the model's chat "
@@ -480,8 +588,10 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate a model with lm-evaluation-harness: a local model dir (optionally + a PEFT adapter)
     or a served OpenAI-compatible endpoint, on lm-eval tasks (e.g. gsm8k_cot to check general
-    capability before/after fine-tuning) and/or a local JSONL (exact match on the extracted final
-    answer, or multiple choice). Greedy decoding.
+    capability before/after fine-tuning) and/or a local JSONL, scored as its answers call for:
+    exact match on the extracted number or short answer, ROUGE-L and chrF on free-text replies,
+    log-likelihood accuracy on multiple choice; optionally an LLM judge (judge_url). Greedy
+    decoding.
 
     With compare_with=<base dir> both models run the same way and a side-by-side table with the
     delta and its 95% interval is returned. Returns metrics with their standard error per task,
@@ -500,6 +610,10 @@ def evaluate(
     if not tasks and not local_task:
         raise UserError("nothing to evaluate on.", field="tasks",
                         fix="Pass tasks=['gsm8k_cot'] (lm-eval tasks) and/or local_task=<JSONL>.")
+    for name, given in (("answer_mode", answer_mode != "auto"), ("judge_url", judge_url)):
+        if given and not local_task:
+            raise UserError("applies to local_task only (registry tasks bring their own metrics).",
+                            field=name, fix=f"Pass local_task=<JSONL>, or drop {name}.")
 
     # ---- what to evaluate
     adapter_path: Path | None = None
@@ -533,8 +647,12 @@ def evaluate(
     lt = None
     if local_task:
         lt = build_local_task(local_task, prompt_field=prompt_field, answer_field=answer_field,
-                              answer_regex=answer_regex, chat_style=chat_style)
+                              answer_regex=answer_regex, chat_style=chat_style, answer_mode=answer_mode)
+        notes.append(f"Scoring of {lt.name}: {lt.scoring}")
         notes.extend(lt.notes)
+        if judge_url and lt.kind == "multiple_choice":
+            raise UserError("the judge grades generated replies; multiple choice generates none.",
+                            field="judge_url", fix="Drop judge_url: acc already says right or wrong.")
         if base_url and lt.kind == "multiple_choice":
             raise UserError("multiple-choice scoring needs log-likelihoods, which chat-completion "
                             "endpoints do not return.", field="local_task",
@@ -561,6 +679,7 @@ def evaluate(
                          + (" (first of /v1/models)." if ids else " (the server listed none)."))
         if not apply_chat_template:
             notes.append("apply_chat_template forced on: chat-completion endpoints take messages.")
+    judge = _judge_setup(judge_url, judge_model, judge_api_key_env, notes) if judge_url else None
 
     # ---- output dir
     label = (Path(adapter_path).name if adapter_path else None) or served_model or Path(str(model)).name
@@ -574,7 +693,8 @@ def evaluate(
                   adapter=ws.rel(adapter_path) if adapter_path else None, base_url=base_url,
                   served_model=served_model, api_key_env=api_key_env, tasks=tasks or None, local_task=local_task,
                   prompt_field=prompt_field, answer_field=answer_field, answer_regex=answer_regex,
-                  compare_with=compare_with, apply_chat_template=apply_chat_template,
+                  answer_mode=answer_mode, judge_url=judge_url, judge_model=judge_model,
+                  judge_api_key_env=judge_api_key_env, compare_with=compare_with, apply_chat_template=apply_chat_template,
                   system_prompt=system_prompt, limit=limit, num_fewshot=num_fewshot,
                   batch_size=batch_size, max_gen_toks=max_gen_toks, dtype=dtype,
                   output_dir=ws.rel(out))
@@ -613,6 +733,7 @@ def evaluate(
         device = f"cuda:{gpu_ids[0]}"
     gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
     settings = {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
+                "judge": {"url": judge["url"], "model": judge["model"]} if judge else None,
                 "dtype": torch_dtype,
                 "apply_chat_template": chat_style, "system_prompt": system_prompt,
                 "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
@@ -677,8 +798,13 @@ def evaluate(
         res = _redact(res)  # lm-eval copies model_args (our auth header) into its results
         samples = res.pop("samples", {}) or {}
         sample_files = {}
+        extra: list[TaskMetric] = []
         for task, ss in samples.items():
             rows = _sample_rows(task, ss, (res.get("configs") or {}).get(task, {}))
+            if lt is not None and task == lt.name:
+                run_notes.extend(_extraction_notes(run_label, lt, rows))
+                if judge:
+                    extra.append(_judge_task(judge, task, ss, rows, run_notes, run_label))
             path = out / f"samples_{_slug(run_label)}_{_slug(task)}.jsonl"
             ws.write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
                                         for r in rows))
@@ -693,10 +819,11 @@ def evaluate(
             adapter=ws.rel(adapter_path) if (which == "main" and adapter_path) else None,
             base_url=chat_url if backend != "hf" else None,
             served_model=served_model if backend != "hf" else None,
-            apply_chat_template=use_chat, metrics=_metrics(res), samples_files=sample_files,
+            apply_chat_template=use_chat, metrics=_metrics(res) + extra, samples_files=sample_files,
             raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2)))
 
     comparison = _compare(runs[1], runs[0]) if len(runs) == 2 else []
+    notes.extend(_zero_notes(runs))
     if len(runs) == 2 and runs[0].apply_chat_template != runs[1].apply_chat_template:
         notes.append("The two models were prompted differently (chat template vs plain): compare "
                      "with care.")
