@@ -59,6 +59,9 @@ CASES = {
     "evaluate": ({"model": "models/merged", "local_task": "data/qa/train.jsonl", "limit": 2, "max_gen_toks": 4,
                   "batch_size": 2},
                  {"model": "models/missing", "local_task": "data/qa/train.jsonl"}, "model"),
+    "generate": ({"model": "adapters/a", "compare_with": "models/tiny-llama", "dataset": "data/qa",
+                  "split": "train", "rows": 2, "max_new_tokens": 4},
+                 {"model": "models/tiny-llama", "dataset": "data/qa", "split": "nope"}, "split"),
 }
 
 

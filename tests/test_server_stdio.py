@@ -19,7 +19,7 @@ EXPECTED_TOOLS = {
     "inspect_dataset", "convert_dataset", "verify_masking",
     "generate_recipe", "validate_recipe", "spectrum_scan",
     "launch_training", "training_status", "stop_training", "list_runs",
-    "merge_adapter", "evaluate",
+    "merge_adapter", "evaluate", "generate",
 }
 
 
