@@ -204,3 +204,28 @@ def test_merge_says_and_checks_the_ram_it_needs(ws, tiny_model, adapter, monkeyp
         merge_adapter(adapter_dir="runs/r1/output", output_dir="models/m2", dtype="fp32")
     assert ei.value.field == "dtype" and "bf16" in ei.value.fix
     assert not (ws.root / "models" / "m2").exists()
+
+
+def test_merge_keeps_a_working_pad_token(ws, tiny_model):
+    """Qwen3: pad <|endoftext|> differs from the end-of-turn <|im_end|> but is also a generation
+    eos id. It works; merge_adapter must not swap it (it became an ordinary token)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tools.merge import merge_adapter
+    base = ws.root / "models/qwenlike"
+    shutil.copytree(tiny_model, base)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    ids = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    gc = json.loads((base / "generation_config.json").read_text()) \
+        if (base / "generation_config.json").exists() else {}
+    (base / "generation_config.json").write_text(json.dumps({**gc, "eos_token_id": ids}))
+    make_adapter(base, ws.root / "ad_q", pad_token="<|endoftext|>")
+    r = merge_adapter(adapter_dir="ad_q", output_dir="m_q", base_model="models/qwenlike",
+                      sample_prompts=["Hello there"])
+    assert r.verified
+    assert r.generation_config["pad_token"] == "<|endoftext|>"
+    assert not any("pad" in n.lower() for n in r.notes), r.notes  # nothing to fix, nothing said
+    saved = AutoTokenizer.from_pretrained(str(ws.root / "m_q"))
+    assert saved.pad_token == "<|endoftext|>"

@@ -242,7 +242,10 @@ def _fix_generation_config(model, tok, notes: list[str]) -> dict[str, Any]:
         notes.append("No chat end-of-turn token found in the chat template; generation stops on "
                      "the tokenizer eos only.")
     pad_id = tok.pad_token_id
-    if pad_id is None or pad_id in eos_ids:
+    # A working pad stays: only a missing pad, or one equal to the token training taught the model
+    # to stop on, must change (Qwen3 lists its pad <|endoftext|> among generation eos ids too).
+    trained_stop = eot_id if eot_id is not None else tok.eos_token_id
+    if pad_id is None or pad_id == trained_stop:
         chosen = None
         vocab = tok.get_vocab()
         used: set[str] = set()
@@ -253,15 +256,16 @@ def _fix_generation_config(model, tok, notes: list[str]) -> dict[str, Any]:
             except Exception:  # noqa: BLE001
                 pass
         bad = set(eos_ids) | {tok.bos_token_id}
+        special = set(_special_tokens(tok))  # a real special token, never an ordinary one
         for cand in _PAD_CANDIDATES + _special_tokens(tok):
-            if cand in vocab and vocab[cand] not in bad and cand not in used:
+            if cand in vocab and cand in special and vocab[cand] not in bad and cand not in used:
                 chosen = cand
                 break
         if chosen is not None:
             was = tok.pad_token
             tok.pad_token = chosen
             pad_id = tok.pad_token_id
-            notes.append(f"pad token was {was!r} (None or equal to an eos token); set to {chosen!r} "
+            notes.append(f"pad token was {was!r} (None or the end-of-turn token); set to {chosen!r} "
                          f"(id {pad_id}) in the tokenizer and generation_config so padding never "
                          "hides an end-of-turn.")
         else:
