@@ -39,13 +39,61 @@ def test_moe_active_params(ws):
 
 
 @pytest.mark.parametrize("alias,name", [
-    ("meta-llama/Llama-3.1-8B", "Llama-3.1-8B"), ("Llama-3.1-8B-Instruct", "Llama-3.1-8B"),
-    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "Llama-3.1-8B"), ("LLAMA-3.2-1B", "Llama-3.2-1B"),
-    ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B"), ("mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral-8x7B-v0.1"),
-    ("google/gemma-2-9b-it", "gemma-2-9b"), ("microsoft/Phi-3-mini-4k-instruct", "Phi-3-mini-4k-instruct"),
+    ("meta-llama/Llama-3.1-8B", "Llama-3.1-8B"), ("Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct"),
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct"), ("LLAMA-3.2-1B", "Llama-3.2-1B"),
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral-8x7B-Instruct-v0.1"),
+    ("google/gemma-2-9b-it", "gemma-2-9b-it"), ("microsoft/Phi-3-mini-4k-instruct", "Phi-3-mini-4k-instruct"),
+    ("mixtral-8x7b", "Mixtral-8x7B-v0.1"),
 ])
 def test_aliases(ws, alias, name):
     assert get_model_facts(alias).name == name
+
+
+# (given, catalog name, exact hub id, variant): base and instruct are different repositories.
+VARIANTS = [
+    ("Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "instruct"),
+    ("qwen2.5-7b", "Qwen2.5-7B", "Qwen/Qwen2.5-7B", "base"),
+    ("Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "instruct"),
+    ("Llama-3.1-8B", "Llama-3.1-8B", "meta-llama/Llama-3.1-8B", "base"),
+    ("gemma-2-9b-it", "gemma-2-9b-it", "google/gemma-2-9b-it", "instruct"),
+    ("gemma-2-9b", "gemma-2-9b", "google/gemma-2-9b", "base"),
+    ("Qwen3-8B", "Qwen3-8B", "Qwen/Qwen3-8B", "instruct"),  # Qwen3's plain name is the chat model
+    ("Qwen3-8B-Base", "Qwen3-8B-Base", "Qwen/Qwen3-8B-Base", "base"),
+    ("Mistral-7B-Instruct-v0.3", "Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "instruct"),
+    ("Llama-3.3-70B-Instruct", "Llama-3.3-70B-Instruct", "meta-llama/Llama-3.3-70B-Instruct", "instruct"),
+    # a full hub id is kept as given, whoever publishes it
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "instruct"),
+    ("unsloth/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct", "instruct"),
+]
+
+
+@pytest.mark.parametrize("given,name,hub_id,variant", VARIANTS)
+def test_a_variant_keeps_its_exact_hub_id(ws, given, name, hub_id, variant):
+    """'-Instruct' was dropped: Qwen2.5-7B-Instruct came back as Qwen/Qwen2.5-7B (another model)."""
+    f = get_model_facts(given)
+    assert (f.name, f.hub_id, f.variant) == (name, hub_id, variant)
+
+
+def test_variants_share_architecture_numbers_not_hub_ids(ws):
+    base, chat = get_model_facts("Qwen2.5-7B"), get_model_facts("Qwen2.5-7B-Instruct")
+    assert base.total_params == chat.total_params and base.hub_id != chat.hub_id
+    ids = [hub for hub, _ in CATALOG.values()]
+    assert len(ids) == len(set(ids)), "two catalog names map to one repository"
+    for name, (hub, _) in CATALOG.items():
+        assert hub.split("/")[-1].lower() == name.lower(), (name, hub)  # the name is the repository
+
+
+def test_renamed_repos_are_said_and_others_are_not(ws):
+    """Only a repository its owner really renamed gets the redirect note (the note once claimed
+    Qwen/Qwen2.5-7B-Instruct had become Qwen/Qwen2.5-7B)."""
+    old = get_model_facts("meta-llama/Meta-Llama-3.1-8B-Instruct")
+    assert old.hub_id == "meta-llama/Meta-Llama-3.1-8B-Instruct"  # kept as given
+    assert any("renamed 'meta-llama/Llama-3.1-8B-Instruct'" in n for n in old.notes), old.notes
+    assert not any("renamed" in n for n in get_model_facts("Qwen/Qwen2.5-7B-Instruct").notes)
+    short = get_model_facts("gemma-3-1b")  # no bare repository: read as the base, and said
+    assert short.hub_id == "google/gemma-3-1b-pt" and any("gemma-3-1b-it" not in n and "base" in n
+                                                           for n in short.notes)
 
 
 def test_tiny_model_count_matches_torch(tiny_model):

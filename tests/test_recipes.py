@@ -428,3 +428,26 @@ def test_a_template_trl_ships_is_copied_and_set_as_chat_template_path(ws):
     assert (ws.root / cfg["chat_template_path"]).read_text() == \
         shipped()["llama3_training.jinja"].read_text()
     assert cfg["eos_token"] == "<|eot_id|>"  # read from the copied template
+
+
+# ----------------------------------------------------------------------------- issue 10 (support tickets)
+@pytest.mark.parametrize("given, written", [
+    ("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"), ("Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"), ("gemma-2-9b-it", "google/gemma-2-9b-it"),
+    ("unsloth/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct"),  # a full hub id is kept as given
+])
+def test_the_recipe_trains_the_variant_asked_for(ws, gpu_like, given, written):
+    """'Qwen2.5-7B-Instruct' was written as Qwen/Qwen2.5-7B (the base model), and the full id came
+    back with a false note that the hub had renamed it."""
+    ds = _dataset(ws, rows=300, test=False)
+    r = generate_recipe(given, ds, method="qlora", gpu="RTX 4090")
+    assert yaml.safe_load((ws.root / r.recipe_path).read_text())["model_name_or_path"] == written
+    assert not any("renamed" in n or "redirect" in n for n in r.notes + r.warnings)
+    v = validate_recipe(r.recipe_path, gpu="RTX 4090")
+    assert v.valid and not any("renamed" in n or "redirect" in n for n in v.notes), v.notes
+
+
+def test_a_renamed_repository_is_said_by_validate_recipe(ws):
+    v = validate_recipe("model_name_or_path: meta-llama/Meta-Llama-3.1-8B-Instruct\ndataset_name: org/ds\n"
+                        "output_dir: o\n")
+    assert any("renamed it 'meta-llama/Llama-3.1-8B-Instruct'" in n for n in v.notes), v.notes

@@ -8,9 +8,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, Field
 
@@ -23,6 +22,11 @@ class ModelFacts(BaseModel):
     """Architecture numbers of a decoder-only transformer, and its computed parameter counts."""
     name: str
     source: Literal["local", "hub", "catalog"]
+    hub_id: Optional[str] = Field(None, description="the exact hub repository: as given for a hub id, the "
+                                                    "catalog's for a catalog name; null for a local directory.")
+    variant: Optional[Literal["base", "instruct"]] = Field(
+        None, description="base (pretrained only) or instruct (chat/instruction-tuned), when the catalog "
+                          "knows the model; they share architecture numbers but are different models.")
     architecture: str = Field(description="model_type, e.g. llama, qwen2, mixtral, gemma2.")
     vocab_size: int
     hidden_size: int
@@ -108,64 +112,143 @@ def _c(arch, V, h, I, L, heads, kv, hd, tie, maxpos, **extra) -> dict:
                 head_dim=hd, tie_word_embeddings=tie, max_position_embeddings=maxpos, **extra)
 
 
-# Numbers from each model's config.json on the hub (base models; instruct variants share them).
-CATALOG: dict[str, tuple[str, dict]] = {
-    "Llama-3.1-8B": ("meta-llama/Llama-3.1-8B", _c("llama", 128256, 4096, 14336, 32, 32, 8, 128, False, 131072)),
-    "Llama-3.1-70B": ("meta-llama/Llama-3.1-70B", _c("llama", 128256, 8192, 28672, 80, 64, 8, 128, False, 131072)),
-    "Llama-3.1-405B": ("meta-llama/Llama-3.1-405B", _c("llama", 128256, 16384, 53248, 126, 128, 8, 128, False, 131072)),
-    "Llama-3.2-1B": ("meta-llama/Llama-3.2-1B", _c("llama", 128256, 2048, 8192, 16, 32, 8, 64, True, 131072)),
-    "Llama-3.2-3B": ("meta-llama/Llama-3.2-3B", _c("llama", 128256, 3072, 8192, 28, 24, 8, 128, True, 131072)),
-    "Qwen2.5-0.5B": ("Qwen/Qwen2.5-0.5B", _c("qwen2", 151936, 896, 4864, 24, 14, 2, 64, True, 32768)),
-    "Qwen2.5-1.5B": ("Qwen/Qwen2.5-1.5B", _c("qwen2", 151936, 1536, 8960, 28, 12, 2, 128, True, 131072)),
-    "Qwen2.5-3B": ("Qwen/Qwen2.5-3B", _c("qwen2", 151936, 2048, 11008, 36, 16, 2, 128, True, 32768)),
-    "Qwen2.5-7B": ("Qwen/Qwen2.5-7B", _c("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, False, 131072)),
-    "Qwen2.5-14B": ("Qwen/Qwen2.5-14B", _c("qwen2", 152064, 5120, 13824, 48, 40, 8, 128, False, 131072)),
-    "Qwen2.5-32B": ("Qwen/Qwen2.5-32B", _c("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, False, 131072)),
-    "Qwen2.5-72B": ("Qwen/Qwen2.5-72B", _c("qwen2", 152064, 8192, 29568, 80, 64, 8, 128, False, 131072)),
-    "Qwen3-0.6B": ("Qwen/Qwen3-0.6B", _c("qwen3", 151936, 1024, 3072, 28, 16, 8, 128, True, 40960)),
-    "Qwen3-1.7B": ("Qwen/Qwen3-1.7B", _c("qwen3", 151936, 2048, 6144, 28, 16, 8, 128, True, 40960)),
-    "Qwen3-4B": ("Qwen/Qwen3-4B", _c("qwen3", 151936, 2560, 9728, 36, 32, 8, 128, True, 40960)),
-    "Qwen3-8B": ("Qwen/Qwen3-8B", _c("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, False, 40960)),
-    "Qwen3-14B": ("Qwen/Qwen3-14B", _c("qwen3", 151936, 5120, 17408, 40, 40, 8, 128, False, 40960)),
-    "Qwen3-32B": ("Qwen/Qwen3-32B", _c("qwen3", 151936, 5120, 25600, 64, 64, 8, 128, False, 40960)),
-    "Mistral-7B-v0.1": ("mistralai/Mistral-7B-v0.1", _c("mistral", 32000, 4096, 14336, 32, 32, 8, 128, False, 32768)),
-    "Mistral-7B-v0.3": ("mistralai/Mistral-7B-v0.3", _c("mistral", 32768, 4096, 14336, 32, 32, 8, 128, False, 32768)),
-    "Mixtral-8x7B-v0.1": ("mistralai/Mixtral-8x7B-v0.1", _c("mixtral", 32000, 4096, 14336, 32, 32, 8, 128, False, 32768,
-                                                           num_local_experts=8, num_experts_per_tok=2)),
-    "gemma-2-2b": ("google/gemma-2-2b", _c("gemma2", 256000, 2304, 9216, 26, 8, 4, 256, True, 8192)),
-    "gemma-2-9b": ("google/gemma-2-9b", _c("gemma2", 256000, 3584, 14336, 42, 16, 8, 256, True, 8192)),
-    "gemma-2-27b": ("google/gemma-2-27b", _c("gemma2", 256000, 4608, 36864, 46, 32, 16, 128, True, 8192)),
-    "gemma-3-1b-pt": ("google/gemma-3-1b-pt", _c("gemma3_text", 262144, 1152, 6912, 26, 4, 1, 256, True, 32768)),
-    "gemma-3-4b-pt": ("google/gemma-3-4b-pt", _c("gemma3_text", 262208, 2560, 10240, 34, 8, 4, 256, True, 131072)),
-    "gemma-3-12b-pt": ("google/gemma-3-12b-pt", _c("gemma3_text", 262208, 3840, 15360, 48, 16, 8, 256, True, 131072)),
-    "gemma-3-27b-pt": ("google/gemma-3-27b-pt", _c("gemma3_text", 262208, 5376, 21504, 62, 32, 16, 128, True, 131072)),
-    "Phi-3-mini-4k-instruct": ("microsoft/Phi-3-mini-4k-instruct", _c("phi3", 32064, 3072, 8192, 32, 32, 32, 96, False, 4096)),
-    "Phi-3.5-mini-instruct": ("microsoft/Phi-3.5-mini-instruct", _c("phi3", 32064, 3072, 8192, 32, 32, 32, 96, False, 131072)),
-    "phi-4": ("microsoft/phi-4", _c("phi3", 100352, 5120, 17920, 40, 40, 10, 128, False, 16384)),
-    "SmolLM2-135M": ("HuggingFaceTB/SmolLM2-135M", _c("llama", 49152, 576, 1536, 30, 9, 3, 64, True, 8192)),
-    "SmolLM2-360M": ("HuggingFaceTB/SmolLM2-360M", _c("llama", 49152, 960, 2560, 32, 15, 5, 64, True, 8192)),
-    "SmolLM2-1.7B": ("HuggingFaceTB/SmolLM2-1.7B", _c("llama", 49152, 2048, 8192, 24, 32, 32, 64, True, 8192)),
-}
+# Architecture numbers from each model's config.json on the hub. A base model and its
+# instruction-tuned variant share them, but they are different models with different hub ids:
+# every variant is its own catalog name and maps to its exact repository; a lookup never falls
+# back from one variant to the other.
+Variant = Literal["base", "instruct"]
 
-_SUFFIX = re.compile(r"-(instruct|it|chat|base|pt|hf)(?=-|$)")
+
+class _Entry(NamedTuple):
+    hub_id: str
+    config: dict
+    family: str        # siblings of other sizes (recommend_method suggests one for small data)
+    variant: Variant   # base = pretrained only; instruct = chat/instruction-tuned
+
+
+CATALOG: dict[str, tuple[str, dict]] = {}   # catalog name -> (exact hub id, config)
+_ENTRIES: dict[str, _Entry] = {}
+
+
+def _add(family: str, cfg: dict, *names: tuple[str, str, Variant]) -> None:
+    """Register the variants (catalog name, hub id, variant) of one architecture."""
+    for name, hub_id, variant in names:
+        _ENTRIES[name] = _Entry(hub_id, cfg, family, variant)
+        CATALOG[name] = (hub_id, cfg)
+
+
+def _base_instruct(family: str, cfg: dict, org: str, name: str, instruct: str) -> None:
+    """The common case: `org/name` (base) and `org/<instruct>` (instruction-tuned)."""
+    _add(family, cfg, (name, f"{org}/{name}", "base"), (instruct, f"{org}/{instruct}", "instruct"))
+
+
+_LLAMA_70B = _c("llama", 128256, 8192, 28672, 80, 64, 8, 128, False, 131072)
+for _nm, _cfg in (("Llama-3.1-8B", _c("llama", 128256, 4096, 14336, 32, 32, 8, 128, False, 131072)),
+                 ("Llama-3.1-70B", _LLAMA_70B),
+                 ("Llama-3.1-405B", _c("llama", 128256, 16384, 53248, 126, 128, 8, 128, False, 131072)),
+                 ("Llama-3.2-1B", _c("llama", 128256, 2048, 8192, 16, 32, 8, 64, True, 131072)),
+                 ("Llama-3.2-3B", _c("llama", 128256, 3072, 8192, 28, 24, 8, 128, True, 131072))):
+    _base_instruct("llama-3", _cfg, "meta-llama", _nm, f"{_nm}-Instruct")
+_add("llama-3", _LLAMA_70B, ("Llama-3.3-70B-Instruct", "meta-llama/Llama-3.3-70B-Instruct", "instruct"))
+for _nm, _cfg in (("Qwen2.5-0.5B", _c("qwen2", 151936, 896, 4864, 24, 14, 2, 64, True, 32768)),
+                 ("Qwen2.5-1.5B", _c("qwen2", 151936, 1536, 8960, 28, 12, 2, 128, True, 131072)),
+                 ("Qwen2.5-3B", _c("qwen2", 151936, 2048, 11008, 36, 16, 2, 128, True, 32768)),
+                 ("Qwen2.5-7B", _c("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, False, 131072)),
+                 ("Qwen2.5-14B", _c("qwen2", 152064, 5120, 13824, 48, 40, 8, 128, False, 131072)),
+                 ("Qwen2.5-32B", _c("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, False, 131072)),
+                 ("Qwen2.5-72B", _c("qwen2", 152064, 8192, 29568, 80, 64, 8, 128, False, 131072))):
+    _base_instruct("qwen2.5", _cfg, "Qwen", _nm, f"{_nm}-Instruct")
+# Qwen3: the plain name is the post-trained (chat) model; the pretrained one is "-Base" (none for 32B).
+for _nm, _cfg in (("Qwen3-0.6B", _c("qwen3", 151936, 1024, 3072, 28, 16, 8, 128, True, 40960)),
+                 ("Qwen3-1.7B", _c("qwen3", 151936, 2048, 6144, 28, 16, 8, 128, True, 40960)),
+                 ("Qwen3-4B", _c("qwen3", 151936, 2560, 9728, 36, 32, 8, 128, True, 40960)),
+                 ("Qwen3-8B", _c("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, False, 40960)),
+                 ("Qwen3-14B", _c("qwen3", 151936, 5120, 17408, 40, 40, 8, 128, False, 40960))):
+    _add("qwen3", _cfg, (_nm, f"Qwen/{_nm}", "instruct"), (f"{_nm}-Base", f"Qwen/{_nm}-Base", "base"))
+_add("qwen3", _c("qwen3", 151936, 5120, 25600, 64, 64, 8, 128, False, 40960),
+     ("Qwen3-32B", "Qwen/Qwen3-32B", "instruct"))
+# Mistral puts the variant before the version: Mistral-7B-Instruct-v0.3.
+_MISTRAL_V01 = _c("mistral", 32000, 4096, 14336, 32, 32, 8, 128, False, 32768)
+_add("mistral", _MISTRAL_V01, ("Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1", "base"),
+     ("Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", "instruct"),
+     ("Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", "instruct"))
+_add("mistral", _c("mistral", 32768, 4096, 14336, 32, 32, 8, 128, False, 32768),
+     ("Mistral-7B-v0.3", "mistralai/Mistral-7B-v0.3", "base"),
+     ("Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "instruct"))
+_add("mistral", _c("mixtral", 32000, 4096, 14336, 32, 32, 8, 128, False, 32768, num_local_experts=8,
+                   num_experts_per_tok=2),
+     ("Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-v0.1", "base"),
+     ("Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1", "instruct"))
+for _nm, _cfg in (("gemma-2-2b", _c("gemma2", 256000, 2304, 9216, 26, 8, 4, 256, True, 8192)),
+                 ("gemma-2-9b", _c("gemma2", 256000, 3584, 14336, 42, 16, 8, 256, True, 8192)),
+                 ("gemma-2-27b", _c("gemma2", 256000, 4608, 36864, 46, 32, 16, 128, True, 8192))):
+    _base_instruct("gemma-2", _cfg, "google", _nm, f"{_nm}-it")
+# Gemma 3: "-pt" pretrained, "-it" instruction-tuned (the 4b-27b -it repos wrap this text model
+# with a vision tower; the numbers here are its text_config).
+for _nm, _cfg in (("gemma-3-1b", _c("gemma3_text", 262144, 1152, 6912, 26, 4, 1, 256, True, 32768)),
+                 ("gemma-3-4b", _c("gemma3_text", 262208, 2560, 10240, 34, 8, 4, 256, True, 131072)),
+                 ("gemma-3-12b", _c("gemma3_text", 262208, 3840, 15360, 48, 16, 8, 256, True, 131072)),
+                 ("gemma-3-27b", _c("gemma3_text", 262208, 5376, 21504, 62, 32, 16, 128, True, 131072))):
+    _add("gemma-3", _cfg, (f"{_nm}-pt", f"google/{_nm}-pt", "base"), (f"{_nm}-it", f"google/{_nm}-it", "instruct"))
+# Phi: only instruction-tuned releases.
+_add("phi", _c("phi3", 32064, 3072, 8192, 32, 32, 32, 96, False, 4096),
+     ("Phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct", "instruct"))
+_add("phi", _c("phi3", 32064, 3072, 8192, 32, 32, 32, 96, False, 131072),
+     ("Phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", "instruct"))
+_add("phi", _c("phi3", 100352, 5120, 17920, 40, 40, 10, 128, False, 16384), ("phi-4", "microsoft/phi-4", "instruct"))
+for _nm, _cfg in (("SmolLM2-135M", _c("llama", 49152, 576, 1536, 30, 9, 3, 64, True, 8192)),
+                 ("SmolLM2-360M", _c("llama", 49152, 960, 2560, 32, 15, 5, 64, True, 8192)),
+                 ("SmolLM2-1.7B", _c("llama", 49152, 2048, 8192, 24, 32, 32, 64, True, 8192))):
+    _base_instruct("smollm2", _cfg, "HuggingFaceTB", _nm, f"{_nm}-Instruct")
+
+# Hub repositories renamed by their owner (the old id still redirects): old id -> catalog name.
+RENAMED: dict[str, str] = {f"meta-llama/meta-{n.lower()}": n for n in _ENTRIES if n.startswith("Llama-3.1-")}
+# Short names that mean one variant (said in ModelFacts.notes): the base where the hub has a bare
+# base name, else the one release.
+_SHORT: dict[str, str] = {"mistral-7b": "Mistral-7B-v0.3", "mixtral-8x7b": "Mixtral-8x7B-v0.1",
+                          "phi-3-mini": "Phi-3-mini-4k-instruct", "phi-3.5-mini": "Phi-3.5-mini-instruct",
+                          **{n[:-3].lower(): n for n in _ENTRIES if n.startswith("gemma-3-") and n.endswith("-pt")}}
 
 
 def _key(s: str) -> str:
-    s = s.strip().lower().split("/")[-1]
-    s = s.replace("meta-llama-", "llama-").replace("_", "-")
-    s = _SUFFIX.sub("", s)
-    return s.replace("mixtral-8x7b-v0.1", "mixtral-8x7b").replace("-4k", "")
+    """Lookup key: the repository part, lower case; the variant suffix is kept (it names the model)."""
+    return s.strip().lower().split("/")[-1].replace("_", "-")
 
 
-_INDEX = {_key(k): k for k in CATALOG} | {_key(v[0]): k for k, v in CATALOG.items()}
-_INDEX |= {"mistral-7b": "Mistral-7B-v0.3", "mixtral-8x7b": "Mixtral-8x7B-v0.1",
-           "phi-3-mini": "Phi-3-mini-4k-instruct", "phi-3.5-mini": "Phi-3.5-mini-instruct",
-           "llama-3.3-70b": "Llama-3.1-70B"}
+_INDEX = {_key(k): k for k in _ENTRIES} | {_key(old): n for old, n in RENAMED.items()} | _SHORT
 
 
 def catalog_lookup(model: str) -> str | None:
-    """Catalog name for a hub id or alias (case-insensitive), or None."""
+    """Catalog name for a hub id or name (case-insensitive, the variant included), or None."""
     return _INDEX.get(_key(model))
+
+
+def catalog_entry(name: str) -> _Entry:
+    """Hub id, config, family and variant of a catalog name."""
+    return _ENTRIES[name]
+
+
+def renamed_hub_id(model: str) -> str | None:
+    """The current hub id when `model` is a repository its owner renamed (the old id redirects)."""
+    name = RENAMED.get(model.strip().lower())
+    return _ENTRIES[name].hub_id if name else None
+
+
+def catalog_facts(name: str) -> ModelFacts:
+    """ModelFacts of a catalog name from the catalog's numbers alone (no hub call)."""
+    e = _ENTRIES[name]
+    return _identify(_facts(name, "catalog", e.config), name, name, e.hub_id)
+
+
+def smaller_siblings(name: str) -> list[str]:
+    """Catalog models of the same family and variant with fewer parameters, largest first."""
+    if name not in _ENTRIES:
+        return []
+    e = _ENTRIES[name]
+    size = _facts(name, "catalog", e.config).total_params
+    sizes = {n: _facts(n, "catalog", o.config).total_params for n, o in _ENTRIES.items()
+             if o.family == e.family and o.variant == e.variant and n != name}
+    return sorted((n for n, s in sizes.items() if s < size), key=lambda n: -sizes[n])
 
 
 def _read_config(path: Path, model: str) -> dict:
@@ -223,16 +306,37 @@ def get_model_facts(
                             fix="Point at a model directory saved with save_pretrained.")
         return _facts(path.name, "local", _read_config(cfg_path, model))
     name = catalog_lookup(model)
-    hub = _hub_config(model if "/" in model else (CATALOG[name][0] if name else model))
+    hub_id = model if "/" in model else (CATALOG[name][0] if name else None)
+    hub = _hub_config(hub_id) if hub_id else None
     if hub is not None:
-        return _facts(model, "hub", hub)
+        return _identify(_facts(model, "hub", hub), model, name, hub_id)
     if name:
-        return _facts(name, "catalog", CATALOG[name][1])
+        return _identify(_facts(name, "catalog", CATALOG[name][1]), model, name, hub_id)
     close = difflib.get_close_matches(_key(model), list(_INDEX), n=5, cutoff=0.5)
     names = sorted({_INDEX[c] for c in close}) or sorted(CATALOG)[:8]
     raise UserError(f"unknown model '{model}' (no local config.json, hub not reachable, not in the "
                     f"catalog).", field="model",
                     fix=f"Use a local model directory or a catalog name, e.g. {', '.join(names)}.")
+
+
+def _identify(f: ModelFacts, model: str, name: str | None, hub_id: str | None) -> ModelFacts:
+    """ModelFacts with the exact hub id and variant, and a note whenever the id read differs from
+    the one given (never a silent swap)."""
+    f.hub_id = hub_id
+    if name is None:
+        return f
+    entry = _ENTRIES[name]
+    f.variant = entry.variant
+    renamed = renamed_hub_id(model)
+    if renamed:
+        f.notes.append(f"'{model}' was renamed '{renamed}' by its owner on the hub (the old id redirects).")
+    elif _key(model) in _SHORT:
+        f.notes.append(f"'{model}' is read as {name} ({entry.hub_id}, the {entry.variant} model); give the "
+                       "full name to choose another variant.")
+    elif "/" in model and model.lower() != entry.hub_id.lower() and f.source == "catalog":
+        f.notes.append(f"architecture numbers from the catalog's {name} ({entry.hub_id}); the hub id "
+                       f"'{model}' is kept as given.")
+    return f
 
 
 def catalog_names() -> list[str]:

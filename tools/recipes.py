@@ -460,11 +460,11 @@ def _check_files(cfg: dict, root: Path, a: _Analysis, method: str) -> None:
     elif _looks_like_path(model) and not _is_local_ref(model, root):
         E(f"model_name_or_path '{model}' looks like a local path but does not exist under {root}.")
     elif not _is_local_ref(str(model), root):
-        from .models import CATALOG, catalog_lookup
-        name = catalog_lookup(str(model))
-        if name and "/" in str(model) and CATALOG[name][0].lower() != str(model).lower():
-            N(f"model_name_or_path '{model}': the hub id is now '{CATALOG[name][0]}' (the hub redirects renamed "
-              "repos); needs network or a local copy at training time.")
+        from .models import renamed_hub_id
+        renamed = renamed_hub_id(str(model))
+        if renamed:
+            N(f"model_name_or_path '{model}': its owner renamed it '{renamed}' (the hub redirects the old id); "
+              "needs network or a local copy at training time.")
     if not cfg.get("output_dir"):
         W("output_dir is not set: the Trainer writes to ./trainer_output.")
     ds_name, mix = cfg.get("dataset_name"), cfg.get("datasets")
@@ -969,7 +969,7 @@ def generate_recipe(
     rate, schedule, warm-up and clipping follow the per-method defaults; precision, attention kernel
     and liger follow the hardware. The recipe is parsed by the installed TRL before it is written.
     Returns the paths, the YAML, launch commands, why each setting, and the memory estimate."""
-    from .models import CATALOG, catalog_lookup, get_model_facts
+    from .models import get_model_facts
     ws = get_workspace()
     facts = get_model_facts(model)
     if seq_len is None:
@@ -980,11 +980,8 @@ def generate_recipe(
 
     if facts.source == "local":
         model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
-    elif "/" in model:
-        model_ref = model.strip()
-    else:
-        name = catalog_lookup(model)
-        model_ref = CATALOG[name][0] if name else model.strip()
+    else:  # the exact repository: a hub id as given, a catalog name's own variant
+        model_ref = facts.hub_id or model.strip()
     ds_cfg, rows, use_test, ds_notes = _dataset_cfg(dataset, test_split)
     notes += ds_notes
     rows = dataset_rows or rows
