@@ -35,7 +35,6 @@ ALWAYS_ON_MAX_TOKENS = 142
 ON_INVOKE_MAX_TOKENS = 2400
 # The one validate warning the plugin files cannot fix: skills/llm-fine-tuning/SKILL.md is a
 # symlink to ../../SKILL.md, which `plugin validate` does not read.
-SKILL_SYMLINK = "1 component here was not read"
 LIGHT_TOOLS = {"detect_hardware", "estimate_memory", "recommend_method", "inspect_dataset",
                "launch_training", "merge_adapter", "evaluate"}
 
@@ -109,10 +108,6 @@ def test_plugin_validate_passes_without_warnings(tmp_path):
     assert not report["directory"]["findings"], report["directory"]  # icon, licence, README
     assert not report["advice"], report["advice"]  # the README has the install line
     warnings = [w for t in texts for w in _warnings(t)]
-    if warnings and all(SKILL_SYMLINK in w for w in warnings):
-        pytest.xfail("the only warning is skills/llm-fine-tuning/SKILL.md being a symlink, which "
-                     "plugin validate does not read; the fix is in skills/ (make that file the real "
-                     "one and the root SKILL.md the link), not in the plugin files")
     assert not warnings, texts
     assert all(t.rstrip().endswith("\u2714 Validation passed") for t in texts), texts
 

@@ -33,7 +33,10 @@ def test_skill_documents_every_tool_and_reference():
 def test_plugin_files():
     plugin = json.loads((REPO / ".claude-plugin" / "plugin.json").read_text())
     assert plugin["name"] == "llm-fine-tuning"
+    # The checkout's project config and the plugin's own entry start the same launcher.
     mcp = json.loads((REPO / ".mcp.json").read_text())
-    server = mcp["mcpServers"]["llm-fine-tuning"]
-    assert server["args"][:2] == ["-m", "server"]
+    assert mcp["mcpServers"]["llm-fine-tuning"]["args"] == ["server/launcher.py"]
+    assert plugin["mcpServers"]["llm-fine-tuning"]["args"] == ["${CLAUDE_PLUGIN_ROOT}/server/launcher.py"]
+    assert (REPO / "server" / "launcher.py").is_file()
+    assert not (REPO / "skills" / "llm-fine-tuning" / "SKILL.md").is_symlink()  # validate reads no links
     assert (REPO / "skills" / "llm-fine-tuning" / "SKILL.md").resolve() == (REPO / "SKILL.md").resolve()
