@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import math
 import re
 
 import pytest
@@ -148,3 +149,130 @@ def test_offload_is_the_last_resort_and_says_its_ram(ws):
     assert (best.method, best.sharding, best.cpu_offload) == ("spectrum", "zero3", False)
     small = recommend_method("Llama-3.1-70B", gpu_memory_gib=24, num_gpus=2)
     assert (small.method, small.sharding, small.cpu_offload) == ("qlora", "fsdp", True)
+
+
+# ----------------------------------------------------------------------------- schedule (issue 10)
+def _blocks(rows, tokens_per_row, seq_len=1024):
+    return math.ceil(rows * min(tokens_per_row, seq_len) / seq_len)
+
+
+def test_optimizer_steps_come_from_packed_blocks_and_the_global_batch(ws):
+    """215 rows packed into 1024-token blocks at a global batch of 16 gave ~6 optimizer steps and
+    nothing said so. The plan counts rows -> tokens -> blocks -> global batch -> steps x epochs,
+    and shrinks the batch / adds epochs for small data, saying what it changed."""
+    rec = recommend_method("Qwen2.5-7B-Instruct", gpu="RTX 4090", dataset_rows=215, avg_tokens_per_row=300)
+    s = rec.schedule
+    blocks = _blocks(215, 300)
+    assert s.sequences_per_epoch == blocks and s.tokens_per_epoch == 215 * 300
+    assert s.global_batch == rec.micro_batch * rec.gradient_accumulation_steps * 1 == rec.global_batch_sequences
+    per_epoch = math.ceil(math.ceil(blocks / rec.micro_batch) / rec.gradient_accumulation_steps)
+    assert s.optimizer_steps == math.ceil(s.epochs * per_epoch)
+    assert s.global_batch < 16 and s.epochs > 3  # the default (16, 3 epochs) gives 3 x ceil(63/16) = 12 steps
+    assert s.optimizer_steps >= 3 * math.ceil(blocks / 16) * 4
+    assert any(a.startswith("global batch 16 ->") for a in s.adjustments)
+    assert any(a.startswith("epochs 3 ->") for a in s.adjustments)
+    # the time estimate is for the run that will happen: its tokens times its epochs
+    assert rec.total_tokens == 215 * 300 * s.epochs
+    assert rec.training_hours == pytest.approx(rec.total_tokens / rec.tokens_per_second / 3600, abs=0.01)
+
+
+def test_too_few_optimizer_steps_warn_and_large_data_is_left_alone(ws):
+    rec = recommend_method("Qwen2.5-7B-Instruct", gpu="H100", num_gpus=8, dataset_rows=215, avg_tokens_per_row=300)
+    s = rec.schedule
+    assert s.optimizer_steps < 100 and s.global_batch == 8  # one sequence per GPU is the floor
+    warn = [w for w in rec.warnings if f"only {s.optimizer_steps} optimizer steps" in w]
+    assert warn and "fewer GPUs" in warn[0] and "packing off" in warn[0]
+    big = recommend_method("Llama-3.1-8B", gpu="RTX 4090", dataset_rows=100_000)
+    assert big.schedule.adjustments == [] and big.global_batch_sequences == 16
+    assert big.schedule.epochs == 1 and not any("optimizer steps" in w for w in big.warnings)
+    asked = recommend_method("Qwen2.5-7B-Instruct", gpu="RTX 4090", dataset_rows=215, avg_tokens_per_row=300,
+                             global_batch=16, epochs=1)  # what the caller gives is kept, and warned about
+    assert (asked.schedule.global_batch, asked.schedule.epochs, asked.schedule.adjustments) == (16, 1, [])
+    assert asked.schedule.optimizer_steps == math.ceil(_blocks(215, 300) / 16)
+    assert any("optimizer steps" in w for w in asked.warnings)
+
+
+def test_the_global_batch_written_is_the_target(ws):
+    """8 GPUs x micro-batch 8 x accumulation 1 is 64 sequences, not the documented 16: the
+    micro-batch is capped so that micro-batch x GPUs stays within the global batch."""
+    rec = recommend_method("Llama-3.1-8B", gpu="H100", num_gpus=8, dataset_rows=100_000)
+    assert rec.global_batch_sequences == rec.micro_batch * rec.gradient_accumulation_steps * 8 == 16
+    assert "= 16 sequences per optimizer step" in rec.reasons[1]
+    two = recommend_method("Llama-3.2-1B", gpu="H100", num_gpus=2, dataset_rows=100_000, global_batch=32)
+    assert two.global_batch_sequences == 32
+
+
+def test_epochs_follow_one_rule_for_the_plan_and_its_time(ws):
+    from tools.recommend import default_epochs
+    for rows, method in ((500, "qlora"), (5_000, "qlora"), (50_000, "qlora"), (500, "full")):
+        assert default_epochs(rows, method) == {500: 3, 5_000: 2, 50_000: 1}[rows] - (1 if method == "full" else 0)
+    a = recommend_method("Llama-3.1-8B", gpu="RTX 4090", dataset_rows=5_000)
+    b = recommend_method("Llama-3.1-8B", gpu="RTX 4090", dataset_rows=5_000, epochs=1)
+    assert a.schedule.epochs == 2 and a.training_hours == pytest.approx(2 * b.training_hours, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- plans that agree with themselves
+def test_the_goal_description_and_the_printed_order_agree(ws):
+    """The order each goal tries methods in is described once: the tool's `goal` description and
+    the order recommend_method prints (and uses) must say the same, on every kind of hardware."""
+    from mcp import Client
+    from server.app import create_server
+
+    async def schema():
+        async with Client(create_server()) as c:
+            return {t.name: t for t in (await c.list_tools()).tools}["recommend_method"].input_schema
+    desc = asyncio.run(schema())["properties"]["goal"]["description"]
+    quality = re.search(r"quality: [^:;]*: ([a-z >]+);", desc).group(1).split(" > ")
+    cost = re.search(r"cost: [^:;]*: ([a-z >]+)\.", desc).group(1).split(" > ")
+    tree = {when: first.split(" > ") for when, first in re.findall(
+        r"(several GPUs|one GPU of 44 GiB or more|one smaller GPU): ([a-z >]+)", desc)}
+    assert len(tree) == 3, desc
+    for gpu, n, when in (("RTX 4090", 1, "one smaller GPU"), ("H100", 1, "one GPU of 44 GiB or more"),
+                         ("H100", 8, "several GPUs")):
+        expect = {"quality": quality, "cost": cost,
+                  "balanced": tree[when] + [m for m in quality if m not in tree[when]]}
+        for goal, order in expect.items():
+            rec = recommend_method("Llama-3.2-1B", gpu=gpu, num_gpus=n, goal=goal)
+            assert rec.method_order == order, (gpu, n, goal)
+            assert " > ".join(order) in rec.reasons[0]
+
+
+def test_the_margin_covers_the_estimators_measured_error(ws):
+    """A plan at 87% of VRAM was recommended although the estimate is only good to ~9%: the
+    margin is that error, and it must cover what the estimator actually missed by."""
+    import json
+    from pathlib import Path
+    from tools.memory import FITS_FRACTION, estimate_memory
+    from tools.recommend import ESTIMATE_ERROR, MARGIN_FRACTION
+    cal = Path(__file__).parent / "fixtures" / "calibration" / "h100_sft_runs.jsonl"
+    shapes = {"llama-1b": "Llama-3.2-1B", "llama-3b": "Llama-3.2-3B", "llama-8b": "Llama-3.1-8B"}
+    worst = 0.0
+    for r in (json.loads(x) for x in cal.read_text().splitlines() if x.strip()):
+        e = estimate_memory(shapes[r["shape"]], method=r["method"], seq_len=r["seq"], micro_batch=r["bs"],
+                            packing=r["packing"], liger=r["liger"], gradient_checkpointing=r["gc"],
+                            optimizer="adamw_torch_fused", attn_implementation=r["attn"], gpu="H100",
+                            fp32_master_weights=False)
+        worst = max(worst, abs(e.peak_allocated_gib / r["peak_alloc_gib"] - 1))
+    assert worst <= ESTIMATE_ERROR and MARGIN_FRACTION == pytest.approx(FITS_FRACTION / (1 + ESTIMATE_ERROR))
+    rec = recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8, dataset_rows=280)
+    assert rec.fits_with_margin and rec.memory.total_gib <= MARGIN_FRACTION * rec.gpu_memory_gib
+    tight = [a for a in rec.alternatives if a.fits and "error" in (a.why_not or "")]
+    assert rec.method == "spectrum" and not tight  # a smaller micro-batch gives Spectrum its margin
+    # when nothing fits with margin the plan says so instead of calling it safe
+    edge = recommend_method("Llama-3.1-8B", gpu_memory_gib=8.6, allow_methods=["qlora"], micro_batch=1)
+    assert edge.memory.fits and edge.fits_with_margin is False
+    assert any("within the estimator's 9% error" in w for w in edge.warnings), edge.warnings
+
+
+def test_small_data_names_a_smaller_model_of_the_same_variant(ws):
+    """280 rows on a 70B: the plan for the 70B stays (the model is never swapped), but the
+    recommendation is the same family's largest model that suits the data and fits with margin."""
+    rec = recommend_method("Llama-3.3-70B-Instruct", gpu="H100", num_gpus=8, dataset_rows=280)
+    s = rec.smaller_model
+    assert rec.model == "Llama-3.3-70B-Instruct" and s is not None
+    assert (s.model, s.hub_id) == ("Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct")
+    assert s.total_gib <= 0.826 * 79.19 and rec.warnings[0] == s.why and "Recommended: Llama-3.1-8B-Instruct" in s.why
+    base = recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8, dataset_rows=280).smaller_model
+    assert base and base.model == "Llama-3.1-8B"  # a base model's sibling is a base model
+    assert recommend_method("Llama-3.1-70B", gpu="H100", num_gpus=8, dataset_rows=200_000).smaller_model is None
+    assert recommend_method("Llama-3.1-8B", gpu="RTX 4090", dataset_rows=280).smaller_model is None
