@@ -82,6 +82,24 @@ def explain(exc: BaseException, seen: dict | None = None) -> str | None:
     return None
 
 
+# The libraries of the training/eval extras: the light server (a fresh plugin install) has none.
+HEAVY_LIBRARIES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate",
+                   "bitsandbytes", "lm_eval", "deepspeed", "safetensors", "matplotlib")
+
+
+def _missing_extra(exc: BaseException) -> str | None:
+    """'not installed' with the one command that installs it, for a heavy library missing."""
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    top = (exc.name or "").split(".")[0]
+    if top not in HEAVY_LIBRARIES:
+        return None
+    command = os.environ.get("LLM_FT_INSTALL_COMMAND") or "make venv"
+    return (f"{top} is not installed in this server's Python (the light install runs the planning "
+            f"and data tools only). Fix: run `{command}` (it installs the training and evaluation "
+            "extras with progress), then call the tool again; no restart is needed for most tools.")
+
+
 def _to_tool_error(name: str, exc: BaseException, seen: dict | None = None) -> ToolError:
     if isinstance(exc, ToolError):
         return ToolError(short(str(exc), MAX_ERROR_CHARS))
@@ -90,6 +108,9 @@ def _to_tool_error(name: str, exc: BaseException, seen: dict | None = None) -> T
     known = explain(exc, seen)
     if known:
         return ToolError(known)
+    missing = _missing_extra(exc)
+    if missing:
+        return ToolError(missing)
     # Unanticipated: keep the server alive and still tell the agent what happened.
     log.exception("tool %s failed", name)
     return ToolError(f"{name} failed unexpectedly: {type(exc).__name__}: {short(exc)}. "

@@ -203,3 +203,14 @@ def test_oom_says_what_to_lower_and_the_retry_keeps_the_global_batch(gate_ws):
     new = yaml.safe_load((gate_ws.root / "oom.override.yaml").read_text())
     assert new["per_device_train_batch_size"] * new["gradient_accumulation_steps"] == 8
     assert yaml.safe_load((gate_ws.root / r).read_text())["per_device_train_batch_size"] == 4  # untouched
+
+
+def test_a_missing_training_library_names_the_install_command(monkeypatch):
+    """In the plugin's light venv torch & co are absent: say so and give the command."""
+    from server.common import _to_tool_error
+    monkeypatch.setenv("LLM_FT_INSTALL_COMMAND", "python3 /p/server/launcher.py --install train,eval")
+    err = _to_tool_error("spectrum_scan", ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert "torch is not installed" in str(err)
+    assert "python3 /p/server/launcher.py --install train,eval" in str(err)
+    other = _to_tool_error("x", ModuleNotFoundError("No module named 'foo'", name="foo"))
+    assert "failed unexpectedly" in str(other)  # an unknown module stays a bug report
