@@ -157,35 +157,45 @@ def test_bad_tool_call_arguments_are_a_named_problem(ws):
     assert [tool_turns(r)[0]["tool_calls"][0]["function"]["arguments"] for r in out] == [{"city": "Paris"}, {}]
 
 
+# (template, how a tool call and a tool result appear in the training text, what the trained
+# text starts with: Qwen3 writes an empty think block before the answer)
+TRAINING_TEMPLATES = [("qwen3", '<tool_call>\n{"name": ', "<tool_response>", "<think>"),
+                      ("llama3_1", '{"name": ', "<|start_header_id|>ipython<|end_header_id|>", "")]
+
+
 @pytest.mark.slow
-def test_converted_tool_calls_train_under_sft_trainer(ws, fixtures_dir, tmp_path):
+@pytest.mark.parametrize("template,call,result,trained_start", TRAINING_TEMPLATES,
+                         ids=[t[0] for t in TRAINING_TEMPLATES])
+def test_converted_tool_calls_train_under_sft_trainer(ws, fixtures_dir, tmp_path, template, call,
+                                                      result, trained_start):
     from datasets import load_dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from tools.tiny import build_tiny_model
-    # the tiny byte-level Llama with TRL's Qwen3 template (tool-capable); rows with tool schemas
-    # run to ~1,500 bytes, so the model gets 2,048 positions
-    model_dir = build_tiny_model(ws.root / "models" / "tiny-tools", max_position_embeddings=2048)
-    (model_dir / "chat_template.jinja").write_text(trl_template("qwen3"), encoding="utf-8")
+    # the tiny byte-level Llama with a tool-capable TRL template; rows with tool schemas run to
+    # ~1,500 bytes (Qwen3) and ~3,000 (Llama 3.1 writes the schemas and a date header), so the
+    # model gets 4,096 positions
+    model_dir = build_tiny_model(ws.root / "models" / "tiny-tools", max_position_embeddings=4096)
+    (model_dir / "chat_template.jinja").write_text(trl_template(template), encoding="utf-8")
     path = put(ws, fixtures_dir, TOOL_USE)
-    rep = convert_dataset(path, "sft", tokenizer="models/tiny-tools", max_length=2048, test_size=4)
+    rep = convert_dataset(path, "sft", tokenizer="models/tiny-tools", max_length=4096, test_size=4)
     assert rep.counts.converted + rep.counts.skipped == 40
     assert "template_error" not in kinds(rep.skipped) and rep.counts.train >= 20
     ds = load_dataset(str(ws.root / "sft"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
-                     use_cpu=True, report_to="none", max_length=2048, save_strategy="no",
+                     use_cpu=True, report_to="none", max_length=4096, save_strategy="no",
                      bf16=False, logging_steps=1)
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=ds["train"], processing_class=tok)
     assert len(trainer.train_dataset) == rep.counts.train  # no row lost in TRL's preparation
     row = trainer.train_dataset[0]
     text = tok.decode(row["input_ids"])
-    assert "<tool_call>\n{\"name\": " in text and "<tool_response>" in text
+    assert call in text and result in text
     trained = tok.decode([t for t in row["labels"] if t != -100])
-    # only the final answer is trained (Qwen3 writes an empty think block before it)
-    assert trained.startswith("<think>") and row["completion"][0]["content"] in trained
-    assert "<tool_call>" not in trained
+    # only the final answer is trained
+    assert trained.startswith(trained_start) and row["completion"][0]["content"] in trained
+    assert call not in trained
     assert trainer.train().global_step == 3
 
 
