@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -431,6 +432,20 @@ def test_a_template_trl_ships_is_copied_and_set_as_chat_template_path(ws):
 
 
 # ----------------------------------------------------------------------------- issue 10 (support tickets)
+def _tickets(ws, rows=215) -> str:
+    """Support-ticket chats of ~950 characters (~240 tokens at ~4 characters a token) each."""
+    d = ws.root / "data" / "tickets"
+    d.mkdir(parents=True)
+    ask = "My order #{i} has not arrived and the tracking page shows no update since Monday. " * 4
+    reply = ("Thanks for reaching out about order #{i}. I checked with the carrier and the parcel is at the "
+             "regional depot; it will be delivered within two working days. ") * 4
+    with (d / "train.jsonl").open("w") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": ask.format(i=i)},
+                                              {"role": "assistant", "content": reply.format(i=i)}]}) + "\n")
+    return "data/tickets"
+
+
 @pytest.mark.parametrize("given, written", [
     ("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"), ("Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
     ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"), ("gemma-2-9b-it", "google/gemma-2-9b-it"),
@@ -451,3 +466,51 @@ def test_a_renamed_repository_is_said_by_validate_recipe(ws):
     v = validate_recipe("model_name_or_path: meta-llama/Meta-Llama-3.1-8B-Instruct\ndataset_name: org/ds\n"
                         "output_dir: o\n")
     assert any("renamed it 'meta-llama/Llama-3.1-8B-Instruct'" in n for n in v.notes), v.notes
+
+
+def test_the_written_schedule_is_the_plans_and_counts_packed_blocks(ws, gpu_like):
+    """215 rows, packed, at a global batch of 16 gave ~6 optimizer steps; recommend_method timed 1
+    epoch while the recipe wrote 3. One rule now: rows -> tokens -> packed blocks -> global batch
+    -> steps x epochs, adjusted for small data, the same in the plan and in the recipe."""
+    ds = _tickets(ws)
+    r = generate_recipe("Qwen2.5-7B-Instruct", ds, gpu="RTX 4090")
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    s, plan = r.schedule, r.plan
+    mb, ga = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    assert cfg["num_train_epochs"] == s.epochs == plan.schedule.epochs
+    assert mb * ga == s.global_batch == plan.global_batch_sequences
+    text = sum(len(m["content"]) for line in (ws.root / ds / "train.jsonl").read_text().splitlines()
+               for m in json.loads(line)["messages"])
+    assert s.tokens_per_epoch == pytest.approx(text / 4 + 215 * 2 * 5, rel=0.02)  # ~4 characters a token
+    blocks = math.ceil(s.tokens_per_epoch / cfg["max_length"])
+    assert s.sequences_per_epoch == blocks
+    assert s.optimizer_steps == math.ceil(s.epochs * math.ceil(math.ceil(blocks / mb) / ga))
+    assert s.global_batch < 16 and s.epochs > 3 and s.optimizer_steps > 3 * math.ceil(blocks / 16)
+    assert "Changed: global batch 16 ->" in r.settings_explained["gradient_accumulation_steps"]
+    assert plan.total_tokens == s.tokens_per_epoch * s.epochs  # the time estimate is for this run
+    # what an override leaves is counted and said
+    o = generate_recipe("Qwen2.5-7B-Instruct", ds, gpu="RTX 4090", output_path="recipes/o.yaml",
+                        overrides={"gradient_accumulation_steps": 16, "num_train_epochs": 1})
+    assert o.schedule.global_batch == 16 * mb and o.schedule.optimizer_steps == math.ceil(math.ceil(blocks / mb) / 16)
+    assert any(f"only {o.schedule.optimizer_steps} optimizer steps" in w for w in o.warnings), o.warnings
+    # a measured token count replaces the estimate
+    t = generate_recipe("Qwen2.5-7B-Instruct", ds, gpu="RTX 4090", output_path="recipes/t.yaml",
+                        dataset_tokens=215 * 1024)
+    assert t.schedule.sequences_per_epoch == 215
+
+
+def test_spectrum_without_local_weights_names_a_method_that_needs_none(ws, gpu_like):
+    """A 70B on 8x H100 plans Spectrum, which reads the weights first (spectrum_scan); without them
+    the error said nothing of LoRA, which would not need them."""
+    import re
+    ds = _tickets(ws, rows=280)
+    with pytest.raises(UserError) as e:
+        generate_recipe("Llama-3.3-70B-Instruct", ds, gpu="H100", num_gpus=8)
+    msg = str(e.value)
+    assert e.value.field == "model" and "Spectrum reads the model's weights" in msg and "hf download" in msg
+    other = re.search(r"method='(\w+)' \(fits", msg)
+    assert other and other.group(1) != "spectrum", msg
+    r = generate_recipe("Llama-3.3-70B-Instruct", ds, gpu="H100", num_gpus=8, method=other.group(1))
+    assert r.fits is True and r.method == other.group(1)
+    assert r.plan.smaller_model and r.plan.smaller_model.model == "Llama-3.1-8B-Instruct"
+    assert r.warnings[0] == r.plan.smaller_model.why

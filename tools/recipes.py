@@ -8,6 +8,7 @@ or relative to the workspace root. Background and every field: references/recipe
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field
 from . import chat_templates
 from .errors import UserError
 from .memory import MemoryEstimate
-from .recommend import Recommendation
+from .recommend import DataSize, Recommendation, Schedule, data_size, plan_schedule, schedule_from
 from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSummary, Change, UnknownKey,
                              dump_yaml, end_of_turn_token, has_generation_markers, has_module, migrate,
                              read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
@@ -71,6 +72,8 @@ class RecipeResult(BaseModel):
     target: str
     settings_explained: dict[str, str] = Field(description="why each chosen value.")
     plan: Optional[Recommendation] = Field(None, description="recommend_method's plan the layout came from.")
+    schedule: Optional[Schedule] = Field(None, description="the optimizer steps the recipe as written takes "
+                                                          "(overrides included), and what small data changed.")
     memory: Optional[MemoryEstimate] = Field(None, description="estimate_memory for the recipe as written.")
     fits: Optional[bool] = None
     spectrum_config_path: Optional[str] = None
@@ -707,67 +710,129 @@ def _count_rows(path: Path) -> Optional[int]:
     return n
 
 
-def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> tuple[dict, Optional[int], bool, list[str]]:
+# Tokens per epoch estimated from the training file's text when no count is given: English text
+# in the Llama-3 / Qwen2.5 / Gemma BPE vocabularies averages ~4 characters per token, and a chat
+# template adds ~5 tokens per message (role header and end-of-turn markers, e.g. ChatML's
+# "<|im_start|>assistant\n ... <|im_end|>\n"). The first rows stand for the rest.
+CHARS_PER_TOKEN = 4.0
+TEMPLATE_TOKENS_PER_MESSAGE = 5
+TOKEN_SAMPLE_ROWS = 2000
+
+
+@dataclass
+class _Dataset:
+    cfg: dict
+    rows: Optional[int]
+    train_file: Optional[Path]
+    use_test: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _text_size(value: Any) -> tuple[int, int]:
+    """(characters of text, chat messages) in one JSON row."""
+    if isinstance(value, str):
+        return len(value), 0
+    if isinstance(value, list):
+        parts = [_text_size(v) for v in value]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(value, dict):
+        parts = [_text_size(v) for k, v in value.items() if k != "role"]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts) + (1 if "role" in value else 0)
+    return 0, 0
+
+
+def _estimate_tokens(path: Optional[Path], rows: Optional[int], seq_len: int) -> Optional[int]:
+    """Training tokens per epoch from the text of the first rows of a JSONL file (each row cut
+    at seq_len, as TRL truncates), scaled to `rows`; None when it cannot be read."""
+    if path is None or not rows or path.suffix.lower() != ".jsonl":
+        return None
+    per_row: list[int] = []
+    with path.open("rb") as fh:
+        for line in fh:
+            try:
+                chars, messages = _text_size(json.loads(line)) if line.strip() else (0, -1)
+            except ValueError:
+                continue
+            if messages >= 0:
+                per_row.append(min(seq_len, math.ceil(chars / CHARS_PER_TOKEN)
+                                   + TEMPLATE_TOKENS_PER_MESSAGE * max(1, messages)))
+            if len(per_row) >= TOKEN_SAMPLE_ROWS:
+                break
+    return round(sum(per_row) / len(per_row) * rows) if per_row else None
+
+
+def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> _Dataset:
     ws = get_workspace()
-    notes: list[str] = []
     check_path_text(dataset, "dataset")
     p = Path(dataset)
     local = p if p.is_absolute() else ws.root / p
     if local.exists():
         path = ws.resolve(dataset, field="dataset", must_exist=True)
-        rel = ws.rel(path)
-        if path.is_dir():
-            files = {f.name: f for f in path.iterdir() if f.is_file()}
-            train = next((files[n] for n in ("train.jsonl", "train.json", "train.parquet", "train.csv")
-                          if n in files), None)
-            if train is None:
-                raise UserError(f"'{dataset}' has no train.jsonl.", field="dataset",
-                                fix="Point at the output directory of convert_dataset (train.jsonl and "
-                                    "optionally test.jsonl), or at a .jsonl file.")
-            test = next((files[n] for n in ("test.jsonl", "test.json", "test.parquet", "test.csv")
-                         if n in files), None)
-            if test_split and test is None:
-                raise UserError(f"'{dataset}' has no test split (test.jsonl).", field="test_split",
-                                fix="Run convert_dataset with a test split, or pass test_split=false.")
-            use_test = bool(test) if test_split is None else bool(test_split)
-            cfg = {"dataset_name": rel, "dataset_train_split": "train"}
-            if use_test:
-                cfg["dataset_test_split"] = "test"
-            return cfg, _count_rows(train), use_test, notes
-        ext = path.suffix.lower().lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise UserError(f"'{dataset}' is not a .jsonl/.json/.csv/.parquet file.", field="dataset",
-                            fix="Convert it with convert_dataset and pass the output directory.")
-        cfg = {"datasets": [{"path": builder, "data_files": rel, "split": "train"}]}
-        use_test = bool(test_split)
-        if use_test:
-            cfg["test_split_size"] = 0.05
-            notes.append("test split: 5% of the file is held out at load time (test_split_size: 0.05).")
-        return cfg, _count_rows(path), use_test, notes
+        return _local_dataset_dir(dataset, path, test_split) if path.is_dir() else \
+            _local_dataset_file(dataset, path, test_split)
     # "owner/name" is a hub id unless "owner" is a folder of the workspace (a mistyped local path).
     if "/" in dataset and not _looks_like_path(dataset) and not (ws.root / dataset.split("/")[0]).is_dir():
-        notes.append(f"dataset '{dataset}' is read from the hub at training time (network needed); check its "
-                     "format with inspect_dataset and convert it locally when possible.")
         cfg = {"dataset_name": dataset, "dataset_train_split": "train"}
         if test_split:
             cfg["dataset_test_split"] = "test"
-        return cfg, None, bool(test_split), notes
+        return _Dataset(cfg, None, None, bool(test_split), [
+            f"dataset '{dataset}' is read from the hub at training time (network needed); check its format "
+            "with inspect_dataset and convert it locally when possible."])
     raise UserError(f"'{dataset}' does not exist in the workspace.", field="dataset",
                     fix="Give the convert_dataset output directory (with train.jsonl) or a .jsonl file.")
 
 
-def _default_epochs(rows: Optional[int], method: str) -> float:
-    e = 1.0 if rows is None else 3.0 if rows < 1000 else 2.0 if rows < 10000 else 1.0
-    return min(e, 2.0) if method == "full" else e
+def _local_dataset_dir(dataset: str, path: Path, test_split: Optional[bool]) -> _Dataset:
+    files = {f.name: f for f in path.iterdir() if f.is_file()}
+    train = next((files[n] for n in ("train.jsonl", "train.json", "train.parquet", "train.csv") if n in files), None)
+    if train is None:
+        raise UserError(f"'{dataset}' has no train.jsonl.", field="dataset",
+                        fix="Point at the output directory of convert_dataset (train.jsonl and "
+                            "optionally test.jsonl), or at a .jsonl file.")
+    test = next((files[n] for n in ("test.jsonl", "test.json", "test.parquet", "test.csv") if n in files), None)
+    if test_split and test is None:
+        raise UserError(f"'{dataset}' has no test split (test.jsonl).", field="test_split",
+                        fix="Run convert_dataset with a test split, or pass test_split=false.")
+    use_test = bool(test) if test_split is None else bool(test_split)
+    cfg = {"dataset_name": get_workspace().rel(path), "dataset_train_split": "train"}
+    if use_test:
+        cfg["dataset_test_split"] = "test"
+    return _Dataset(cfg, _count_rows(train), train, use_test)
 
 
-def _plan(model: str, method: str, t: Target, rows: Optional[int], seq_len: int, epochs: float,
-          warnings_: list[str], modules_to_save: Optional[list[str]] = None):
+def _local_dataset_file(dataset: str, path: Path, test_split: Optional[bool]) -> _Dataset:
+    ext = path.suffix.lower().lstrip(".")
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+    if builder is None:
+        raise UserError(f"'{dataset}' is not a .jsonl/.json/.csv/.parquet file.", field="dataset",
+                        fix="Convert it with convert_dataset and pass the output directory.")
+    ds = _Dataset({"datasets": [{"path": builder, "data_files": get_workspace().rel(path), "split": "train"}]},
+                  _count_rows(path), path, bool(test_split))
+    if ds.use_test:
+        ds.cfg["test_split_size"] = 0.05
+        ds.notes.append("test split: 5% of the file is held out at load time (test_split_size: 0.05).")
+    return ds
+
+
+def _data_size(ds: _Dataset, rows: Optional[int], tokens: Optional[int], seq_len: int, notes: list[str]) -> DataSize:
+    """Rows and tokens per epoch: as given, else counted in the file and estimated from its text."""
+    rows = rows or ds.rows
+    if tokens is None:
+        tokens = _estimate_tokens(ds.train_file, rows, seq_len)
+        if tokens:
+            notes.append(f"~{tokens:,} training tokens per epoch ({tokens / rows:.0f} per row), estimated from the "
+                         f"text at ~{CHARS_PER_TOKEN:g} characters per token; pass dataset_tokens (inspect_dataset's "
+                         "token_lengths mean x rows) for the exact count.")
+    return data_size(rows, tokens, 512, seq_len)
+
+
+def _plan(model: str, method: str, t: Target, data: DataSize, seq_len: int, epochs: Optional[float],
+          warnings_: list[str], modules_to_save: Optional[list[str]] = None) -> Optional[Recommendation]:
     """recommend_method's layout, restricted to `method` unless auto; None when it has none.
     modules_to_save: what a new chat template makes LoRA/QLoRA train in full (its memory counts)."""
     from .recommend import recommend_method
-    kw = dict(dataset_rows=rows, seq_len=seq_len, epochs=epochs, modules_to_save=modules_to_save)
+    kw = dict(dataset_rows=data.rows, dataset_tokens=data.tokens, seq_len=seq_len, epochs=epochs,
+              modules_to_save=modules_to_save)
     if t.described:
         kw.update(gpu=None, gpu_memory_gib=t.gpu_memory_gib, num_gpus=t.num_gpus)
         from .memory import find_gpu
@@ -789,6 +854,53 @@ def _plan(model: str, method: str, t: Target, rows: Optional[int], seq_len: int,
         warnings_.append(f"recommend_method found no layout for {method} here ({exc}); using micro-batch 1 "
                          "with checkpointing. Check the memory estimate below.")
         return None
+
+
+@dataclass
+class _Layout:
+    """The batch layout and schedule a recipe is written with, and the plan behind them."""
+    method: str
+    micro_batch: int
+    checkpointing: bool
+    sharding: str
+    offload: bool
+    optim: str
+    packing: bool
+    schedule: Schedule
+    world: int
+    plan: Optional[Recommendation]
+
+
+def _layout(model: str, method: str, t: Target, data: DataSize, seq_len: int, epochs: Optional[float],
+            new_template: bool, warns: list[str], notes: list[str], why: dict[str, str]) -> _Layout:
+    """The plan's layout and schedule, or for a method it has none for, micro-batch 1 with the
+    same schedule rule."""
+    rec = _plan(model, method, t, data, seq_len, epochs, warns,
+                modules_to_save=["lm_head", "embed_tokens"] if new_template else None)
+    chosen: str = rec.method if rec else method
+    world = 1 if t.kind == "cpu" else max(1, t.num_gpus)
+    if rec is None:
+        why["method"] = f"{chosen}: asked for."
+        return _Layout(chosen, 1, t.kind != "cpu", "zero3" if t.num_gpus > 1 and chosen in ("full", "spectrum")
+                       else "none", False, "adamw_torch" if t.kind == "cpu" else "adamw_torch_fused", True,
+                       plan_schedule(data, seq_len, True, chosen, 1, world, epochs=epochs), world, None)
+    why["method"] = (f"{chosen}: " + rec.reasons[0]) if method == "auto" else f"{chosen}: asked for."
+    why["per_device_train_batch_size"] = rec.reasons[1] if len(rec.reasons) > 1 else ""
+    mem_notes, steps_said = set(rec.memory.notes), set(rec.schedule.warnings)  # the final schedule says its own
+    warns += [w for w in rec.warnings if "flash-attn" not in w and "liger" not in w
+              and w not in mem_notes and w not in steps_said]
+    notes += [n for n in rec.warnings if n in mem_notes]
+    optim = "adamw_torch" if t.kind == "cpu" else rec.optimizer
+    return _Layout(chosen, rec.micro_batch, rec.gradient_checkpointing, rec.sharding, rec.cpu_offload, optim,
+                   rec.packing, rec.schedule, world, rec)
+
+
+def _final_schedule(cfg: dict, data: DataSize, lay: _Layout) -> Schedule:
+    """The schedule of the recipe as written (overrides included): the steps the run will take."""
+    return schedule_from(data, int(cfg.get("max_length") or 1024), bool(cfg.get("packing")),
+                         int(_eff(cfg, "per_device_train_batch_size")), int(_eff(cfg, "gradient_accumulation_steps")),
+                         lay.world, float(_eff(cfg, "num_train_epochs")), max_steps=_eff(cfg, "max_steps"),
+                         adjustments=lay.schedule.adjustments)
 
 
 def _put_yaml_key(txt: str, key: str, value: str) -> str:
@@ -940,6 +1052,9 @@ def generate_recipe(
     gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="Target VRAM per GPU in GiB.")] = None,
     num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs to train on.")] = None,
     dataset_rows: Annotated[Optional[int], Field(ge=1, description="Training rows (default: counted).")] = None,
+    dataset_tokens: Annotated[Optional[int], Field(ge=1, description=(
+        "Training tokens per epoch, e.g. inspect_dataset's token_lengths mean x rows (default: estimated "
+        "from the file's text at ~4 characters per token)."))] = None,
     seq_len: Annotated[Optional[int], Field(ge=16, description="max_length, tokens per sequence / packed block "
                                                                "(default 1024, capped at the model's "
                                                                "context).")] = None,
@@ -948,8 +1063,9 @@ def generate_recipe(
                     "train with, e.g. the Instruct model's; LoRA/QLoRA then also train embed_tokens and lm_head (modules_to_save).")] = None,
     spectrum_config: Annotated[Optional[str], Field(
         description="Spectrum YAML from spectrum_scan (method spectrum; scanned automatically if omitted).")] = None,
-    epochs: Annotated[Optional[float], Field(gt=0, description="num_train_epochs (default from the dataset "
-                                                               "size: 3 under 1k rows, 2 under 10k, else 1).")] = None,
+    epochs: Annotated[Optional[float], Field(gt=0, description=(
+        "num_train_epochs (default from the dataset size: 3 under 1k rows, 2 under 10k, else 1, full at most "
+        "2; raised for small data to reach enough optimizer steps, as recommend_method does)."))] = None,
     test_split: Annotated[Optional[bool], Field(
         description="Evaluate on the test split during training (default: when the dataset has one).")] = None,
     overrides: Annotated[Optional[dict[str, Any]], Field(
@@ -964,69 +1080,77 @@ def generate_recipe(
 ) -> RecipeResult:
     """Write a TRL recipe (flat YAML for `python -m tools.train` / `trl sft`) plus the matching
     accelerate config (single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA, CPU) for a model
-    and a converted dataset. Method, micro-batch, gradient accumulation, checkpointing and sharding
-    come from recommend_method (method=auto) or fill the layout of the method asked for; learning
+    and a converted dataset. Method, micro-batch, gradient accumulation, checkpointing, sharding and the
+    schedule (epochs, global batch, optimizer steps; adjusted for small data by the rule recommend_method
+    uses) come from recommend_method (method=auto) or fill the layout of the method asked for; learning
     rate, schedule, warm-up and clipping follow the per-method defaults; precision, attention kernel
     and liger follow the hardware. The recipe is parsed by the installed TRL before it is written.
-    Returns the paths, the YAML, launch commands, why each setting, and the memory estimate."""
+    Returns the paths, the YAML, launch commands, why each setting, the optimizer steps the run will
+    take, and the memory estimate."""
     from .models import get_model_facts
     ws = get_workspace()
     facts = get_model_facts(model)
-    if seq_len is None:
-        seq_len = min(1024, facts.max_position_embeddings or 1024)
+    seq_len = seq_len or min(1024, facts.max_position_embeddings or 1024)
     warns: list[str] = []
     notes: list[str] = []
     why: dict[str, str] = {}
-
     if facts.source == "local":
         model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
     else:  # the exact repository: a hub id as given, a catalog name's own variant
         model_ref = facts.hub_id or model.strip()
-    ds_cfg, rows, use_test, ds_notes = _dataset_cfg(dataset, test_split)
-    notes += ds_notes
-    rows = dataset_rows or rows
-    nodes = num_nodes or 1
-    per_node = num_gpus
-    if nodes > 1:  # plan for every GPU of every node: sharding and the global batch span them all
-        if not (gpu or gpu_memory_gib):
-            raise UserError("a multi-node recipe needs the GPUs described.", field="gpu",
-                            fix="Pass gpu= (e.g. 'H100') and num_gpus= (GPUs per node).")
-        per_node = num_gpus or 1
-        num_gpus = per_node * nodes
+    ds = _dataset_cfg(dataset, test_split)
+    notes += ds.notes
+    data = _data_size(ds, dataset_rows, dataset_tokens, seq_len, notes)
+    nodes, per_node, num_gpus = _nodes(num_nodes, num_gpus, gpu, gpu_memory_gib)
     t = _target(gpu, gpu_memory_gib, num_gpus)
     if t.kind == "cpu" and num_gpus and num_gpus > 1:
         raise UserError("no GPU here and none described.", field="num_gpus",
                         fix="Describe the GPUs (gpu=..., num_gpus=...) or drop num_gpus.")
+    lay = _layout(model, method, t, data, seq_len, epochs, bool(chat_template), warns, notes, why)
+    cfg: dict[str, Any] = {"model_name_or_path": model_ref}
+    dtype_name, mixed = _precision_keys(cfg, why, t, lay.method)
+    spectrum_rel = _method_keys(cfg, why, warns, notes, model, lay, spectrum_config, dtype_name)
+    cfg.update(ds.cfg)
+    cfg["max_length"] = seq_len
+    cfg["packing"] = bool(lay.packing)
+    why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
+                      "packing so completion/assistant masks survive.")
+    _chat_template_keys(cfg, why, warns, notes, chat_template, lay.method, facts.tie_word_embeddings)
+    _training_keys(cfg, why, notes, t, lay, epochs, ds.use_test)
+    name = f"{_slug(model_ref)}-{lay.method}"
+    if output_dir:
+        ws.resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
+    cfg["output_dir"] = output_dir or f"runs-out/{name}"
+    chosen = lay.method
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, notes)
+        chosen = infer_method(cfg)
+    final = _final_schedule(cfg, data, lay)
+    warns += final.warnings
+    w = _write_recipe(cfg, t, lay, chosen, name, output_path, f"{model_ref} on {dataset}", nodes, per_node,
+                      main_process_ip, bool(overrides), mixed, warns, notes)
+    return RecipeResult(
+        recipe_path=w.recipe_path, accelerate_config_path=w.accelerate_config_path, method=chosen, yaml=w.yaml,
+        launch_commands=w.launch_commands, target=t.description,
+        settings_explained={k: v for k, v in why.items() if v}, plan=lay.plan, schedule=final, memory=w.memory,
+        fits=w.fits, spectrum_config_path=spectrum_rel, dataset_rows=data.rows, warnings=warns, notes=notes)
 
-    ep_method = method if method != "auto" else "lora"
-    ep = epochs or _default_epochs(rows, ep_method)
-    rec = _plan(model, method, t, rows, seq_len, ep, warns,
-                modules_to_save=["lm_head", "embed_tokens"] if chat_template else None)
-    chosen: str = rec.method if rec else method
-    if epochs is None:
-        ep = _default_epochs(rows, chosen)
-    if rec:
-        mb, ga, gc = rec.micro_batch, rec.gradient_accumulation_steps, rec.gradient_checkpointing
-        sharding, offload, optim = rec.sharding, rec.cpu_offload, rec.optimizer
-        packing = rec.packing
-        why["method"] = (f"{chosen}: " + rec.reasons[0]) if method == "auto" else f"{chosen}: asked for."
-        why["per_device_train_batch_size"] = rec.reasons[1] if len(rec.reasons) > 1 else ""
-        mem_notes = set(rec.memory.notes)
-        warns += [w for w in rec.warnings if "flash-attn" not in w and "liger" not in w and w not in mem_notes]
-        notes += [n for n in rec.warnings if n in mem_notes]
-    else:
-        mb, gc, packing = 1, t.kind != "cpu", True
-        ga = max(1, math.ceil(16 / max(1, t.num_gpus)))
-        sharding = "zero3" if t.num_gpus > 1 and chosen in ("full", "spectrum") else "none"
-        offload, optim = False, "adamw_torch" if t.kind == "cpu" else "adamw_torch_fused"
-        why["method"] = f"{chosen}: asked for."
-    if t.kind == "cpu":
-        optim, gc = "adamw_torch", False if rec is None else gc
 
-    d = METHOD_DEFAULTS[chosen]
-    cfg: dict[str, Any] = {}
-    cfg["model_name_or_path"] = model_ref
-    # precision
+def _nodes(num_nodes: Optional[int], num_gpus: Optional[int], gpu: Optional[str],
+           gpu_memory_gib: Optional[float]) -> tuple[int, Optional[int], Optional[int]]:
+    """(nodes, GPUs per node, GPUs in all): a multi-node plan spans every GPU of every node."""
+    nodes = num_nodes or 1
+    if nodes == 1:
+        return 1, num_gpus, num_gpus
+    if not (gpu or gpu_memory_gib):
+        raise UserError("a multi-node recipe needs the GPUs described.", field="gpu",
+                        fix="Pass gpu= (e.g. 'H100') and num_gpus= (GPUs per node).")
+    per_node = num_gpus or 1
+    return nodes, per_node, per_node * nodes
+
+
+def _precision_keys(cfg: dict, why: dict, t: Target, method: str) -> tuple[str, str]:
+    """dtype and attention for the target; returns (dtype name, accelerate mixed precision)."""
     if t.kind == "cpu":
         dtype_name, mixed = "float32", "no"
         why["dtype"] = "CPU: fp32 weights and compute (use_cpu: true, bf16: false)."
@@ -1034,161 +1158,186 @@ def generate_recipe(
         dtype_name, mixed = "bfloat16", "bf16"
         why["dtype"] = f"{t.gpu_name} supports bf16: bf16 weights and mixed precision." + (
             " tools.train keeps the trained weights in fp32 (master weights; bf16 AdamW steps would round "
-            "most updates away) unless DeepSpeed/FSDP, which keep their own." if chosen in ("full", "spectrum")
+            "most updates away) unless DeepSpeed/FSDP, which keep their own." if method in ("full", "spectrum")
             else "")
     else:
-        dtype_name = "float16" if chosen in ("lora", "qlora") else "float32"
+        dtype_name = "float16" if method in ("lora", "qlora") else "float32"
         mixed = "fp16"
         why["dtype"] = (f"{t.gpu_name} has no bf16: fp16 mixed precision; "
                         + ("frozen base in fp16." if dtype_name == "float16" else
                            "fp32 master weights (AMP cannot unscale fp16 gradients)."))
     cfg["dtype"] = dtype_name
     cfg["attn_implementation"], why["attn_implementation"] = _attention(t)
-    # method
-    spectrum_rel = None
-    if chosen in ("lora", "qlora"):
+    return dtype_name, mixed
+
+
+def _method_keys(cfg: dict, why: dict, warns: list[str], notes: list[str], model: str, lay: _Layout,
+                 spectrum_config: Optional[str], dtype_name: str) -> Optional[str]:
+    """LoRA/QLoRA or Spectrum keys; returns the Spectrum YAML written into the recipe, if any."""
+    if lay.method in ("lora", "qlora"):
         cfg["use_peft"] = True
-        if chosen == "qlora":
+        if lay.method == "qlora":
             cfg["load_in_4bit"] = True
             cfg["bnb_4bit_quant_type"] = "nf4"
             cfg["use_bnb_nested_quant"] = True
             why["load_in_4bit"] = "QLoRA: NF4 4-bit base with double quantization; compute in dtype."
-            if sharding in ("fsdp", "zero3"):
+            if lay.sharding in ("fsdp", "zero3"):
                 cfg["bnb_4bit_quant_storage"] = dtype_name
-                why["bnb_4bit_quant_storage"] = (f"{sharding.upper()} can shard the 4-bit weights only when "
+                why["bnb_4bit_quant_storage"] = (f"{lay.sharding.upper()} can shard the 4-bit weights only when "
                                                  "they are stored in the same float dtype as the rest.")
         cfg["lora_r"] = 16
         cfg["lora_alpha"] = 16
         cfg["lora_dropout"] = 0.05
         cfg["lora_target_modules"] = "all-linear"
         why["lora_r"] = "r 16, alpha 16 (scale 1), dropout 0.05 on every linear layer of the decoder."
-    elif chosen == "spectrum":
-        spectrum_rel = _spectrum_file(model, spectrum_config, notes)
+        return None
+    if lay.method == "spectrum":
+        spectrum_rel = _spectrum_file(model, spectrum_config, notes, lay.plan)
         cfg[SPECTRUM_KEY] = spectrum_rel
         why[SPECTRUM_KEY] = "Spectrum: train only the layers spectrum_scan selected (highest SNR per type)."
-    elif spectrum_config:
+        return spectrum_rel
+    if spectrum_config:
         warns.append("spectrum_config is ignored: the method is not spectrum.")
-    # data
-    cfg.update(ds_cfg)
-    cfg["max_length"] = seq_len
-    cfg["packing"] = bool(packing)
-    why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
-                      "packing so completion/assistant masks survive.")
+    return None
+
+
+def _chat_template_keys(cfg: dict, why: dict, warns: list[str], notes: list[str], chat_template: Optional[str],
+                        method: str, tied: bool) -> None:
+    """chat_template_path, the EOS it ends turns with, and what LoRA must train fully with it."""
+    ws = get_workspace()
     if chat_template and chat_templates.is_ref(chat_template):
         chat_template = chat_templates.materialize(chat_template, field="chat_template")
-    if chat_template:
-        ct_path = _is_local_ref(chat_template, ws.root)
-        if ct_path is not None:
-            ct_path = ws.resolve(chat_template, field="chat_template", must_exist=True)
-            cfg["chat_template_path"] = ws.rel(ct_path)
-            text, _ = template_text(str(ct_path), ws.root)
-        elif "/" in chat_template and not _looks_like_path(chat_template):
-            cfg["chat_template_path"] = chat_template
-            text = None
-            notes.append(f"chat_template '{chat_template}' is a hub tokenizer: TRL clones its template at "
-                         "training time (network needed).")
-        else:
-            raise UserError(f"'{chat_template}' does not exist in the workspace.", field="chat_template",
-                            fix="Give a .jinja file or a tokenizer directory in the workspace.")
-        eot = end_of_turn_token(text) if text else None
-        if eot:
-            cfg["eos_token"] = eot
-            why["eos_token"] = f"the template ends each turn with {eot}: it must be the EOS the model learns."
-        if chosen in ("lora", "qlora"):
-            cfg["lora_modules_to_save"] = ["lm_head", "embed_tokens"]
-            why["lora_modules_to_save"] = ("a base model with a new chat template: its special tokens' "
-                                           "embeddings and output rows are untrained, so both are trained "
-                                           "fully (never LoRA on lm_head: TRL rejects it).")
-            if facts.tie_word_embeddings:
-                warns.append("the model ties embed_tokens and lm_head: PEFT trains two separate copies, and a "
-                             "merged model with tie_word_embeddings=true reloads lm_head from embed_tokens. "
-                             "Prefer the model's own Instruct variant, or Spectrum/full.")
-    # training
-    cfg["num_train_epochs"] = ep
-    why["num_train_epochs"] = (f"{ep:g}: " + ("asked for." if epochs else
-                                              f"default for {rows if rows else 'an unknown number of'} rows "
-                                              "(3 under 1k, 2 under 10k, else 1; full at most 2)."))
-    cfg["per_device_train_batch_size"] = mb
-    cfg["gradient_accumulation_steps"] = ga
-    world = 1 if t.kind == "cpu" else max(1, t.num_gpus)
-    why["gradient_accumulation_steps"] = f"{mb} x {ga} x {world} process(es) = {mb * ga * world} sequences per step."
+    if not chat_template:
+        return
+    ct_path = _is_local_ref(chat_template, ws.root)
+    if ct_path is not None:
+        ct_path = ws.resolve(chat_template, field="chat_template", must_exist=True)
+        cfg["chat_template_path"] = ws.rel(ct_path)
+        text, _ = template_text(str(ct_path), ws.root)
+    elif "/" in chat_template and not _looks_like_path(chat_template):
+        cfg["chat_template_path"] = chat_template
+        text = None
+        notes.append(f"chat_template '{chat_template}' is a hub tokenizer: TRL clones its template at "
+                     "training time (network needed).")
+    else:
+        raise UserError(f"'{chat_template}' does not exist in the workspace.", field="chat_template",
+                        fix="Give a .jinja file or a tokenizer directory in the workspace.")
+    eot = end_of_turn_token(text) if text else None
+    if eot:
+        cfg["eos_token"] = eot
+        why["eos_token"] = f"the template ends each turn with {eot}: it must be the EOS the model learns."
+    if method in ("lora", "qlora"):
+        cfg["lora_modules_to_save"] = ["lm_head", "embed_tokens"]
+        why["lora_modules_to_save"] = ("a base model with a new chat template: its special tokens' "
+                                       "embeddings and output rows are untrained, so both are trained "
+                                       "fully (never LoRA on lm_head: TRL rejects it).")
+        if tied:
+            warns.append("the model ties embed_tokens and lm_head: PEFT trains two separate copies, and a "
+                         "merged model with tie_word_embeddings=true reloads lm_head from embed_tokens. "
+                         "Prefer the model's own Instruct variant, or Spectrum/full.")
+
+
+def _schedule_keys(cfg: dict, why: dict, lay: _Layout, epochs: Optional[float]) -> None:
+    """Epochs, micro-batch and accumulation from the schedule, with the optimizer steps they give."""
+    s = lay.schedule
+    cfg["num_train_epochs"] = s.epochs
+    changed = "".join(f" Changed: {a}" for a in s.adjustments if a.startswith("epochs"))
+    why["num_train_epochs"] = f"{s.epochs:g}: " + ("asked for." if epochs else (
+        f"default for {s.rows if s.rows else 'an unknown number of'} rows (3 under 1k, 2 under 10k, else 1; "
+        "full at most 2)." + changed))
+    cfg["per_device_train_batch_size"] = lay.micro_batch
+    cfg["gradient_accumulation_steps"] = s.gradient_accumulation_steps
+    steps = (f"; {s.optimizer_steps} optimizer steps ({s.sequences_per_epoch} sequences per epoch x {s.epochs:g} "
+             "epochs)" if s.optimizer_steps else "")
+    why["gradient_accumulation_steps"] = (
+        f"{lay.micro_batch} x {s.gradient_accumulation_steps} x {lay.world} process(es) = {s.global_batch} "
+        f"sequences per optimizer step{steps}." + "".join(f" Changed: {a}" for a in s.adjustments
+                                                         if not a.startswith("epochs")))
+
+
+def _training_keys(cfg: dict, why: dict, notes: list[str], t: Target, lay: _Layout, epochs: Optional[float],
+                   use_test: bool) -> None:
+    """Schedule, memory, optimizer, precision flags, evaluation, logging and checkpoint keys."""
+    _schedule_keys(cfg, why, lay, epochs)
+    gc, chosen = lay.checkpointing, lay.method
     cfg["activation_checkpointing"] = bool(gc)
     why["activation_checkpointing"] = ("recompute each layer in backward to fit memory." if gc else
                                        "off: memory fits without it, and it costs ~20% speed.")
-    _runtime_defaults(cfg, why, t, chosen, world, sharding)
-    if gc and chosen in ("lora", "qlora") and sharding == "zero3":
+    _runtime_defaults(cfg, why, t, chosen, lay.world, lay.sharding)
+    if gc and chosen in ("lora", "qlora") and lay.sharding == "zero3":
         cfg["activation_checkpointing_kwargs"] = {"use_reentrant": True}
         why["activation_checkpointing_kwargs"] = "PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing."
-    cfg["learning_rate"] = d["learning_rate"]
-    cfg["lr_scheduler_type"] = d["lr_scheduler_type"]
-    cfg["warmup_steps"] = d["warmup_steps"]
-    cfg["max_grad_norm"] = d["max_grad_norm"]
+    d = METHOD_DEFAULTS[chosen]
+    for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm"):
+        cfg[k] = d[k]
     why["learning_rate"] = (f"{chosen} default {d['learning_rate']:g}, {d['lr_scheduler_type']}, warm-up "
                             f"{d['warmup_steps']:g} of the steps (a float warmup_steps < 1 is a ratio; "
                             "'constant' would ignore warm-up).")
     why["max_grad_norm"] = f"clip gradients at {d['max_grad_norm']:g}."
-    cfg["optim"] = optim
-    why["optim"] = f"{optim}" + (" (fused AdamW kernel on GPU)." if optim == "adamw_torch_fused" else ".")
+    cfg["optim"] = lay.optim
+    why["optim"] = f"{lay.optim}" + (" (fused AdamW kernel on GPU)." if lay.optim == "adamw_torch_fused" else ".")
     if t.kind == "cpu":
-        cfg["use_cpu"] = True
-        cfg["bf16"] = False
-    elif t.bf16:
-        cfg["bf16"] = True
+        cfg["use_cpu"], cfg["bf16"] = True, False
     else:
-        cfg["bf16"] = False
-        cfg["fp16"] = True
-    liger = t.kind == "gpu" and t.cuda_here and has_module("liger_kernel")
-    if liger:
+        cfg["bf16"] = bool(t.bf16)
+        if not t.bf16:
+            cfg["fp16"] = True
+    if t.kind == "gpu" and t.cuda_here and has_module("liger_kernel"):
         cfg["use_liger_kernel"] = True
         why["use_liger_kernel"] = "liger-kernel installed and a CUDA GPU present: fused RMSNorm/RoPE/SwiGLU."
     elif t.kind == "gpu":
         notes.append("use_liger_kernel is off: liger-kernel needs a local CUDA GPU and the package; set it true "
                      "on the training machine if it has both.")
     cfg["seed"] = 42
-    steps = None
-    if rows:
-        steps = math.ceil(rows / (mb * ga * world)) * ep
     if use_test:
         cfg["eval_strategy"] = "steps"
         cfg["eval_steps"] = 0.2
-        cfg["per_device_eval_batch_size"] = mb
+        cfg["per_device_eval_batch_size"] = lay.micro_batch
         why["eval_strategy"] = "evaluate on the test split 5 times (eval_steps 0.2 of the steps)."
-    cfg["logging_steps"] = max(1, min(10, int(steps // 20))) if steps else 10
+    steps = lay.schedule.optimizer_steps
+    cfg["logging_steps"] = max(1, min(10, steps // 20)) if steps else 10
     cfg["report_to"] = "none"
     why["report_to"] = "none: tools.train writes metrics.jsonl itself; no tracker account or network needed."
     cfg["save_strategy"] = "steps"
     cfg["save_steps"] = 0.25
     cfg["save_total_limit"] = 2
     why["save_steps"] = "a checkpoint every quarter of the run (resume after a stop), keep the last 2."
-    name = f"{_slug(model_ref)}-{chosen}"
-    if output_dir:
-        ws.resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
-    cfg["output_dir"] = output_dir or f"runs-out/{name}"
 
-    if overrides:
-        cfg = apply_overrides(cfg, overrides, notes)
-        chosen = infer_method(cfg)
 
+@dataclass
+class _Written:
+    recipe_path: str
+    accelerate_config_path: str
+    yaml: str
+    launch_commands: dict[str, str]
+    memory: Optional[MemoryEstimate]
+    fits: Optional[bool]
+
+
+def _write_recipe(cfg: dict, t: Target, lay: _Layout, chosen: str, name: str, output_path: Optional[str],
+                  what: str, nodes: int, per_node: Optional[int], main_process_ip: Optional[str],
+                  overridden: bool, mixed: str, warns: list[str], notes: list[str]) -> _Written:
+    """Check the recipe with its accelerate config (validate_recipe's analysis), then write both
+    (and the Slurm script for several nodes); refuse a recipe that would not train."""
+    ws = get_workspace()
     rec_path = ws.resolve(output_path or f"recipes/{name}.yaml", field="output_path")
     acc_path = rec_path.with_name(rec_path.stem + ".accelerate.yaml")
-    acc_name, acc_text = _accelerate_text(t, chosen, sharding, offload, mixed)
+    acc_name, acc_text = _accelerate_text(t, chosen, lay.sharding, lay.offload, mixed)
     if nodes > 1:
         acc_text = _multi_node(acc_text, nodes, main_process_ip, warns)
-    accel = None
-    if acc_text:
-        import tempfile
-        with tempfile.TemporaryDirectory(dir=ws.owned_dir(TMP_DIR)) as td:
-            tp = Path(td) / "accelerate.yaml"
-            tp.write_text(acc_text, encoding="utf-8")
-            accel = read_accelerate_config(tp, ws.rel(acc_path))
-        # the node-0 placeholder is said in the warnings; validate_recipe refuses it until replaced
-        accel.problems = [p for p in accel.problems if "placeholder" not in p]
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=ws.owned_dir(TMP_DIR)) as td:
+        tp = Path(td) / "accelerate.yaml"
+        tp.write_text(acc_text, encoding="utf-8")
+        accel = read_accelerate_config(tp, ws.rel(acc_path))
+    # the node-0 placeholder is said in the warnings; validate_recipe refuses it until replaced
+    accel.problems = [p for p in accel.problems if "placeholder" not in p]
     a = _analyse(cfg, t, ws.root, accel)
     if a.errors:
-        raise UserError("the recipe would not train: " + " | ".join(a.errors), field="overrides" if overrides
-                        else "generate_recipe",
+        raise UserError("the recipe would not train: " + " | ".join(a.errors),
+                        field="overrides" if overridden else "generate_recipe",
                         fix="Fix the values named above (see validate_recipe for the full report).")
-    header = [f"{chosen} fine-tune of {model_ref} on {dataset} - written by generate_recipe",
+    header = [f"{chosen} fine-tune of {what} - written by generate_recipe",
               f"target: {t.description}; trl {versions().get('trl')}, transformers {versions().get('transformers')}",
               f"train:  python -m tools.train --config {ws.rel(rec_path)}",
               f"multi:  accelerate launch --config_file {ws.rel(acc_path)} -m tools.train --config {ws.rel(rec_path)}"]
@@ -1205,14 +1354,12 @@ def generate_recipe(
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
     else:
         notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
-    if chosen == "full" and sharding == "none" and dtype_name != "float32":
+    if chosen == "full" and lay.sharding == "none" and cfg.get("dtype") != "float32":
         notes.append("Launch with tools.train (launch_training does): plain `trl sft` steps the bf16 weights "
                      "directly, without fp32 master weights, and most updates at lr 1e-5 are lost.")
-    return RecipeResult(
-        recipe_path=r, accelerate_config_path=ac, method=chosen, yaml=text, launch_commands=cmds,
-        target=t.description, settings_explained={k: v for k, v in why.items() if v}, plan=rec,
-        memory=a.memory, fits=a.fits, spectrum_config_path=spectrum_rel, dataset_rows=rows,
-        warnings=warns + a.warnings, notes=notes + a.notes)
+    warns += a.warnings
+    notes += a.notes
+    return _Written(r, ac, text, cmds, a.memory, a.fits)
 
 
 def apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
@@ -1238,7 +1385,8 @@ def apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
     return out
 
 
-def _spectrum_file(model: str, spectrum_config: Optional[str], notes: list[str]) -> str:
+def _spectrum_file(model: str, spectrum_config: Optional[str], notes: list[str],
+                   plan: Optional[Recommendation] = None) -> str:
     ws = get_workspace()
     if spectrum_config:
         p = ws.resolve(spectrum_config, field="spectrum_config", must_exist=True, kind="file")
@@ -1247,6 +1395,32 @@ def _spectrum_file(model: str, spectrum_config: Optional[str], notes: list[str])
             raise UserError(problem, field="spectrum_config", fix="Write it with spectrum_scan.")
         return ws.rel(p)
     from .spectrum import spectrum_scan
-    res = spectrum_scan(model)
+    try:
+        res = spectrum_scan(model)
+    except UserError as exc:  # no local weights: say that only Spectrum needs them, and what does not
+        raise UserError("Spectrum reads the model's weights before training (spectrum_scan ranks the layers "
+                        f"by signal-to-noise), and {_bare(exc)}", field=exc.field or "model",
+                        fix=f"{exc.fix or 'Give a model directory with safetensors.'} Or choose a method "
+                            f"that needs no local weights (TRL downloads them when training starts): "
+                            f"{_without_weights(plan)}.") from None
     notes.append(f"spectrum_scan ran: {res.output_path} ({res.top_percent:g}% of each module type by SNR).")
     return res.output_path
+
+
+def _bare(exc: UserError) -> str:
+    """A UserError's message without its field prefix and its fix."""
+    text = str(exc)
+    if exc.field and text.startswith(f"{exc.field}: "):
+        text = text[len(exc.field) + 2:]
+    if exc.fix and text.endswith(f" Fix: {exc.fix}"):
+        text = text[: -len(exc.fix) - 6]
+    return text
+
+
+def _without_weights(plan: Optional[Recommendation]) -> str:
+    """The plan's best method other than Spectrum that fits, as a generate_recipe argument."""
+    fit = next((c for c in (plan.alternatives if plan else []) if c.fits and c.method != "spectrum"), None)
+    if fit is None:
+        return "method='lora' or method='qlora' (recommend_method shows which fits)"
+    where = f" with {fit.sharding.upper()}" if fit.sharding != "none" else ""
+    return f"method='{fit.method}' (fits{where} at {fit.total_gib:.1f} GiB per GPU in this plan)"
