@@ -29,7 +29,10 @@ def main(paths: list[str]) -> int:
                             micro_batch=r["bs"], packing=r["packing"], liger=r["liger"],
                             gradient_checkpointing=r["gc"], optimizer="adamw_torch_fused",
                             attn_implementation=r.get("attn", "sdpa"),
-                            spectrum_fraction=(r.get("top") or 30) / 100, gpu="H100")
+                            spectrum_fraction=(r.get("top") or 30) / 100, gpu="H100",
+                            # the calibration runs stepped AdamW on bf16 weights (no fp32 master
+                            # copy); the product's full/Spectrum runs keep one and plan for it
+                            fp32_master_weights=r.get("fp32_master_weights", False))
         m = r.get("peak_alloc_gib")
         err = (e.peak_allocated_gib / m - 1) if m else None
         worst = max(worst, abs(err)) if err is not None else worst
