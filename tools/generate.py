@@ -184,14 +184,14 @@ def _load(base: Path, adapter: Path | None, field: str, device: str, dtype_name:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"could not load {ws_rel(adapter or base)} ({type(exc).__name__}: "
+        raise UserError(f"could not load {_rel(adapter or base)} ({type(exc).__name__}: "
                         f"{str(exc)[:300]}).", field=field,
                         fix="Check that the directory holds a complete model (and that an adapter "
                             "matches its base: pass base_model=).") from None
     return model.to(device).eval(), tok, tok_dir
 
 
-def ws_rel(p: Path) -> str:
+def _rel(p: Path) -> str:
     return get_workspace().rel(p)
 
 
@@ -255,8 +255,8 @@ def _run_model(label: str, name: str, field: str, base_model: str | None, items:
             import torch
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    info = ModelInfo(label=label, model=ws_rel(base), adapter=ws_rel(adapter) if adapter else None,
-                     tokenizer=ws_rel(tok_dir), chat_template=use_chat, example_prompt=first,
+    info = ModelInfo(label=label, model=_rel(base), adapter=_rel(adapter) if adapter else None,
+                     tokenizer=_rel(tok_dir), chat_template=use_chat, example_prompt=first,
                      elapsed_s=round(time.time() - t0, 2))
     return outs, info
 
