@@ -3,7 +3,8 @@
 Builds a tiny random-initialised Llama locally, then, through the MCP tools only: inspects and
 converts a small synthetic dataset shipped in demo/data (is a number even or odd?), proves the loss masking, asks for a plan for this machine,
 writes and validates a recipe, trains LoRA in the background while polling its status, merges
-the adapter (with its logit proof) and evaluates base vs fine-tuned on the held-out split.
+the adapter (with its logit proof), evaluates base vs fine-tuned on the held-out split, and shows
+their replies to a few held-out rows side by side (generate).
 
 Run: python -m demo [--workspace DIR] [--steps N] [--eval-limit N]
 """
@@ -175,13 +176,25 @@ async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None 
         ev = await _call(c, "evaluate", args)
         lap("evaluate", t)
         row = ev["comparison"][0]
+
+        # Read the replies, not only the score: base vs fine-tuned on the first held-out rows.
+        t = time.perf_counter()
+        gen = await _call(c, "generate", {"model": "models/tiny-llama-parity",
+                                          "compare_with": "models/tiny-llama", "dataset": "data/parity",
+                                          "split": "test", "rows": 4, "max_new_tokens": 8})
+        lap("generate", t)
+        say(f"[generate] replies to the first {len(gen['rows'])} held-out rows ({gen['settings']['decoding']}):")
+        for line in gen["table"].splitlines():
+            say("    " + line)
         out = {"base_exact_match": row["base"], "fine_tuned_exact_match": row["fine_tuned"],
                "delta": row["delta"], "delta_stderr": row["delta_stderr"],
                "n": ev["runs"][0]["metrics"][0].get("n"), "masking": mask["verdict"],
                "merge_verified": merged["verified"], "first_loss": final.get("first_loss"),
                "final_loss": final.get("loss"), "steps": final.get("step"),
                "timings_s": timings, "total_s": round(time.perf_counter() - t0, 1),
-               "samples": ev["runs"][0]["samples_files"]}
+               "samples": ev["runs"][0]["samples_files"],
+               "replies": [{"prompt": r["prompt"], "reference": r["reference"],
+                            **{o["label"]: o["text"] for o in r["outputs"]}} for r in gen["rows"]]}
     server_log.close()
     say(f"server log: {server_log.name}")
     _summary(out, say)
