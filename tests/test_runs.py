@@ -528,3 +528,22 @@ def test_a_one_point_loss_curve_is_drawn(tmp_path):
     box = img.crop((int(w * 0.35), int(h * 0.3), int(w * 0.75), int(h * 0.7)))
     blue = [px for px in box.getdata() if abs(px[0] - 31) < 40 and abs(px[1] - 119) < 40 and px[2] > 150]
     assert len(blue) >= 4  # matplotlib's first colour, #1f77b4
+
+
+@pytest.mark.slow
+def test_a_generated_recipe_logs_to_tensorboard_in_the_workspace(runs_ws):
+    pytest.importorskip("tensorboard")
+    from tools.recipes import generate_recipe
+    ws = runs_ws
+    r = generate_recipe("models/tiny-llama", "data/arith", method="lora", output_dir="out/tb",
+                        report_to="tensorboard", test_split=False,
+                        overrides={"max_steps": 2, "logging_steps": 1, "save_strategy": "no",
+                                   "max_length": 64})
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    assert cfg["report_to"] == "tensorboard"
+    assert cfg["env"]["TENSORBOARD_LOGGING_DIR"] == "out/tb/tensorboard"
+    _, s = launch_and_wait(r.recipe_path)
+    assert s["state"] == "completed", (s["error"], s["log_tail"])
+    tb = ws.root / "out/tb/tensorboard"
+    assert any(f.name.startswith("events.out.tfevents") for f in tb.rglob("*"))  # the Trainer wrote it
+    assert s["tracking"] == {"report_to": ["tensorboard"], "log_dirs": {"tensorboard": str(tb)}}

@@ -1077,6 +1077,8 @@ def generate_recipe(
     main_process_ip: Annotated[Optional[str], Field(
         description="Multi-node: node 0's address, reachable from every node (default: a placeholder the "
                     "Slurm script fills from $SLURM_JOB_NODELIST).")] = None,
+    report_to: Annotated[Literal["none", "tensorboard", "trackio"], Field(
+        description="A local, offline tracker besides metrics.jsonl; its logs go to <output_dir>/<tracker>.")] = "none",
 ) -> RecipeResult:
     """Write a TRL recipe (flat YAML for `python -m tools.train` / `trl sft`) plus the matching
     accelerate config (single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA, CPU) for a model
@@ -1121,6 +1123,7 @@ def generate_recipe(
     if output_dir:
         ws.resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
     cfg["output_dir"] = output_dir or f"runs-out/{name}"
+    _tracking_keys(cfg, why, report_to)
     chosen = lay.method
     if overrides:
         cfg = apply_overrides(cfg, overrides, notes)
@@ -1302,6 +1305,22 @@ def _training_keys(cfg: dict, why: dict, notes: list[str], t: Target, lay: _Layo
     cfg["save_steps"] = 0.25
     cfg["save_total_limit"] = 2
     why["save_steps"] = "a checkpoint every quarter of the run (resume after a stop), keep the last 2."
+
+
+# The tracker's local log folder, set through the recipe's env (the TRL parser exports it).
+TRACKER_DIR_ENV = {"tensorboard": "TENSORBOARD_LOGGING_DIR", "trackio": "TRACKIO_DIR"}
+
+
+def _tracking_keys(cfg: dict, why: dict, report_to: str) -> None:
+    """report_to a local tracker, logging inside output_dir (so inside the workspace)."""
+    if report_to == "none":
+        return
+    cfg["report_to"] = report_to
+    env = dict(cfg.get("env") or {})
+    env[TRACKER_DIR_ENV[report_to]] = f"{cfg['output_dir']}/{report_to}"
+    cfg["env"] = env
+    why["report_to"] = (f"{report_to}: local and offline, logs in {env[TRACKER_DIR_ENV[report_to]]} "
+                        "(training_status names the folder); metrics.jsonl is still written.")
 
 
 @dataclass

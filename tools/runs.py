@@ -35,7 +35,7 @@ EVAL_KIND = "eval"
 TRAINING_ONLY = ("method", "step", "max_steps", "progress_pct", "epoch", "loss", "first_loss",
                  "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
                  "seconds_per_step", "num_tokens", "last_checkpoint", "loss_plot_path",
-                 "suggested_overrides", "continues_run", "logical_run")
+                 "suggested_overrides", "continues_run", "logical_run", "tracking")
 
 
 # ============================================================================ launch
@@ -411,6 +411,8 @@ class TrainingStatus(BaseModel):
     loss_plot_path: Optional[str] = Field(None, description="PNG of the loss curve (also returned as an image).")
     suggested_overrides: Optional[dict[str, Any]] = Field(
         None, description="after an OOM: recipe keys to relaunch with (launch_training overrides=).")
+    tracking: Optional[dict[str, Any]] = Field(
+        None, description="report_to tracker and its local log folder, when the recipe sets one.")
     continues_run: Optional[str] = Field(None, description="the run this one resumed.")
     logical_run: Optional[str] = Field(None, description="first run id of a chain of resumes.")
     next_step: Optional[str] = None
@@ -580,9 +582,27 @@ def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, sta
     if res.last_checkpoint is None:
         res.last_checkpoint = _last_checkpoint(out)
     _resume_warnings(res, read_json(out / "resume.json"), fresh)
+    res.tracking = _tracking(meta)
     _eta(res, state)
     _loss_warnings(res, [r["loss"] for r in train_recs])
     return metrics
+
+
+def _tracking(meta: dict) -> Optional[dict[str, Any]]:
+    """The recipe's tracker and where it logs (its env folder, else the Trainer's default)."""
+    recipe = meta.get("recipe_copy") or meta.get("recipe")
+    cfg = read_yaml_mapping(Path(recipe)) if recipe and Path(recipe).is_file() else {}
+    reps = cfg.get("report_to")
+    reps = [reps] if isinstance(reps, str) else [r for r in reps or [] if isinstance(r, str)]
+    reps = [r for r in reps if r not in ("none", "")]
+    if not reps:
+        return None
+    env = cfg.get("env") if isinstance(cfg.get("env"), dict) else {}
+    dirs = {r: env.get(v) for r, v in (("tensorboard", "TENSORBOARD_LOGGING_DIR"),
+                                        ("trackio", "TRACKIO_DIR"), ("wandb", "WANDB_DIR")) if r in reps}
+    root = get_workspace().root
+    return {"report_to": reps,
+            "log_dirs": {r: str((root / d).resolve()) if d else "the tracker's default" for r, d in dirs.items()}}
 
 
 def _latest_losses(res: "TrainingStatus", metrics: list[dict], train_recs: list[dict]) -> None:
