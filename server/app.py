@@ -52,10 +52,34 @@ def _add_resources(mcp: MCPServer) -> None:
                     "generate_recipe to get it copied into the workspace."))
 
 
+def _drop_titles(schema) -> None:
+    """Remove pydantic's generated `title`s in place: each repeats its property or model name,
+    and every client pays for tools/list in context (about a sixth of its size)."""
+    if isinstance(schema, dict):
+        if isinstance(schema.get("title"), str):
+            del schema["title"]
+        for key, value in schema.items():
+            if key != "properties" or not isinstance(value, dict):
+                _drop_titles(value)
+            else:  # property *names* may be "title"; only their schemas are walked
+                for sub in value.values():
+                    _drop_titles(sub)
+    elif isinstance(schema, list):
+        for item in schema:
+            _drop_titles(item)
+
+
+def _slim_schemas(mcp: MCPServer) -> None:
+    for tool in mcp._tool_manager.list_tools():  # the registered tools, as list_tools serves them
+        _drop_titles(tool.parameters)
+        _drop_titles(tool.output_schema)
+
+
 def create_server() -> MCPServer:
     """Build the server with every tool and resource registered."""
     mcp = MCPServer("llm-fine-tuning", version=__version__, instructions=INSTRUCTIONS)
     for mod in TOOL_MODULES:
         importlib.import_module(mod).register(mcp)
+    _slim_schemas(mcp)
     _add_resources(mcp)
     return mcp

@@ -93,3 +93,24 @@ def test_every_tool_honours_its_schema_and_error_contract(contract_ws):
                     assert "failed unexpectedly" not in text, (name, text[:300])
             assert (await c.call_tool("list_runs", {})).is_error is False
     asyncio.run(main())
+
+
+def test_schemas_carry_no_generated_titles():
+    """pydantic's titles repeat each property's name: a sixth of tools/list, paid by every client."""
+    from mcp import Client
+
+    from server.app import create_server
+
+    async def go():
+        async with Client(create_server()) as c:
+            return [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                    for t in (await c.list_tools()).tools]
+
+    def titles(o):
+        if isinstance(o, dict):
+            return int(isinstance(o.get("title"), str)) + sum(
+                titles(v) for k, v in o.items() if k != "properties") + sum(
+                titles(v) for v in (o.get("properties") or {}).values())
+        return sum(titles(x) for x in o) if isinstance(o, list) else 0
+    tools = asyncio.run(go())
+    assert tools and sum(titles(t.get("inputSchema")) + titles(t.get("outputSchema")) for t in tools) == 0
