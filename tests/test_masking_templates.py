@@ -16,23 +16,11 @@ from tools import chat_templates
 from tools.errors import UserError
 from tools.masking import verify_masking
 
+from test_masking import _tok, _write  # the same workspace helpers
+
 FIX = Path(__file__).resolve().parent / "fixtures"
 REASONING = "Let me think. " + " ".join(f"Step {i}: add the partial sums and check them."
                                         for i in range(20))
-
-
-def _write(ws, name: str, rows: list[dict]) -> str:
-    d = ws.root / "data" / name
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return f"data/{name}"
-
-
-def _tok(ws, name: str) -> str:
-    dst = ws.root / "tok" / name
-    if not dst.exists():
-        shutil.copytree(FIX / "tokenizers" / name, dst)
-    return f"tok/{name}"
 
 
 def _pc(n: int, reasoning: bool, key: str = "content") -> list[dict]:
