@@ -10,7 +10,6 @@ import json
 import math
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
