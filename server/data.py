@@ -12,7 +12,7 @@ def register(mcp) -> None:
 
     # May read a hub dataset when online: open world.
     add_tool(mcp, inspect_dataset, READ_ONLY_OPEN, title="Inspect a dataset")
-    add_tool(mcp, convert_dataset, WRITES, title="Convert a dataset to TRL JSONL")
+    add_tool(mcp, convert_dataset, WRITES, title="Convert a dataset to TRL JSONL", progress=True)
     # Saves its report under reports/masking/ (launch_training looks it up): writes.
     add_tool(mcp, verify_masking, WRITES, title="Verify loss masking with TRL's own preparation",
              heavy=TRAINING_STACK, progress=True)

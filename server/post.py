@@ -15,11 +15,11 @@ def register(mcp) -> None:
     from tools.merge import merge_adapter
 
     add_tool(mcp, merge_adapter, MERGE, title="Merge a LoRA adapter into its base model",
-             heavy=TRAINING_STACK)
+             heavy=TRAINING_STACK, progress=True)
     # Writes results in the workspace; may reach a served endpoint (base_url) or download hub
     # datasets (tasks): open world.
     add_tool(mcp, evaluate, WRITES_OPEN, title="Evaluate with lm-evaluation-harness",
-             heavy=TRAINING_STACK)
+             heavy=TRAINING_STACK, progress=True)
     # Reads local models only and writes nothing; the same seed gives the same replies.
     add_tool(mcp, generate, READ_ONLY, title="Generate replies side by side (spot-check a model)",
              heavy=TRAINING_STACK)

@@ -59,3 +59,29 @@ def test_the_schema_does_not_show_the_context(tool):
     t = asyncio.run(go())
     assert "ctx" not in t.input_schema.get("properties", {})
     assert "ctx" not in t.input_schema.get("required", [])
+
+
+def test_merge_adapter_reports_its_steps(ws, tiny_model):
+    from test_merge import make_adapter
+    make_adapter(tiny_model, ws.root / "ad")
+    seen, r = _call_with_progress("merge_adapter", {"adapter_dir": "ad", "output_dir": "merged",
+                                                    "base_model": "models/tiny-llama"})
+    assert not r.is_error, r.content
+    assert seen[0][0] == 0 and seen[-1][:2] == (5, 5) and seen[-1][2] == "verified=True"
+
+
+def test_evaluate_reports_each_model(ws, tiny_model):
+    from test_evaluate import write_arith
+    write_arith(ws.root / "arith.jsonl")
+    seen, r = _call_with_progress("evaluate", {"model": "models/tiny-llama", "local_task": "arith.jsonl",
+                                               "limit": 2, "max_gen_toks": 4})
+    assert not r.is_error, r.content
+    assert seen[0][:2] == (0, 1) and seen[-1][:2] == (1, 1)
+
+
+def test_convert_dataset_reports_rows(ws):
+    rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(2500)]
+    (ws.root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, r = _call_with_progress("convert_dataset", {"dataset": "qa.jsonl", "output_dir": "conv"})
+    assert not r.is_error, r.content
+    assert seen and seen[0][2] == "1000 rows read"

@@ -926,6 +926,9 @@ def _next_steps(rel: str, n_test: int, target_format: str, n_skipped: int) -> li
     return steps
 
 
+PROGRESS_EVERY_ROWS = 1000  # a report per thousand rows; the server throttles further
+
+
 def convert_dataset(
     dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them or "
                                               "a datasets.save_to_disk directory in the workspace, "
@@ -996,8 +999,12 @@ def convert_dataset(
                               unit=src.unit, drop_media=drop_media,
                               merge_assistant_turns=merge_assistant_turns, changes=changes,
                               template_kwargs=chat_template_kwargs)
-            for loc, row in src.rows(limit=limit, on_change=changes.add):
+            from . import progress
+            total = limit  # counting rows first would read a CSV/JSON source twice
+            for n, (loc, row) in enumerate(src.rows(limit=limit, on_change=changes.add), start=1):
                 conv.row(loc, row)
+                if n % PROGRESS_EVERY_ROWS == 0:
+                    progress.report(n, total, f"{n} rows read")
             conv.flush()
         conv.dupes.seen.clear()
         conv.refuse_if_empty(dataset)

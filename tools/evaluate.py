@@ -744,7 +744,9 @@ def evaluate(
         plan.append(("base", "base"))
     runs: list[ModelRun] = []
     out.mkdir(parents=True, exist_ok=True)
-    for run_label, which in plan:
+    from . import progress
+    for i, (run_label, which) in enumerate(plan):
+        progress.report(i, len(plan), f"evaluating {run_label} on {', '.join(all_tasks)[:120]}")
         t1 = time.time()
         run_notes: list[str] = []
         use_chat = chat_style
@@ -822,6 +824,7 @@ def evaluate(
             apply_chat_template=use_chat, metrics=_metrics(res) + extra, samples_files=sample_files,
             raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2)))
 
+    progress.report(len(plan), len(plan), "scored")
     comparison = _compare(runs[1], runs[0]) if len(runs) == 2 else []
     notes.extend(_zero_notes(runs))
     if len(runs) == 2 and runs[0].apply_chat_template != runs[1].apply_chat_template:

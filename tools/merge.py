@@ -452,6 +452,8 @@ def merge_adapter(
     with contextlib.redirect_stdout(sys.stderr), \
             ws.atomic_dir(output_dir, overwrite=overwrite, removed=removed) as tmp:
         notes += [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
+        from . import progress
+        progress.report(0, 5, "loading the base model" + (f" ({need:.1f} GiB of RAM)" if need else ""))
         has_tok = any((adir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
         tok_src = str(adir) if has_tok else base_id
         try:
@@ -482,10 +484,12 @@ def merge_adapter(
                             f"{type(exc).__name__}: {str(exc)[:300]}", field="base_model",
                             fix="Pass the exact base the adapter was trained on.") from None
         peft_model.eval()
+        progress.report(1, 5, "adapter applied; reference logits")
         ids_list = [_render_ids(tok, c) for c in chats]
         ref = _logits(peft_model, ids_list)
         with peft_model.disable_adapter():
             base_logits = _logits(peft_model, ids_list)
+        progress.report(2, 5, "merging and saving")
         merged = peft_model.merge_and_unload(safe_merge=True)
         gen_info = _fix_generation_config(merged, tok, notes)
         merged.save_pretrained(str(tmp), max_shard_size="5GB")
@@ -497,6 +501,7 @@ def merge_adapter(
             torch.cuda.empty_cache()
 
         # The proof runs on what was written: reload the merged model and tokenizer from disk.
+        progress.report(3, 5, "reloading the saved merge for the proof")
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **load_kw)
         got = _logits(reloaded, ids_list)
         del reloaded
@@ -557,4 +562,5 @@ def merge_adapter(
         report = result.model_dump()
         report["parameters"] = merged_params
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    progress.report(5, 5, f"verified={result.verified}")
     return result
