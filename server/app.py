@@ -26,7 +26,8 @@ run id at once; poll status every 30-60 s. Read skill://SKILL.md and references:
 decision tree, formats, masking, recipes, distributed training and troubleshooting."""
 
 # One module per area; each has register(mcp). Kept as names so a missing area fails loudly.
-TOOL_MODULES = ["server.planning", "server.data", "server.recipes", "server.runs", "server.post"]
+TOOL_MODULES = ["server.planning", "server.data", "server.recipes", "server.runs", "server.post",
+                "server.preference"]
 
 
 def _add_resources(mcp: MCPServer) -> None:

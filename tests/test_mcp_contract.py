@@ -20,6 +20,10 @@ def contract_ws(ws, tiny_model):
         for r in QA:
             fh.write(json.dumps(r) + "\n")
     make_adapter(tiny_model, ws.root / "adapters" / "a")
+    with (ws.root / "data" / "pref.jsonl").open("w") as fh:  # HH-RLHF style preference pairs
+        for a, b in [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]:
+            q = f"\n\nHuman: What is {a}+{b}?\n\nAssistant:"
+            fh.write(json.dumps({"chosen": f"{q} {a + b}.", "rejected": f"{q} I do not know."}) + "\n")
     yield ws
     from tools.run_registry import active_runs, signal_run
     for st in active_runs():
@@ -62,6 +66,16 @@ CASES = {
     "generate": ({"model": "adapters/a", "compare_with": "models/tiny-llama", "dataset": "data/qa",
                   "split": "train", "rows": 2, "max_new_tokens": 4},
                  {"model": "models/tiny-llama", "dataset": "data/qa", "split": "nope"}, "split"),
+    "convert_preference": ({"dataset": "data/pref.jsonl", "output_dir": "data/pref"},
+                           {"dataset": "data/pref.jsonl", "output_dir": "data/pref2",
+                            "column_mapping": {"chosen": "nope"}}, "column_mapping"),
+    "verify_preference": ({"dataset": "data/pref", "tokenizer": "models/tiny-llama", "max_length": 128},
+                          {"dataset": "data/pref", "tokenizer": "models/missing"}, "tokenizer"),
+    "generate_dpo_recipe": ({"model": "models/tiny-llama", "dataset": "data/pref",
+                             "output_path": "recipes/dpo.yaml", "output_dir": "out/dpo", "cpu": True},
+                            {"model": "models/tiny-llama", "dataset": "data/pref",
+                             "output_path": "recipes/dpo2.yaml", "output_dir": "out/dpo2", "cpu": True,
+                             "overrides": {"betta": 0.2}}, "betta"),
 }
 
 

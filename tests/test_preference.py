@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tools.errors import UserError
 from tools.tiny import CHATML_TEMPLATE
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
@@ -385,19 +385,24 @@ def tiny_dpo_recipe(ws, name: str, model: str, **over) -> str:
 
 def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
     """128 pairs, 2 epochs of LoRA DPO on the random tiny model (reference = adapter disabled),
-    started as launch_training starts runs (the registry runs `python -m tools.train_dpo`):
+    started by launch_training (its DPO gate, then `python -m tools.train_dpo`):
     held-out implicit-reward accuracy goes from 50% (policy == reference: every pair ties) to
     >= 90%; the policy's own ranking follows; training_status shows the run from its files,
     and metrics.jsonl carries TRL's rewards/margins and rewards/accuracies."""
     import asyncio
     import time
 
-    from tools.run_registry import start_job
-    from tools.runs import training_status
+    from tools.preference import verify_preference
+    from tools.runs import launch_training, training_status
     animals(ws)
     recipe = tiny_dpo_recipe(ws, "dpo", "models/tiny-llama")
-    rid = start_job("train", [sys.executable, "-m", "tools.train_dpo", "--config", recipe], name="dpo",
-                    meta={"output_dir": "out/dpo", "method": "lora", "trainer": "dpo", "recipe": recipe})
+    with pytest.raises(UserError) as e:  # the gate: no preference report for these inputs yet
+        launch_training(recipe=recipe)
+    assert "verify_preference(recipe=" in e.value.fix
+    assert verify_preference(recipe=recipe).verdict != "fail"
+    launched = launch_training(recipe=recipe)
+    assert "tools.train_dpo" in " ".join(launched.command)
+    rid = launched.run_id
     t0 = time.time()
     try:
         while (s := training_status(rid, log_lines=30, plot=False)).state in ("queued", "running"):

@@ -18,7 +18,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "datasets": ("datasets", ("Dataset", "load_dataset", "load_from_disk")),
     "peft": ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
     "trl": ("trl", ("SFTConfig", "SFTTrainer", "ModelConfig", "ScriptArguments", "TrlParser",
-                    "DatasetMixtureConfig")),
+                    "DatasetMixtureConfig", "DPOConfig", "DPOTrainer")),
 }
 # What each kind of tool needs, in import order (trl imports transformers, datasets, peft).
 TRAINING_STACK = ("transformers", "datasets", "peft", "trl")

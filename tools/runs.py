@@ -11,6 +11,7 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -98,6 +99,58 @@ def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_m
     warnings.extend(f"recipe: {w}" for w in v.warnings)
     _memory_gate(v, require_memory_fit, checks, warnings)
     return v
+
+
+@dataclass
+class _DpoValidation:
+    """What launch needs of a DPO recipe's validation (no memory estimate for DPO yet)."""
+    memory: Any = None
+    fits: Optional[bool] = None
+    accelerate: Any = None
+
+
+def _check_dpo_recipe(cfg: dict, rpath: Path, checks: list[str]) -> _DpoValidation:
+    """A DPO recipe: every path inside the workspace, and TRL's own DPO parser accepts it."""
+    from tools.recipes import _outside, recipe_paths
+    from tools.train_dpo import parse_dpo_recipe
+    root = get_workspace().root
+    for key, value in recipe_paths(cfg):
+        out = _outside(value, root)
+        if out is not None:
+            raise UserError(f"{key} '{value}' resolves to {out}, outside the workspace.", field="recipe",
+                            fix="Use paths inside the workspace.")
+    if cfg.get("trust_remote_code"):
+        raise UserError("trust_remote_code is not accepted for DPO recipes here.", field="recipe",
+                        fix="Remove trust_remote_code.")
+    try:
+        parse_dpo_recipe(str(rpath))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"TRL's DPO parser refuses the recipe: {exc}", field="recipe",
+                        fix="Regenerate it with generate_dpo_recipe, or fix the key it names.") from exc
+    checks.append("DPO recipe: parsed by TRL's DPOConfig; paths inside the workspace")
+    return _DpoValidation()
+
+
+def _check_preference(cfg: dict, checks: list[str], warnings: list[str]) -> None:
+    """The DPO gate: a verify_preference report for exactly the recipe's inputs, not failed."""
+    from tools.preference import find_preference_report, recipe_preference
+    tok, inputs, st = recipe_preference(cfg)
+    if not inputs or not tok:
+        raise UserError("names no dataset or no model.", field="recipe",
+                        fix="Set dataset_name and model_name_or_path in the recipe.")
+    for dataset, split in inputs:
+        rep = find_preference_report(dataset, tok, split=split, **st)
+        if rep is None:
+            raise UserError(f"no preference report matches {dataset} with {tok} and {st}.", field="recipe",
+                            fix="Call verify_preference(recipe=<this recipe>) and check its verdict, then "
+                                "launch again; or pass require_masking_report=false to skip this check.")
+        if rep.verdict == "fail":
+            failed = "; ".join(r.message for r in rep.reasons if r.severity == "fail")[:600]
+            raise UserError(f"the preference report for {dataset} failed ({failed}).", field="recipe",
+                            fix="Fix the pairs (convert_preference) or the settings, verify again, launch.")
+        if rep.verdict == "warn":
+            warnings.append(f"preference report for {dataset}: verdict warn (read it before trusting the run)")
+        checks.append(f"preference report for {dataset} [{split}]: {rep.verdict}")
 
 
 def _memory_gate(v, require_memory_fit: bool, checks: list[str], warnings: list[str]) -> None:
@@ -221,10 +274,11 @@ def _earlier_run(output_dir: Path) -> dict:
 
 
 def _plan_run(cfg: dict, recipe_copy: Path, acc_path: Optional[Path], num_processes: Optional[int],
-              gpu_ids: Optional[list[int]], checks: list[str], warnings: list[str]):
+              gpu_ids: Optional[list[int]], checks: list[str], warnings: list[str],
+              module: str = "tools.train"):
     """The launch plan (argv, environment, process count) for this host's GPUs."""
     from .hardware import detect_hardware
-    plan = plan_launch(["-m", "tools.train", "--config", str(recipe_copy)], num_processes=num_processes,
+    plan = plan_launch(["-m", module, "--config", str(recipe_copy)], num_processes=num_processes,
                        gpu_ids=gpu_ids, acc_path=acc_path,
                        acc_copy=recipe_copy.with_name("accelerate_config.yaml") if acc_path else None,
                        gpus_present=detect_hardware().gpu_count, recipe_use_cpu=bool(cfg.get("use_cpu")))
@@ -253,12 +307,19 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     else:
         checks.append("no other run active on these devices")
 
-    v = _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
-    _check_disk(cfg, output_dir, v, checks)
-    if require_masking_report:
-        _check_masking(cfg, checks, warnings)
+    from .train_dpo import is_dpo_recipe  # light: imports no TRL at module level
+    dpo = is_dpo_recipe(cfg)
+    if dpo:
+        v = _check_dpo_recipe(cfg, rpath, checks)
     else:
+        v = _check_recipe(rpath, str(acc_path) if acc_path else None, require_memory_fit, checks, warnings)
+    _check_disk(cfg, output_dir, v, checks)
+    if not require_masking_report:
         checks.append("masking report: not required (require_masking_report=false)")
+    elif dpo:
+        _check_preference(cfg, checks, warnings)
+    else:
+        _check_masking(cfg, checks, warnings)
 
     resumes_from = _last_checkpoint(output_dir)
     method = infer_method(cfg)
@@ -267,7 +328,8 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
     rdir = run_dir_for(rid, must_exist=False) if not dry_run else get_workspace().owned_dir("runs") / rid
     recipe_copy = rdir / "recipe.yaml"
     try:
-        plan = _plan_run(cfg, recipe_copy, acc_path, num_processes, gpu_ids, checks, warnings)
+        plan = _plan_run(cfg, recipe_copy, acc_path, num_processes, gpu_ids, checks, warnings,
+                         module="tools.train_dpo" if dpo else "tools.train")
         if not dry_run:
             meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
                     "method": method, "base_model": cfg.get("model_name_or_path"),
