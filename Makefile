@@ -6,7 +6,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
 # deepspeed is installed for the multi-process ZeRO-3 CPU test; liger-kernel and flash-attn
 # (GPU only, ~1 GB of triton) are not installed here: use `pip install -e .[gpu]` on a GPU box.
-EXTRAS ?= train,eval,dev
+# export builds llama-cpp-python (llama.cpp) from source: the longest install step (see
+# references/export.md); EXTRAS=train,eval,dev skips it and the GGUF tests skip themselves.
+EXTRAS ?= train,eval,dev,export
+# llama-cpp-python compiles llama.cpp on install. -march=native would bake in this CPU's
+# extensions: on the Sapphire Rapids VMs here its AMX matmul dies with SIGILL on k-quants, and a
+# cached wheel would not run on an older CPU. So x86-64 gets an AVX2 baseline; other CPUs native.
+# The multimodal library (mtmd) is not built: export does not use it.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+else
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+endif
 
 .PHONY: venv test demo bench clean
 
@@ -14,8 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "deepspeed>=0.17" "$(TORCH_SPEC)" || echo "deepspeed not installed: its test will be skipped"
+	case ",$(EXTRAS)," in *,export,*) $(PY) -m tools.export_setup ;; esac
 	touch $@
 
 venv: $(VENV)/.installed
