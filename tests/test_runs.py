@@ -526,7 +526,7 @@ def test_a_one_point_loss_curve_is_drawn(tmp_path):
     w, h = img.size
     # A single point sits in the middle of the axes; the legend's line sample is in a corner.
     box = img.crop((int(w * 0.35), int(h * 0.3), int(w * 0.75), int(h * 0.7)))
-    blue = [px for px in box.getdata() if abs(px[0] - 31) < 40 and abs(px[1] - 119) < 40 and px[2] > 150]
+    blue = [px for px in box.convert("RGB").get_flattened_data() if abs(px[0] - 31) < 40 and abs(px[1] - 119) < 40 and px[2] > 150]
     assert len(blue) >= 4  # matplotlib's first colour, #1f77b4
 
 
