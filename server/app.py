@@ -27,7 +27,7 @@ decision tree, formats, masking, recipes, distributed training and troubleshooti
 
 # One module per area; each has register(mcp). Kept as names so a missing area fails loudly.
 TOOL_MODULES = ["server.planning", "server.data", "server.recipes", "server.runs", "server.post",
-                "server.preference"]
+                "server.preference", "server.export"]
 
 
 def _add_resources(mcp: MCPServer) -> None:
