@@ -176,15 +176,22 @@ def test_parity_fails_against_other_weights(ws, chatml_model):
 
 
 @pytest.mark.slow
-def test_export_from_adapter_merges_first(ws, chatml_model):
+def test_export_from_adapter_then_push_to_hub_dry_run(ws, chatml_model, monkeypatch):
     """adapter= runs merge_adapter into output_dir/hf (inside the same atomic write) and exports
-    the merged model; the serving commands point at that folder."""
+    the merged model; push_to_hub's dry run then shows the card (recipe, data, masking,
+    evaluation, parity) and the files, and a real push offline or without a token is refused."""
+    import yaml
     from test_merge import make_adapter
 
     from tools.export import export_model
+    from tools.export_hub import push_to_hub
     if not _converter_installed():
         pytest.skip("llama.cpp converter not installed")
-    make_adapter(chatml_model, ws.root / "runs" / "r1" / "output")
+    run = ws.root / "runs" / "r1"
+    make_adapter(chatml_model, run / "output", summary={"method": "lora", "train_loss": 0.42})
+    (run / "recipe.yaml").write_text(yaml.safe_dump({
+        "model_name_or_path": "models/chatml-tiny", "use_peft": True, "lora_r": 4,
+        "learning_rate": 2e-4, "dataset_name": "data/qa", "assistant_only_loss": True}))
     r = export_model(adapter="runs/r1/output", output_dir="exports/a", formats=["q8_0"], parity=False)
     out = ws.root / "exports" / "a"
     assert r.merged_from_adapter == "runs/r1/output" and r.merge_verified is True
@@ -194,6 +201,30 @@ def test_export_from_adapter_merges_first(ws, chatml_model):
     assert r.parity is None and "not checked" in r.verdict
     assert "FROM ./r1-q8_0.gguf" in (out / "Modelfile").read_text()
     assert _no_gguf_left(ws.root) == ["exports/a/r1-q8_0.gguf"]
+
+    (ws.root / "evals").mkdir()
+    (ws.root / "evals" / "results.json").write_text(json.dumps(
+        {"table": "| exact match, fine-tuned | 100.0% |"}))
+    h = push_to_hub(folder="exports/a", repo_id="me/tiny", eval_results="evals/results.json")
+    assert h.dry_run and h.private and not h.uploaded
+    card = h.model_card
+    assert card.startswith("---\nbase_model: models/chatml-tiny\n") and "- gguf" in card
+    for needle in ("`lora_r`: 4", "final train loss: 0.42", "data/qa", "assistant_only_loss=True",
+                   "| exact match, fine-tuned | 100.0% |", "Parity (llama.cpp vs transformers): parity not checked",
+                   "| r1-q8_0.gguf |", "| hf/model.safetensors |"):
+        assert needle in card, needle
+    assert {f.path for f in h.files} >= {"README.md", "r1-q8_0.gguf", "Modelfile", "hf/config.json"}
+    assert "exports/a/export_report.json" in h.card_sources and "runs/r1/recipe.yaml" in h.card_sources
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="dry_run: the hub is switched off"):
+        push_to_hub(folder="exports/a", repo_id="me/tiny", dry_run=False)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
+                "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(ws.root / "no-token"))  # no stored token either
+    with pytest.raises(UserError, match="no Hugging Face token"):
+        push_to_hub(folder="exports/a", repo_id="me/tiny", dry_run=False)
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -207,7 +238,8 @@ def test_converter_refuses_the_byte_tokenizer(ws, tiny_model):
     with pytest.raises(UserError) as e:
         export_model(model="models/tiny-llama", output_dir="exports/tiny", formats=["f16"])
     msg = str(e.value)
-    assert msg.startswith("model:") and "pre-tokenizer" in msg and "Fix:" in msg
+    assert msg.startswith("model:") and "does not recognise this tokenizer's pre-tokenizer" in msg
+    assert "Fix: Export a model that keeps its base model's tokenizer" in msg
     assert not (ws.root / "exports" / "tiny").exists()
     assert _no_gguf_left(ws.root) == []
 
@@ -224,7 +256,9 @@ def test_unsupported_architecture(ws, tmp_path):
                              num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(str(d))
     with pytest.raises(UserError) as e:
         export_model(model="models/opt", output_dir="exports/opt")
-    assert "OPTForCausalLM" in str(e.value) and "vLLM" in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith("model:") and "architecture OPTForCausalLM" in msg and "vLLM" in msg
+    assert "are supported, e.g. LlamaForCausalLM" in msg  # the converter's table, read up front
     assert not (ws.root / "exports").exists()
 
 
@@ -280,6 +314,14 @@ def test_disk_too_small(ws, chatml_model, small_disk):
     assert list(small_disk.iterdir()) == []
 
 
+def test_parity_needs_ram_for_the_fp32_reference():
+    """A 100B-parameter model cannot be held in fp32 here: refused with parity=false as the fix."""
+    from tools.export_gguf import check_parity_ram
+    check_parity_ram(10_000_000)  # the test model fits
+    with pytest.raises(UserError, match=r"^parity: .* GiB of RAM .* Fix: Pass parity=false"):
+        check_parity_ram(100_000_000_000)
+
+
 def test_missing_converter_names_the_fix(ws, chatml_model, monkeypatch, tmp_path):
     from tools.export import export_model
     monkeypatch.setenv("LLAMA_CPP_CONVERTER", str(tmp_path / "nowhere" / "convert_hf_to_gguf.py"))
@@ -296,49 +338,6 @@ def test_model_and_adapter_are_exclusive(ws, chatml_model):
         export_model(output_dir="exports/x")
     with pytest.raises(UserError, match="output_dir is or contains"):
         export_model(model="models/chatml-tiny", output_dir="models")
-
-
-# ----------------------------------------------------------------------------- hub push
-@pytest.mark.slow
-def test_push_to_hub_dry_run_card_and_offline_refusal(ws, chatml_model, monkeypatch):
-    """dry_run shows the card (recipe, data, masking, evaluation, parity) and the files; a real
-    push without the network or a token is refused with the fix."""
-    import yaml
-    from test_merge import make_adapter
-
-    from tools.export import export_model
-    from tools.export_hub import push_to_hub
-    if not _converter_installed():
-        pytest.skip("llama.cpp converter not installed")
-    run = ws.root / "runs" / "r1"
-    make_adapter(chatml_model, run / "output", summary={"method": "lora", "train_loss": 0.42})
-    (run / "recipe.yaml").write_text(yaml.safe_dump({
-        "model_name_or_path": "models/chatml-tiny", "use_peft": True, "lora_r": 4,
-        "learning_rate": 2e-4, "dataset_name": "data/qa", "assistant_only_loss": True}))
-    (ws.root / "evals").mkdir()
-    (ws.root / "evals" / "results.json").write_text(json.dumps(
-        {"table": "| exact match, fine-tuned | 100.0% |"}))
-    export_model(adapter="runs/r1/output", output_dir="exports/a", formats=["q8_0"], parity=False)
-    r = push_to_hub(folder="exports/a", repo_id="me/tiny", eval_results="evals/results.json")
-    assert r.dry_run and r.private and not r.uploaded
-    card = r.model_card
-    assert card.startswith("---\nbase_model: models/chatml-tiny\n") and "- gguf" in card
-    for needle in ("`lora_r`: 4", "final train loss: 0.42", "data/qa", "assistant_only_loss=True",
-                   "| exact match, fine-tuned | 100.0% |", "Parity (llama.cpp vs transformers): parity not checked",
-                   "| r1-q8_0.gguf |", "| hf/model.safetensors |"):
-        assert needle in card, needle
-    assert {f.path for f in r.files} >= {"README.md", "r1-q8_0.gguf", "Modelfile", "hf/config.json"}
-    assert "exports/a/export_report.json" in r.card_sources and "runs/r1/recipe.yaml" in r.card_sources
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="dry_run: the hub is switched off"):
-        push_to_hub(folder="exports/a", repo_id="me/tiny", dry_run=False)
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
-                "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    import huggingface_hub.constants as hc
-    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(ws.root / "no-token"))  # no stored token either
-    with pytest.raises(UserError, match="no Hugging Face token"):
-        push_to_hub(folder="exports/a", repo_id="me/tiny", dry_run=False)
 
 
 # ----------------------------------------------------------------------------- Ollama template
@@ -395,40 +394,59 @@ def test_ollama_template_renders_like_the_training_template(family, fmt, tmp_pat
         assert got == (want[len(bos):] if bos and want.startswith(bos) else want), name
 
 
-def test_untranslatable_template_says_what_to_do():
+def test_untranslatable_template_says_what_to_do(tmp_path):
     """Gemma 2 folds the system message into the user turn: not a format we translate."""
     from tools.export_templates import translate
     from tools.tiny import build_tokenizer
-    import tempfile
     gemma = (FIXTURES / "templates" / "llama.cpp" / "google-gemma-2-2b-it.jinja").read_text()
-    tok = build_tokenizer(tempfile.mkdtemp(), chat_template=gemma)
+    tok = build_tokenizer(tmp_path / "gemma", chat_template=gemma)
     t = translate(tok, gguf_adds_bos=True)
     assert t.format is None and not t.exact and t.template is None
     assert "llama-server" in t.reason and "--jinja" in t.reason and "TEMPLATE" in t.reason
+    # ChatML turns, but the assistant role is renamed: it parses as ChatML and is still refused,
+    # because the format would not reproduce the rendering.
+    bot = ("{% for m in messages %}{{ '<|im_start|>' + ('bot' if m['role'] == 'assistant' "
+           "else m['role']) + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    t = translate(build_tokenizer(tmp_path / "bot", chat_template=bot), gguf_adds_bos=False)
+    assert t.format is None and "looks like chatml but renders differently" in t.reason
 
 
-def test_registered_over_mcp(ws):
-    """server.export registers export_model with its schema, and a bad argument comes back as an
-    error naming the field (the full server's contract test needs server.export in TOOL_MODULES)."""
+def test_registered_over_mcp(ws, chatml_model):
+    """server.export registers both tools; a real export_model call's structured output validates
+    against its advertised outputSchema, and bad arguments come back as errors naming the field
+    (the full server's contract test needs server.export in TOOL_MODULES)."""
     import asyncio
 
+    import jsonschema
     from mcp import Client
     from mcp.server.mcpserver import MCPServer
 
     from server.export import register
+    if not _converter_installed():
+        pytest.skip("llama.cpp converter not installed")
     mcp = MCPServer("t")
     register(mcp)
 
     async def main():
         async with Client(mcp) as c:
-            (tool,) = [t for t in (await c.list_tools()).tools if t.name == "export_model"]
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert set(tools) == {"export_model", "push_to_hub"}
+            tool = tools["export_model"]
             props = tool.input_schema["properties"]
             assert {"model", "adapter", "output_dir", "formats", "parity", "max_new_tokens"} <= set(props)
             assert "Q4_K_M" in json.dumps(props["formats"]) and "output_dir" in tool.input_schema["required"]
             assert tool.annotations.destructive_hint is True
+            r = await c.call_tool("export_model", {"model": "models/chatml-tiny", "output_dir": "exports/m",
+                                                   "formats": ["q8_0"], "parity": False})
+            assert not r.is_error, r.content[0].text[:500]
+            jsonschema.validate(r.structured_content, tool.output_schema)
+            r = await c.call_tool("push_to_hub", {"folder": "exports/m", "repo_id": "me/m"})
+            assert not r.is_error and r.structured_content["dry_run"] is True
+            jsonschema.validate(r.structured_content, tools["push_to_hub"].output_schema)
             r = await c.call_tool("export_model", {"model": "models/none", "output_dir": "exports/x",
                                                    "formats": ["f16"]})
-            assert r.is_error and ("model:" in r.content[0].text or "formats:" in r.content[0].text)
+            assert r.is_error and "model: " in r.content[0].text and "does not exist" in r.content[0].text
             r = await c.call_tool("export_model", {"model": "models/none", "output_dir": "exports/x",
                                                    "formats": ["q4"]})
             assert r.is_error and "formats" in r.content[0].text

@@ -357,6 +357,8 @@ def export_model(
     params = gg.parameter_count(src.config_dir)
     if params:
         gg.check_disk(out, gg.bytes_needed(params, formats, hf_copy_bytes=4 * params if src.adapter else 0))
+        if parity:
+            gg.check_parity_ram(params)
     name_ = _name(name, src)
     merged_ok = None
     with ws.atomic_dir(output_dir, overwrite=overwrite) as tmp:

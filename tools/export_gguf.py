@@ -214,3 +214,20 @@ def check_disk(target: Path, need: int) -> None:
                         f"{free / 2**30:.2f} GiB are free on the disk holding it.", field="output_dir",
                         fix="Free disk space, choose an output_dir on a larger disk inside the "
                             "workspace, or ask for fewer formats (Q4_K_M alone is ~0.6 byte/param).")
+
+
+def check_parity_ram(params: int) -> None:
+    """The parity reference is the HF model in fp32 (4 bytes/param) next to a memory-mapped GGUF."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as fh:  # MemAvailable counts reclaimable cache too
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, AttributeError):
+        return
+    need = int(params * 4 * 1.2)
+    if need > free:
+        raise UserError(f"the parity proof loads the HF model in fp32 (~{need / 2**30:.1f} GiB) but "
+                        f"only {free / 2**30:.1f} GiB of RAM are available.", field="parity",
+                        fix="Pass parity=false (and prove the GGUF on a larger machine), or free memory.")
