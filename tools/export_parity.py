@@ -139,12 +139,8 @@ def hf_reference(model_dir: Path, tok, prompts: list[str], max_new_tokens: int,
 
 # ----------------------------------------------------------------------------- comparison
 def _prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    from .masking_checks import common_prefix_ids  # one helper for "where token lists diverge"
+    return common_prefix_ids(a, b)
 
 
 def compare_prompt(ref: dict, got: dict, tok, eos_ids: list[int]) -> PromptParity:
