@@ -94,37 +94,11 @@ def api_deps():
 @pytest.fixture
 def fake_server():
     """An OpenAI-compatible server: right on even first operands, off by one on odd ones."""
-    requests: list[dict] = []
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def _send(self, obj):
-            body = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            requests.append({"_get": self.path, "_authorization": self.headers.get("Authorization")})
-            self._send({"object": "list", "data": [{"id": "served-tiny", "object": "model"}]})
-
-        def do_POST(self):
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append({**req, "_authorization": self.headers.get("Authorization")})
-            a, b = map(int, re.findall(r"(\d+)\+(\d+)", req["messages"][-1]["content"])[0])
-            ans = a + b if a % 2 == 0 else a + b + 1
-            self._send({"id": "c", "object": "chat.completion", "choices": [{
-                "index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": f"{a} plus {b}.\n#### {ans}"}}]})
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", requests
-    srv.shutdown()
+    def arith(req) -> str:
+        a, b = map(int, re.findall(r"(\d+)\+(\d+)", req["messages"][-1]["content"])[0])
+        return f"{a} plus {b}.\n#### {a + b if a % 2 == 0 else a + b + 1}"
+    with chat_server(arith, model_id="served-tiny", record_get=True) as served:
+        yield served
 
 
 def test_served_endpoint_exact_scores(ws, api_deps, fake_server):
@@ -406,7 +380,7 @@ def write_support(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def chat_server(reply):
+def chat_server(reply, model_id: str = "served", record_get: bool = False):
     """An OpenAI-compatible server on loopback whose chat replies are reply(request json)."""
     requests: list[dict] = []
 
@@ -423,7 +397,9 @@ def chat_server(reply):
             self.wfile.write(body)
 
         def do_GET(self):
-            self._send({"object": "list", "data": [{"id": "served", "object": "model"}]})
+            if record_get:
+                requests.append({"_get": self.path, "_authorization": self.headers.get("Authorization")})
+            self._send({"object": "list", "data": [{"id": model_id, "object": "model"}]})
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
