@@ -403,29 +403,40 @@ def verify_masking(
     return out
 
 
-def _from_recipe(recipe: str, dataset: Optional[str], tokenizer: Optional[str]) -> tuple:
-    """verify_masking's inputs read from a recipe, the way launch_training reads them."""
+def read_recipe(recipe: str) -> dict:
+    """A recipe YAML named by a verify_* tool, inside the workspace."""
     from .runs import read_yaml_mapping
-    ws = get_workspace()
-    cfg = read_yaml_mapping(ws.resolve(recipe, field="recipe", must_exist=True, kind="file"))
-    rm = recipe_masking(cfg)
-    if not rm.inputs or not rm.tokenizer:
+    return read_yaml_mapping(get_workspace().resolve(recipe, field="recipe", must_exist=True, kind="file"))
+
+
+def pick_recipe_input(tok: Optional[str], inputs: list[tuple[str, str]], dataset: Optional[str],
+                      tokenizer: Optional[str]) -> tuple[str, str]:
+    """The (dataset, split) of a recipe a verify_* call checks; a tokenizer given must be the
+    recipe's model (training loads its tokenizer from it)."""
+    if not inputs or not tok:
         raise UserError("names no dataset or no model.", field="recipe",
                         fix="Set dataset_name (or datasets:) and model_name_or_path in the recipe.")
-    if tokenizer is not None and tokenizer != rm.tokenizer:
-        raise UserError(f"'{short(tokenizer)}' is not the recipe's model '{short(rm.tokenizer)}', which "
+    if tokenizer is not None and tokenizer != tok:
+        raise UserError(f"'{short(tokenizer)}' is not the recipe's model '{short(tok)}', which "
                         "training loads its tokenizer from.", field="tokenizer",
                         fix="Leave tokenizer out when recipe is given.")
-    picked = [x for x in rm.inputs if dataset is None or x[0] == dataset]
+    picked = [x for x in inputs if dataset is None or x[0] == dataset]
     if len(picked) != 1:
-        names = ", ".join(d for d, _ in rm.inputs)
+        names = ", ".join(d for d, _ in inputs)
         raise UserError(("the recipe trains on several datasets" if dataset is None else
                          f"'{short(dataset)}' is not one of the recipe's datasets")
                         + f" ({names}).", field="dataset",
                         fix="Pass dataset= one of them, once per dataset.")
+    return picked[0]
+
+
+def _from_recipe(recipe: str, dataset: Optional[str], tokenizer: Optional[str]) -> tuple:
+    """verify_masking's inputs read from a recipe, the way launch_training reads them."""
+    rm = recipe_masking(read_recipe(recipe))
+    ds, split = pick_recipe_input(rm.tokenizer, rm.inputs, dataset, tokenizer)
     st = rm.settings
-    return (picked[0][0], rm.tokenizer, picked[0][1], st["chat_template_path"],
-            st["completion_only_loss"], st["assistant_only_loss"], st["packing"], st["max_length"])
+    return (ds, rm.tokenizer, split, st["chat_template_path"], st["completion_only_loss"],
+            st["assistant_only_loss"], st["packing"], st["max_length"])
 
 
 @dataclass

@@ -1089,21 +1089,10 @@ def recipe_preference(cfg: dict) -> tuple[Optional[str], list[tuple[str, str]], 
 
 
 def _from_recipe(recipe: str, dataset: Optional[str], tokenizer: Optional[str]) -> tuple:
-    from .runs import read_yaml_mapping
-    ws = get_workspace()
-    cfg = read_yaml_mapping(ws.resolve(recipe, field="recipe", must_exist=True, kind="file"))
-    tok, inputs, st = recipe_preference(cfg)
-    if not inputs or not tok:
-        raise UserError("names no dataset or no model.", field="recipe",
-                        fix="Set dataset_name and model_name_or_path in the recipe.")
-    if tokenizer is not None and tokenizer != tok:
-        raise UserError(f"'{short(tokenizer)}' is not the recipe's model '{short(tok)}'.", field="tokenizer",
-                        fix="Leave tokenizer out when recipe is given.")
-    picked = [x for x in inputs if dataset is None or x[0] == dataset]
-    if len(picked) != 1:
-        raise UserError(f"pick one of the recipe's datasets ({', '.join(d for d, _ in inputs)}).",
-                        field="dataset", fix="Pass dataset= one of them.")
-    return picked[0][0], tok, picked[0][1], st["chat_template_path"], st["max_length"]
+    from .masking import pick_recipe_input, read_recipe
+    tok, inputs, st = recipe_preference(read_recipe(recipe))
+    ds, split = pick_recipe_input(tok, inputs, dataset, tokenizer)
+    return ds, tok, split, st["chat_template_path"], st["max_length"]
 
 
 def find_preference_report(dataset_path: str, tokenizer_path: str, *, max_length: Optional[int],
