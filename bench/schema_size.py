@@ -21,7 +21,8 @@ async def main() -> None:
     async with Client(create_server()) as c:
         tools = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
                  for t in (await c.list_tools()).tools]
-    size = lambda o: len(json.dumps(o, ensure_ascii=False))  # noqa: E731
+    # compact JSON, as the SDK writes each message on the wire
+    size = lambda o: len(json.dumps(o, ensure_ascii=False, separators=(",", ":")))  # noqa: E731
     print("| tool | input | output | description |\n|---|---:|---:|---:|")
     for t in sorted(tools, key=lambda t: -size(t)):
         print(f"| {t['name']} | {size(t.get('inputSchema', {}))} | {size(t.get('outputSchema', {}))} | "

@@ -4,12 +4,15 @@ Only wiring lives here; the logic is in tools/. Importing this module imports no
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
+from typing import Any, Callable
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resources import FileResource, FunctionResource
 
+from server import tool_help
 from tools import __version__, chat_templates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,27 +56,87 @@ def _add_resources(mcp: MCPServer) -> None:
                     "generate_recipe to get it copied into the workspace."))
 
 
-def _drop_titles(schema) -> None:
-    """Remove pydantic's generated `title`s in place: each repeats its property or model name,
-    and every client pays for tools/list in context (about a sixth of its size)."""
+def _walk(schema: Any, fix: Callable[[dict], None]) -> None:
+    """Apply `fix` to every sub-schema of `schema`; property *names* (which may be "title" or
+    "description") are never touched, only their schemas."""
     if isinstance(schema, dict):
-        if isinstance(schema.get("title"), str):
-            del schema["title"]
+        fix(schema)
         for key, value in schema.items():
-            if key != "properties" or not isinstance(value, dict):
-                _drop_titles(value)
-            else:  # property *names* may be "title"; only their schemas are walked
+            if key == "properties" and isinstance(value, dict):
                 for sub in value.values():
-                    _drop_titles(sub)
+                    _walk(sub, fix)
+            else:
+                _walk(value, fix)
     elif isinstance(schema, list):
         for item in schema:
-            _drop_titles(item)
+            _walk(item, fix)
+
+
+def _drop_title(s: dict) -> None:
+    # pydantic's titles repeat the property or model name
+    if isinstance(s.get("title"), str):
+        del s["title"]
+
+
+def _optional_as_type(s: dict) -> None:
+    # `anyOf: [X, null], default: null` says "optional": not being in `required` says that already
+    any_of = s.get("anyOf")
+    if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
+        other = next(x for x in any_of if x != {"type": "null"})
+        del s["anyOf"]
+        if "default" in s and s["default"] is None:
+            del s["default"]
+        s.update({k: v for k, v in other.items() if k not in s})
+
+
+def _nullable(s: dict) -> None:
+    # `anyOf: [X, null]` as `type: [X, "null"]`: the client validates results against it
+    any_of = s.get("anyOf")
+    if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
+        other = next(x for x in any_of if x != {"type": "null"})
+        if "$ref" in other:
+            other = {"type": "object"}
+        if isinstance(other.get("type"), str):
+            del s["anyOf"]
+            s.update({k: v for k, v in other.items() if k not in s})
+            s["type"] = [other["type"], "null"]
+
+
+def _output_shape(schema: dict | None) -> dict | None:
+    """The output schema the client sees: the top-level fields with their types (summary first,
+    next_steps last); nested models are `object`s. The agent reads the values themselves; the full
+    field documentation is in the tool's help resource."""
+    if not schema:
+        return schema
+
+    def flatten(s: dict) -> None:
+        if "$ref" in s:
+            s.clear()
+            s["type"] = "object"
+        for key in ("description", "default", "title", "examples"):
+            if isinstance(s.get(key), (str, int, float, bool, list, dict)) or key == "default":
+                s.pop(key, None)
+    props = {}
+    for name, sub in schema.get("properties", {}).items():
+        sub = copy.deepcopy(sub)
+        _walk(sub, _nullable)
+        _walk(sub, flatten)
+        props[name] = sub
+    order = (["summary"] if "summary" in props else []) + [
+        n for n in props if n not in ("summary", "next_steps")] + (
+        ["next_steps"] if "next_steps" in props else [])
+    return {"type": "object", "properties": {n: props[n] for n in order}}
 
 
 def _slim_schemas(mcp: MCPServer) -> None:
     for tool in mcp._tool_manager.list_tools():  # the registered tools, as list_tools serves them
-        _drop_titles(tool.parameters)
-        _drop_titles(tool.output_schema)
+        _walk(tool.parameters, _drop_title)
+        _walk(tool.parameters, _optional_as_type)
+        if tool.output_schema:  # a cached dict: reshaped in place
+            shape = _output_shape(tool.output_schema)
+            tool.output_schema.clear()
+            tool.output_schema.update(shape)
+        tool.description = tool_help.short_description(tool.description)
 
 
 def create_server() -> MCPServer:
@@ -81,6 +144,7 @@ def create_server() -> MCPServer:
     mcp = MCPServer("llm-fine-tuning", version=__version__, instructions=INSTRUCTIONS)
     for mod in TOOL_MODULES:
         importlib.import_module(mod).register(mcp)
+    tool_help.add_resources(mcp)
     _slim_schemas(mcp)
     _add_resources(mcp)
     return mcp

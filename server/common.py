@@ -4,15 +4,19 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import json
 import logging
 import math
 import os
 from typing import Any, Callable
 
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ToolAnnotations
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel
 
 from tools.errors import UserError
+from tools.results import ToolResult
+from tools.results import problems as result_problems
 from tools.heavy import TRAINING_STACK, warm
 from tools.workspace import field_of, short, tracking_fields
 
@@ -141,15 +145,41 @@ def _refuse_non_finite(kwargs: dict) -> None:
         raise ToolError(f"{bad}: inf and NaN are not accepted. Fix: give a finite number.")
 
 
+# Set by the test suite: a tool whose result breaks the summary/next_steps contract fails loudly
+# there; users get the result as it is.
+STRICT_RESULTS_ENV = "LLM_FT_STRICT_RESULTS"
+
+
+def to_call_result(name: str, result: Any) -> Any:
+    """A ToolResult as MCP content: the text is its summary, key figures and next steps; the
+    structured content is every field (summary first, next_steps last)."""
+    if isinstance(result, CallToolResult):  # built by a wrapper that adds content (an image)
+        return result
+    if not isinstance(result, ToolResult):
+        if os.environ.get(STRICT_RESULTS_ENV):
+            raise ToolError(f"{name} returned {type(result).__name__}, not a ToolResult")
+        if isinstance(result, BaseModel):  # not yet on the contract: JSON text as before
+            data = result.model_dump(mode="json", by_alias=True)
+            return CallToolResult(content=[TextContent(type="text", text=json.dumps(data, indent=2))],
+                                  structured_content=data)
+        return result
+    broken = result_problems(result)
+    if broken and os.environ.get(STRICT_RESULTS_ENV):
+        raise ToolError(f"{name}: result contract broken: {'; '.join(broken)}")
+    return CallToolResult(content=[TextContent(type="text", text=result.text())],
+                          structured_content=result.wire())
+
+
 def _call(name: str, fn: Callable[..., Any], heavy: tuple[str, ...], args, kwargs):
     _refuse_non_finite(kwargs)
     if heavy:
         warm(*heavy)
     with tracking_fields() as seen:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
             raise _to_tool_error(name, exc, seen) from exc
+    return to_call_result(name, result)
 
 
 def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = (),
@@ -162,9 +192,10 @@ def expose(fn: Callable[..., Any], heavy: tuple[str, ...] = (),
         async def awrapper(*args, **kwargs):
             _refuse_non_finite(kwargs)
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                 raise _to_tool_error(name, exc) from exc
+            return to_call_result(name, result)
         return awrapper
 
     if progress_steps:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from pathlib import Path
 from typing import Annotated
 
 from mcp_types import CallToolResult, TextContent
 
-from server.common import DESTRUCTIVE, READ_ONLY, STARTS, TRAINING_STACK, add_tool
+from server.common import DESTRUCTIVE, READ_ONLY, STARTS, TRAINING_STACK, add_tool, to_call_result
 
 
 def _with_loss_image(fn):
@@ -24,8 +23,8 @@ def _with_loss_image(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         res = fn(*args, **kwargs)
-        data = res.model_dump(mode="json")
-        content = [TextContent(type="text", text=json.dumps(data, indent=2))]
+        call = to_call_result("training_status", res)
+        data, content = call.structured_content, list(call.content)
         if res.loss_plot_path and Path(res.loss_plot_path).is_file():
             content.append(Image(path=res.loss_plot_path).to_image_content())
         return CallToolResult(content=content, structured_content=data)
