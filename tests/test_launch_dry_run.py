@@ -53,7 +53,7 @@ def test_dry_run_returns_the_command_and_starts_nothing(dry_ws):
     r = launch_training("r.yaml", require_masking_report=False, dry_run=True)
     assert r.state == "dry_run" and r.dry_run and r.run_id == "<run_id>"
     assert r.command == [sys.executable, "-m", "tools.train", "--config", r.recipe_copy]
-    assert any("validate_recipe: valid" in c for c in r.checks) and "Nothing was started" in r.next_step
+    assert any("validate_recipe: valid" in c for c in r.checks) and "nothing was started" in r.summary and "launch_training(" in r.next_steps[0]
     _nothing_started(dry_ws)
 
 

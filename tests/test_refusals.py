@@ -197,7 +197,8 @@ def test_oom_says_what_to_lower_and_the_retry_keeps_the_global_batch(gate_ws):
     s = training_status("train-oom-1", plot=False)
     assert s.state == "failed" and "OutOfMemoryError" in s.error
     assert s.suggested_overrides == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
-    assert "same global batch" in s.next_step and "overrides=" in s.next_step
+    step = " ".join(s.next_steps)
+    assert "same global batch" in step and "overrides=" in step
     plan = launch_training(r, overrides=s.suggested_overrides, require_masking_report=False, dry_run=True)
     assert any("oom.override.yaml" in w for w in plan.warnings)
     new = yaml.safe_load((gate_ws.root / "oom.override.yaml").read_text())

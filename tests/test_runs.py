@@ -234,9 +234,10 @@ def test_stop_then_resume_continues_from_checkpoint(runs_ws):
             stop = (await call(c, "stop_training", run_id=rid, timeout_s=120)).structured_content
             assert stop["state"] == "stopped" and not stop["killed"], stop
             s = (await call(c, "training_status", run_id=rid, plot=False)).structured_content
-            assert s["state"] == "stopped" and s["summary"]["status"] == "stopped"
-            n = s["summary"]["steps"]
-            stopped_summary = s["summary"]
+            assert s["state"] == "stopped" and s["run_summary"]["status"] == "stopped"
+            n = s["run_summary"]["steps"]
+            assert f"is stopped at step {n}/" in s["summary"] and "launch_training(recipe=" in s["next_steps"][0]
+            stopped_summary = s["run_summary"]
             assert stop["last_checkpoint"].endswith(f"checkpoint-{n}")
             # Relaunch the same output_dir with a closer max_steps and an edited save cadence: it
             # resumes at step n, applies the new cadence (Trainer would keep the checkpoint's), and
@@ -335,7 +336,7 @@ def test_crash_is_failed_with_reason_and_force_overrides_conflict(runs_ws, tiny_
     assert s["state"] == "failed" and s["exit_code"] not in (0, None)
     assert s["error"] and "Error" in s["error"].split(":")[0], s["error"]
     assert "safetensors" in s["error"].lower() or "header" in s["error"].lower(), s["error"]
-    assert s["summary"]["status"] == "failed" and s["next_step"]
+    assert s["run_summary"]["status"] == "failed" and s["next_steps"] and "failed" in s["summary"]
     assert {x["run_id"]: x["state"] for x in runs["runs"]}[holder] == "running"
     assert holder in runs["active"]
     assert stop["state"] == "stopped" and stop["previous_state"] == "running"
@@ -510,9 +511,11 @@ def test_an_evaluation_run_shows_its_metrics_and_no_training_fields(runs_ws):
 
     s = run(main())
     assert s["state"] == "completed", s["log_tail"]
-    assert s["summary"]["metrics"] and s["summary"]["table"]
-    label, metrics_ = next(iter(s["summary"]["metrics"].items()))
+    assert s["run_summary"]["metrics"] and s["run_summary"]["table"]
+    label, metrics_ = next(iter(s["run_summary"]["metrics"].items()))
     assert metrics_[0]["n"] == 2
+    # the sentence to relay names the model and its first metric with its value
+    assert f"{label}: {metrics_[0]['metric']}" in s["summary"] and "completed" in s["summary"]
     for k in ("loss", "step", "max_steps", "last_checkpoint", "eval_loss", "tokens_per_second"):
         assert k not in s, k
 

@@ -18,12 +18,13 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, Field, model_serializer
 
 from .errors import UserError
+from .results import SUMMARY_MAX_CHARS, ToolResult
 from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describe, list_run_dirs,
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
 from .launch_plan import plan_launch
 from .train import infer_method
-from .workspace import exclusive, get_workspace
+from .workspace import exclusive, get_workspace, short
 
 __all__ = ["start_job", "launch_training", "training_status", "stop_training", "list_runs",
            "LaunchResult", "TrainingStatus", "StopResult", "RunList", "RunInfo"]
@@ -40,7 +41,7 @@ TRAINING_ONLY = ("method", "step", "max_steps", "progress_pct", "epoch", "loss",
 
 # ============================================================================ launch
 
-class LaunchResult(BaseModel):
+class LaunchResult(ToolResult):
     """A started training run."""
     run_id: str
     state: LaunchState
@@ -58,7 +59,6 @@ class LaunchResult(BaseModel):
     num_processes: int = 1
     gpu_ids: Optional[list[int]] = None
     dry_run: bool = False
-    next_step: str
 
 
 def read_yaml_mapping(path: Path) -> dict:
@@ -422,19 +422,28 @@ def launch_training(
             output_dir.rmdir()  # a dry run leaves nothing behind
     import shlex
     env_line = " ".join(f"{k}={v}" for k, v in plan.env.items())
+    where = f"GPUs {gpu_ids}" if gpu_ids is not None else (
+        f"{plan.world_size} processes" if plan.world_size > 1 else "1 process")
+    summary = (f"Dry run: {len(checks)} checks passed for {method or 'the'} run into "
+               f"{ws.rel(output_dir)} on {where}; nothing was started." if dry_run else
+               f"Started {method or ''} training run {rid} on {where}"
+               + (f", resuming from {Path(resumes_from).name}" if resumes_from else "")
+               + f"; output in {ws.rel(output_dir)}.")
+    again = f"launch_training(recipe='{ws.rel(rpath)}'" + (f", gpu_ids={gpu_ids}" if gpu_ids else "") + ")"
     return LaunchResult(
+        summary=summary.replace("  ", " "),
         run_id=rid, state="dry_run" if dry_run else "running", command=plan.argv,
         command_line=(env_line + " " if env_line else "") + shlex.join(plan.argv), run_dir=str(rdir),
         log_path=str(rdir / LOG), output_dir=str(output_dir), recipe_copy=str(recipe_copy),
         method=method, resumes_from=resumes_from, checks=checks, warnings=warnings, env=plan.env,
         num_processes=plan.world_size, gpu_ids=gpu_ids, dry_run=dry_run,
-        next_step=("Nothing was started: call launch_training again without dry_run to start it."
-                   if dry_run else f"Poll training_status(run_id='{rid}') every 30-60 s."))
+        next_steps=([f"{again} to start it (same checks, without dry_run)."] if dry_run else
+                    [f"training_status(run_id='{rid}') every 30-60 s."]))
 
 
 # ============================================================================ status
 
-class TrainingStatus(BaseModel):
+class TrainingStatus(ToolResult):
     """Where a run stands: state, progress, latest metrics, ETA, log tail, error when failed."""
     run_id: str
     kind: Optional[str] = None
@@ -464,7 +473,8 @@ class TrainingStatus(BaseModel):
     peak_memory_gib: Optional[float] = None
     num_tokens: Optional[float] = None
     last_checkpoint: Optional[str] = None
-    summary: Optional[dict[str, Any]] = Field(None, description="summary.json of the run once written.")
+    run_summary: Optional[dict[str, Any]] = Field(
+        None, description="summary.json of a training run once written; an evaluation's metrics table.")
     error: Optional[str] = Field(None, description="the exception line from the log when it failed.")
     warnings: list[str] = []
     log_path: Optional[str] = None
@@ -476,7 +486,6 @@ class TrainingStatus(BaseModel):
         None, description="report_to tracker and its local log folder, when the recipe sets one.")
     continues_run: Optional[str] = Field(None, description="the run this one resumed.")
     logical_run: Optional[str] = Field(None, description="first run id of a chain of resumes.")
-    next_step: Optional[str] = None
 
     @model_serializer(mode="wrap")
     def _drop_training_fields(self, handler):
@@ -610,7 +619,33 @@ def training_status(
         return _eval_status(res, out_dir, state, start_ts)
     metrics = _training_view(res, Path(res.output_dir), meta, state, start_ts) if res.output_dir else []
     _next_step(res, d, meta, state, tail)
+    res.summary = _status_sentence(res)
     return _finish_status(res, plot, metrics, rdir, run_id, state)
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "?" if x is None else f"{x:.4g}"
+
+
+def _status_sentence(res: "TrainingStatus") -> str:
+    """The one line to tell the user about a training run."""
+    head = f"Run {res.run_id} is {res.state}"
+    if res.step is not None and res.max_steps:
+        head += f" at step {res.step}/{res.max_steps} ({res.progress_pct}%)"
+    parts = [head]
+    if res.loss is not None:
+        parts.append(f"loss {_fmt(res.loss)}" + (f" (from {_fmt(res.first_loss)})"
+                                                  if res.first_loss not in (None, res.loss) else ""))
+    if res.eval_loss is not None:
+        parts.append(f"eval loss {_fmt(res.eval_loss)}")
+    if res.eta and res.state == "running":
+        parts.append(f"ETA {res.eta}")
+    text = ", ".join(parts) + "."
+    if res.error:
+        text += f" Error: {res.error}"
+    elif res.warnings:
+        text += f" Warning: {res.warnings[0]}"
+    return short(text, SUMMARY_MAX_CHARS)
 
 
 def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, start_ts) -> list[dict]:
@@ -622,7 +657,7 @@ def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, sta
     fresh = (lambda rec: not start_ts or float(rec.get("timestamp") or rec.get("started") or 0)
              >= float(start_ts) - 1)
     if summ and fresh(summ):
-        res.summary = summ
+        res.run_summary = summ
     if prog and fresh(prog):
         res.step, res.max_steps = prog.get("step"), prog.get("max_steps")
         res.epoch, res.seconds_per_step = prog.get("epoch"), prog.get("seconds_per_step")
@@ -632,8 +667,8 @@ def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, sta
     evals = [r for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
     if evals:
         res.eval_loss = evals[-1]["eval_loss"]
-    if res.summary:
-        s = res.summary
+    if res.run_summary:
+        s = res.run_summary
         res.step = s.get("steps", res.step)
         res.max_steps = s.get("max_steps", res.max_steps)
         res.peak_memory_gib = s.get("peak_memory_gib") or res.peak_memory_gib
@@ -698,24 +733,39 @@ def _loss_warnings(res: "TrainingStatus", losses: list) -> None:
 
 
 def _next_step(res: "TrainingStatus", d: dict, meta: dict, state: str, tail: list[str]) -> None:
-    """What the agent should do now (and, after an OOM, the overrides to relaunch with)."""
+    """The calls the agent should make now (and, after an OOM, the overrides to relaunch with)."""
+    recipe = _rel(meta.get("recipe"))
     if state == "failed":
-        res.error = error_from_log(tail) or (res.summary or {}).get("error") or d.get("reason")
+        res.error = error_from_log(tail) or (res.run_summary or {}).get("error") or d.get("reason")
         if res.error and ("OutOfMemoryError" in res.error or "out of memory" in res.error.lower()):
             _oom_advice(res, meta)
             return
-        res.next_step = ("Read `error` and log_tail (references/troubleshooting.md lists the usual causes), "
-                         "fix the recipe, then launch_training again; it resumes from the last checkpoint "
-                         "in output_dir if there is one.")
+        res.next_steps = [f"Read `error` and log_tail (references/troubleshooting.md lists the usual "
+                          f"causes), fix the recipe, then launch_training(recipe='{recipe}'): it resumes "
+                          "from the last checkpoint in output_dir if there is one."]
     elif state == "stopped":
-        res.next_step = ("Relaunch the same recipe to resume from " + res.last_checkpoint
-                         if res.last_checkpoint else "Relaunch the recipe to start again.")
-    elif state == "completed":
-        method = res.method or ""
-        res.next_step = ("merge_adapter, then evaluate (base vs fine-tuned)." if method in ("lora", "qlora")
-                         else "evaluate (base vs fine-tuned)." if d.get("kind") == TRAIN_KIND else None)
-    else:
-        res.next_step = "Poll again in 30-60 s."
+        res.next_steps = [f"launch_training(recipe='{recipe}') to resume from {res.last_checkpoint}."
+                          if res.last_checkpoint else f"launch_training(recipe='{recipe}') to start again."]
+    elif state == "completed" and d.get("kind") == TRAIN_KIND:
+        out = _rel(res.output_dir)
+        if (res.method or "") in ("lora", "qlora"):
+            res.next_steps = [f"merge_adapter(adapter='{out}')",
+                              f"evaluate(adapter='{out}', local_task=<test split>) for base vs tuned"]
+        else:
+            res.next_steps = [f"evaluate(model='{out}', compare_with='{meta.get('base_model')}', "
+                              "local_task=<test split>)"]
+        res.next_steps.append(f"generate(model=..., adapter='{out}') to read a few replies")
+    elif state in ("queued", "running"):
+        res.next_steps = [f"training_status(run_id='{res.run_id}') again in 30-60 s."]
+
+
+def _rel(path: Optional[str]) -> Optional[str]:
+    """A path as the agent passes it back: relative to the workspace when inside it."""
+    if not path:
+        return path
+    with contextlib.suppress(Exception):
+        return get_workspace().rel(Path(path))
+    return path
 
 
 def _resume_warnings(res: "TrainingStatus", resume: Optional[dict], fresh) -> None:
@@ -735,18 +785,32 @@ def _eval_status(res: "TrainingStatus", out_dir: Optional[Path], state: str,
     results = read_json(out_dir / "results.json") if out_dir else None
     fresh = results and (not start_ts or (out_dir / "results.json").stat().st_mtime >= float(start_ts) - 1)
     if results and fresh:
-        res.summary = {k: results.get(k) for k in ("table", "comparison", "notes", "results_file")}
-        res.summary["metrics"] = {r.get("label"): r.get("metrics") for r in results.get("runs") or []}
+        res.run_summary = {k: results.get(k) for k in ("table", "comparison", "notes", "results_file")}
+        res.run_summary["metrics"] = {r.get("label"): r.get("metrics") for r in results.get("runs") or []}
     if state == "failed":
         err = read_json(out_dir / "error.json") if out_dir else None
         res.error = (err or {}).get("error") or error_from_log(res.log_tail) or res.reason
-        res.next_step = "Read `error`, fix the evaluate arguments, and run evaluate again."
+        res.next_steps = ["Read `error`, fix the evaluate arguments, and call evaluate again."]
+        res.summary = short(f"Evaluation {res.run_id} failed: {res.error}", SUMMARY_MAX_CHARS)
     elif state == "completed":
-        res.next_step = ("Compare the table; spot-check outputs before trusting the numbers."
-                         if res.summary else "results.json is missing: read log_tail.")
+        res.next_steps = (["generate(...) on a few test rows: read replies before trusting the numbers."]
+                          if res.run_summary else ["results.json is missing: read log_tail."])
+        res.summary = _eval_sentence(res)
     else:
-        res.next_step = "Poll again in 30-60 s."
+        res.next_steps = [f"training_status(run_id='{res.run_id}') again in 30-60 s."]
+        res.summary = f"Evaluation {res.run_id} is {state}."
     return res
+
+
+def _eval_sentence(res: "TrainingStatus") -> str:
+    """Each evaluated model's first metrics, e.g. 'base: rougeL 0.21; tuned: rougeL 0.48'."""
+    metrics = (res.run_summary or {}).get("metrics") or {}
+    parts = []
+    for label, values in metrics.items():  # values: evaluate's TaskMetric dicts
+        shown = [f"{m.get('metric')} {_fmt(m.get('value'))}" for m in (values or [])
+                 if isinstance(m, dict) and isinstance(m.get("value"), (int, float))][:2]
+        parts.append(f"{label}: {', '.join(shown) or 'no metric'}")
+    return short(f"Evaluation {res.run_id} completed. " + "; ".join(parts), SUMMARY_MAX_CHARS)
 
 
 def _finish_status(res: "TrainingStatus", plot: bool, metrics: list[dict], rdir: Path, run_id: str,
@@ -778,15 +842,15 @@ def _oom_advice(res: "TrainingStatus", meta: dict) -> None:
         res.suggested_overrides = None
         why = ("the micro-batch is already 1 with checkpointing: shorten max_length, use 8-bit Adam "
                "(optim: paged_adamw_8bit), QLoRA, or more GPUs (recommend_method)")
-    src = meta.get("recipe") or recipe
-    res.next_step = (f"Out of memory: {why}. " + (
+    src = _rel(meta.get("recipe") or recipe)
+    res.next_steps = [f"Out of memory: {why}. " + (
         f"Relaunch: launch_training(recipe='{src}', overrides={res.suggested_overrides})."
-        if res.suggested_overrides else "See references/troubleshooting.md (OOM)."))
+        if res.suggested_overrides else "See references/troubleshooting.md (OOM).")]
 
 
 # ============================================================================ stop
 
-class StopResult(BaseModel):
+class StopResult(ToolResult):
     run_id: str
     state: State
     previous_state: State
@@ -813,16 +877,21 @@ def stop_training(
     def last_ckpt() -> Optional[str]:
         return _last_checkpoint(out) if out else None
 
+    recipe = _rel((d.get("meta") or {}).get("recipe"))
+    relaunch = [f"launch_training(recipe='{recipe}') to resume"] if recipe and d.get("kind") == TRAIN_KIND else []
     if prev not in ("queued", "running"):
         return StopResult(run_id=run_id, state=prev, previous_state=prev, last_checkpoint=last_ckpt(),
-                          message=f"run is already {prev}; nothing to stop.")
+                          message=f"run is already {prev}; nothing to stop.",
+                          summary=f"Run {run_id} is already {prev}; nothing was stopped.")
     st = update_status(rdir, stop_requested=True, stop_requested_at=now_iso())
     t0 = time.time()
     if not st.get("pid"):
         update_status(rdir, state="stopped", reason="stopped before it started", ended=now_iso(),
                       ended_ts=time.time())
         return StopResult(run_id=run_id, state="stopped", previous_state=prev,
-                          message="stopped before its process started.")
+                          message="stopped before its process started.",
+                          summary=f"Run {run_id} was stopped before its process started.",
+                          next_steps=relaunch)
     signal_run(st, signal.SIGTERM)
     killed = False
     while time.time() - t0 < timeout_s:
@@ -844,7 +913,9 @@ def stop_training(
         (f"; last checkpoint {ck} (relaunch the same recipe to resume)." if ck else "; no checkpoint saved.")
     return StopResult(run_id=run_id, state=d2["state"], previous_state=prev, signal_sent="SIGTERM" +
                       ("+SIGKILL" if killed else ""), killed=killed, waited_s=round(time.time() - t0, 1),
-                      last_checkpoint=ck, message=msg)
+                      last_checkpoint=ck, message=msg,
+                      summary=f"Run {run_id} {msg}"[:SUMMARY_MAX_CHARS],
+                      next_steps=relaunch if ck else [])
 
 
 # ============================================================================ list
@@ -861,7 +932,7 @@ class RunInfo(BaseModel):
     exit_code: Optional[int] = None
 
 
-class RunList(BaseModel):
+class RunList(ToolResult):
     runs: list[RunInfo]
     active: list[str] = Field(description="ids of queued/running runs.")
     runs_dir: str
@@ -883,5 +954,10 @@ def list_runs() -> RunList:
                             state=s["state"], created=s.get("created"), ended=s.get("ended"),
                             output_dir=str(out) if out else None, method=meta.get("method"),
                             exit_code=s.get("exit_code")))
-    return RunList(runs=runs, active=[r.run_id for r in runs if r.state in ("queued", "running")],
-                   runs_dir=str(runs_root()), skipped=skipped)
+    active = [r.run_id for r in runs if r.state in ("queued", "running")]
+    summary = (f"{len(runs)} run(s) in the workspace, {len(active)} active"
+               + (f": {', '.join(active[:3])}" if active else "") + "."
+               + (f" {len(skipped)} unreadable (see skipped)." if skipped else ""))
+    return RunList(runs=runs, active=active, runs_dir=str(runs_root()), skipped=skipped,
+                   summary=short(summary, SUMMARY_MAX_CHARS),
+                   next_steps=[f"training_status(run_id='{r}')" for r in active[:3]])
