@@ -242,6 +242,32 @@ def test_background_job_and_cli(ws, tiny_model):
     assert res["status"] == "completed" and res["runs"][0]["metrics"][0]["n"] == 3
 
 
+def test_background_spec_is_the_resolved_request(ws, tiny_model, monkeypatch):
+    """spec.json holds the request as resolved (the rows' system prompt, output_dir), which the
+    job re-reads as an EvalRequest; gpu_ids go to the job's environment, not into the spec."""
+    from tools import evaluate as ev
+    from tools import runs
+    started = {}
+    monkeypatch.setattr(runs, "start_job", lambda kind, argv, **kw: started.update(argv=argv, **kw) or "run-x")
+    d = ws.root / "data" / "conv"
+    d.mkdir(parents=True)
+    row = {"prompt": [{"role": "system", "content": "You are a calculator."},
+                      {"role": "user", "content": "What is 2+2?"}],
+           "completion": [{"role": "assistant", "content": "#### 4"}]}
+    (d / "test.jsonl").write_text(json.dumps(row) + "\n")
+    r = ev.evaluate(model="models/tiny-llama", local_task="data/conv", limit=2, gpu_ids=[1],
+                    background=True, output_dir="evals/s")
+    assert r.status == "started" and r.run_id == "run-x" and started["gpu_ids"] == [1]
+    spec_file = ws.root / "evals" / "s" / "spec.json"
+    assert started["argv"][-2:] == ["--spec", str(spec_file)]
+    params = json.loads(spec_file.read_text())["params"]
+    assert set(params) == set(ev.EvalRequest.model_fields) - {"gpu_ids", "background"}
+    req = ev.EvalRequest.model_validate(params)
+    assert (req.system_prompt, req.output_dir, req.limit, req.model) == (
+        "You are a calculator.", "evals/s", 2, "models/tiny-llama")
+    assert req.gpu_ids is None and req.background is False
+
+
 def test_mcp_tools(ws, tiny_model, adapter):
     from mcp import Client
     from mcp.server.mcpserver import MCPServer

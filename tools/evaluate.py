@@ -15,6 +15,7 @@ import contextlib
 import copy
 import difflib
 import gc
+import inspect
 import json
 import logging
 import math
@@ -23,16 +24,18 @@ import re
 import statistics
 import sys
 import time
+import typing
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .endpoints import auth_header, check_url
 from .errors import UserError
-from .eval_tasks import FREE_TEXT_METRICS
+from .eval_tasks import FREE_TEXT_METRICS, LocalTask
 from .workspace import get_workspace, set_workspace
 
 log = logging.getLogger(__name__)
@@ -320,15 +323,6 @@ def _judge_task(judge: dict, task: str, samples: list[dict], rows: list[dict], n
 
 
 # ----------------------------------------------------------------------------- models
-def _has_chat_template(d: Path) -> bool:
-    if (d / "chat_template.jinja").exists() or (d / "chat_template.json").exists():
-        return True
-    try:
-        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError):
-        return False
-
-
 def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists()
 
@@ -529,6 +523,379 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60] or "model"
 
 
+# ----------------------------------------------------------------------------- the steps
+@dataclass
+class _Eval:
+    """What the steps of one evaluation share: the request (resolved step by step: the served
+    model, the system prompt and output_dir filled in) and what the steps found."""
+    req: "EvalRequest"
+    tasks: list[str]                 # registry tasks; task YAMLs of one's own as absolute paths
+    t0: float = field(default_factory=time.time)
+    notes: list[str] = field(default_factory=list)
+    adapter_path: Path | None = None
+    model_ref: str | None = None     # what lm-eval loads as the main model (hf backend)
+    base_ref: str | None = None      # compare_with, resolved
+    lt: LocalTask | None = None
+    chat_style: bool = False
+    chat_url: str | None = None
+    judge: dict | None = None
+    out: Path | None = None
+    device: str | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def all_tasks(self) -> list[str]:
+        return self.tasks + ([self.lt.name] if self.lt else [])
+
+    def update(self, **changes) -> None:
+        """Fill in part of the request (what the background job then re-reads)."""
+        self.req = self.req.model_copy(update=changes)
+
+
+def _check_request(req: "EvalRequest") -> _Eval:
+    ws = get_workspace()
+    tasks = [t.strip() for t in (req.tasks or []) if t and t.strip()]
+    # A task YAML of one's own is a path: it must be inside the workspace like any other.
+    tasks = [str(ws.resolve(t, field="tasks", must_exist=True, kind="file"))
+             if t.endswith((".yaml", ".yml")) else t for t in tasks]
+    if not tasks and not req.local_task:
+        raise UserError("nothing to evaluate on.", field="tasks",
+                        fix="Pass tasks=['gsm8k_cot'] (lm-eval tasks) and/or local_task=<JSONL>.")
+    for name, given in (("answer_mode", req.answer_mode != "auto"), ("judge_url", req.judge_url)):
+        if given and not req.local_task:
+            raise UserError("applies to local_task only (registry tasks bring their own metrics).",
+                            field=name, fix=f"Pass local_task=<JSONL>, or drop {name}.")
+    return _Eval(req=req, tasks=tasks)
+
+
+def _resolve_models(job: _Eval) -> None:
+    """The main model (a dir, an adapter on its base, or nothing for an endpoint) and the base."""
+    req = job.req
+    if req.base_url:
+        if req.model or req.adapter:
+            raise UserError("give either base_url (a served model) or model/adapter, not both.",
+                            field="base_url", fix="Drop model/adapter, or drop base_url.")
+    else:
+        model, acfg = req.model, {}
+        if req.adapter:
+            job.adapter_path, acfg = _resolve_adapter(req.adapter)
+        elif model:
+            mp = get_workspace().resolve(model, field="model", must_exist=True, kind="dir")
+            if (mp / "adapter_config.json").exists() and not (mp / "config.json").exists():
+                job.adapter_path, acfg = _resolve_adapter(model)
+                model = None
+                job.notes.append("model is a PEFT adapter dir: evaluated as adapter on its base.")
+        else:
+            raise UserError("no model given.", field="model",
+                            fix="Pass model=<model dir>, adapter=<adapter dir> or base_url=<endpoint>.")
+        if job.adapter_path is not None and not model:
+            model = acfg.get("base_model_name_or_path")
+            if not model:
+                raise UserError("the adapter names no base model.", field="model",
+                                fix="Pass model=<base model dir>.")
+        job.update(model=model)
+        job.model_ref = _resolve_model(str(model), "model")
+    job.base_ref = _resolve_model(req.compare_with, "compare_with") if req.compare_with else None
+
+
+def _build_tasks(job: _Eval) -> None:
+    """The local task (built from its JSONL) and a check of the registry task names."""
+    from .eval_tasks import build_local_task
+    req = job.req
+    job.chat_style = req.apply_chat_template or bool(req.base_url)
+    if req.local_task:
+        lt = build_local_task(req.local_task, prompt_field=req.prompt_field,
+                              answer_field=req.answer_field, answer_regex=req.answer_regex,
+                              chat_style=job.chat_style, answer_mode=req.answer_mode)
+        job.notes.append(f"Scoring of {lt.name}: {lt.scoring}")
+        job.notes.extend(lt.notes)
+        if req.judge_url and lt.kind == "multiple_choice":
+            raise UserError("the judge grades generated replies; multiple choice generates none.",
+                            field="judge_url", fix="Drop judge_url: acc already says right or wrong.")
+        if req.base_url and lt.kind == "multiple_choice":
+            raise UserError("multiple-choice scoring needs log-likelihoods, which chat-completion "
+                            "endpoints do not return.", field="local_task",
+                            fix="Evaluate the model dir (model=...) or make it a generation task "
+                                "(rows with question/answer).")
+        if req.system_prompt is None and lt.system_prompt:
+            job.update(system_prompt=lt.system_prompt)
+            job.notes.append("System prompt taken from the local_task rows.")
+        job.lt = lt
+    _check_task_names(job.tasks)
+
+
+def _setup_endpoints(job: _Eval) -> None:
+    """The served model's endpoint (policy, reachability, served model id) and the judge's."""
+    req = job.req
+    if req.base_url:
+        from importlib.util import find_spec
+        missing = [p for p in ("aiohttp", "tenacity", "requests", "tqdm") if find_spec(p) is None]
+        if missing:
+            raise UserError(f"lm-eval's API models need {', '.join(missing)}, which is not installed.",
+                            field="base_url", fix='pip install "lm-eval[api]"')
+        job.chat_url, ids = check_endpoint(req.base_url, api_key_env=req.api_key_env)
+        if not req.served_model:
+            job.update(served_model=ids[0] if ids else "default")
+            job.notes.append(f"served_model not given: using '{job.req.served_model}'"
+                             + (" (first of /v1/models)." if ids else " (the server listed none)."))
+        if not req.apply_chat_template:
+            job.notes.append("apply_chat_template forced on: chat-completion endpoints take messages.")
+    if req.judge_url:
+        job.judge = _judge_setup(req.judge_url, req.judge_model, req.judge_api_key_env, job.notes)
+
+
+def _output_dir(job: _Eval) -> None:
+    req, ws = job.req, get_workspace()
+    label = (Path(job.adapter_path).name if job.adapter_path else None) or req.served_model \
+        or Path(str(req.model)).name
+    output_dir = req.output_dir or f"evals/{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}"
+    out = ws.resolve(output_dir, field="output_dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{output_dir}' is a file.", field="output_dir", fix="Give a directory path.")
+    job.out = out
+
+
+def _spec_params(job: _Eval) -> dict[str, Any]:
+    """The resolved request as the background job re-reads it (spec.json's params). Without
+    gpu_ids: the job sees only its GPUs, renumbered from 0."""
+    ws = get_workspace()
+    req = job.req.model_copy(update={
+        "model": job.req.model if not job.req.base_url else None,
+        "adapter": ws.rel(job.adapter_path) if job.adapter_path else None,
+        "tasks": job.tasks or None, "output_dir": ws.rel(job.out)})
+    return req.model_dump(mode="json", exclude={"gpu_ids", "background"})
+
+
+def _load_registry_tasks(job: _Eval):
+    """The TaskManager, after loading the registry tasks' hub datasets: fail before any model loads."""
+    include = str(get_workspace().root / job.lt.task_dir) if job.lt else None
+    tm = _task_manager(include, include_defaults=bool(job.tasks))
+    if not job.tasks:
+        return tm
+    try:
+        loaded = tm.load(job.tasks)
+    except KeyError as exc:
+        raise UserError(f"lm-eval could not find a task: {exc}.", field="tasks",
+                        fix="Check the names with `lm_eval ls tasks`.") from None
+    except Exception as exc:  # noqa: BLE001 - datasets raise many types when offline
+        raise UserError(
+            f"could not load the dataset of task(s) {', '.join(job.tasks)} "
+            f"({type(exc).__name__}: {str(exc)[:300]}).", field="tasks",
+            fix="lm-eval tasks download their datasets from the Hugging Face hub: connect the "
+                "machine (and unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) or pre-download them "
+                "into the HF cache; offline, evaluate a JSONL in the workspace with "
+                "local_task.") from None
+    if job.req.base_url:
+        bad = [n for n, t in loaded["tasks"].items() if t.get_config("output_type") != "generate_until"]
+        if bad:
+            raise UserError(f"task(s) {', '.join(bad[:5])} score log-likelihoods, which chat "
+                            "endpoints do not return.", field="tasks",
+                            fix="Use generation tasks (gsm8k_cot, ifeval, ...) with base_url, or "
+                                "evaluate the model dir with model=.")
+    return tm
+
+
+def _settings(job: _Eval) -> dict[str, Any]:
+    """Device and precision for the hf backend, and the settings reported with the results."""
+    req = job.req
+    device, torch_dtype = _device_dtype(req.dtype) if (not req.base_url or job.base_ref) else (None, None)
+    if device == "cuda" and req.gpu_ids:
+        device = f"cuda:{req.gpu_ids[0]}"
+    job.device, job.torch_dtype = device, torch_dtype
+    judge = job.judge
+    return {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
+            "judge": {"url": judge["url"], "model": judge["model"]} if judge else None,
+            "dtype": torch_dtype,
+            "apply_chat_template": job.chat_style, "system_prompt": req.system_prompt,
+            "num_fewshot": req.num_fewshot, "limit": req.limit, "batch_size": req.batch_size,
+            "max_gen_toks": req.max_gen_toks, "decoding": "greedy (do_sample=False, temperature=0)"}
+
+
+@dataclass
+class _Model:
+    """One model of the plan, ready for lm-eval: an hf model object or a served endpoint's args."""
+    label: str
+    which: Literal["main", "base"]
+    backend: Literal["hf", "local-chat-completions"]
+    lm: Any                       # lm-eval HFLM (hf) or None (endpoint: lm-eval builds it)
+    model_args: dict[str, Any]
+    use_chat: bool
+    pretrained: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _prepare_model(job: _Eval, label: str, which: Literal["main", "base"]) -> _Model:
+    req = job.req
+    if which == "base" or not req.base_url:
+        pretrained = job.base_ref if which == "base" else job.model_ref
+        peft = str(job.adapter_path) if (which == "main" and job.adapter_path) else None
+        m = _Model(label=label, which=which, backend="hf", lm=None, model_args={},
+                   use_chat=job.chat_style, pretrained=pretrained)
+        with contextlib.redirect_stdout(sys.stderr):
+            m.lm, m.model_args = _build_hf_lm(pretrained, peft, device=job.device, dtype=job.torch_dtype,
+                                              batch_size=req.batch_size, notes=m.notes)
+        if m.use_chat and not getattr(m.lm.tokenizer, "chat_template", None):
+            m.use_chat = False
+            m.notes.append(f"{label}: the tokenizer has no chat template: prompts are sent "
+                           "as plain text (results are not comparable with chat-formatted ones).")
+        return m
+    margs = {"model": req.served_model, "base_url": job.chat_url,
+             "num_concurrent": req.batch_size if isinstance(req.batch_size, int) else 8,
+             "max_retries": 3, "tokenized_requests": False,
+             # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
+             "header": auth_header(req.api_key_env)}
+    return _Model(label=label, which=which, backend="local-chat-completions", lm=None,
+                  model_args=margs, use_chat=job.chat_style)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _simple_evaluate(job: _Eval, m: _Model, tm) -> dict:
+    """lm-eval's simple_evaluate on one model; its results with the auth header redacted."""
+    import lm_eval
+    req, hf = job.req, m.lm is not None
+    gen_kwargs = {"max_gen_toks": req.max_gen_toks, "do_sample": False, "temperature": 0.0}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # never write to an MCP stdio stream
+            res = lm_eval.simple_evaluate(
+                model=m.lm if hf else m.backend, model_args=None if hf else m.model_args,
+                tasks=job.all_tasks, num_fewshot=req.num_fewshot, batch_size=req.batch_size,
+                device=job.device if hf else None, limit=req.limit, log_samples=True,
+                apply_chat_template=m.use_chat, fewshot_as_multiturn=m.use_chat,
+                system_instruction=req.system_prompt, gen_kwargs=gen_kwargs,
+                task_manager=_with_metadata(tm, {k: v for k, v in m.model_args.items() if k != "header"}),
+                bootstrap_iters=1000)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if req.base_url and m.which == "main":
+            raise UserError(f"the endpoint failed during evaluation ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}).", field="base_url",
+                            fix="Check the server log, served_model and the context length.") from None
+        raise
+    finally:
+        if hf:
+            m.lm = None  # the model's memory is freed before the next one loads
+            _release_memory()
+    if res is None:
+        raise RuntimeError("lm-eval returned no results (non-zero rank?)")
+    return _redact(res)  # lm-eval copies model_args (our auth header) into its results
+
+
+def _save_samples(job: _Eval, m: _Model, res: dict) -> tuple[dict[str, str], list[TaskMetric]]:
+    """Per-sample JSONL per task (judged when a judge is set); the judge's metrics."""
+    ws = get_workspace()
+    samples = res.pop("samples", {}) or {}
+    files: dict[str, str] = {}
+    extra: list[TaskMetric] = []
+    for task, ss in samples.items():
+        rows = _sample_rows(task, ss, (res.get("configs") or {}).get(task, {}))
+        if job.lt is not None and task == job.lt.name:
+            m.notes.extend(_extraction_notes(m.label, job.lt, rows))
+            if job.judge:
+                extra.append(_judge_task(job.judge, task, ss, rows, m.notes, m.label))
+        path = job.out / f"samples_{_slug(m.label)}_{_slug(task)}.jsonl"
+        ws.write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+        files[task] = ws.rel(path)
+    return files, extra
+
+
+def _run_model(job: _Eval, label: str, which: Literal["main", "base"], tm) -> ModelRun:
+    ws, req = get_workspace(), job.req
+    t1 = time.time()
+    m = _prepare_model(job, label, which)
+    res = _simple_evaluate(job, m, tm)
+    sample_files, extra = _save_samples(job, m, res)
+    raw = job.out / f"lm_eval_{_slug(label)}.json"
+    ws.write_text(raw, json.dumps(res, indent=1, default=str) + "\n")
+    job.notes.extend(m.notes)
+    hf = m.backend == "hf"
+    return ModelRun(
+        label=label, backend=m.backend,
+        model=None if not hf else (ws.rel(Path(m.pretrained)) if Path(m.pretrained).exists()
+                                   else m.pretrained),
+        adapter=ws.rel(job.adapter_path) if (which == "main" and job.adapter_path) else None,
+        base_url=job.chat_url if not hf else None, served_model=req.served_model if not hf else None,
+        apply_chat_template=m.use_chat, metrics=_metrics(res) + extra, samples_files=sample_files,
+        raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2))
+
+
+def _run_models(job: _Eval, tm) -> list[ModelRun]:
+    """The main model, then the base (compare_with), each on every task."""
+    from . import progress
+    plan: list[tuple[str, Literal["main", "base"]]] = [
+        ("fine-tuned" if (job.req.compare_with or job.adapter_path) else "model", "main")]
+    if job.base_ref:
+        plan.append(("base", "base"))
+    job.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i, (label, which) in enumerate(plan):
+        progress.report(i, len(plan), f"evaluating {label} on {', '.join(job.all_tasks)[:120]}")
+        runs.append(_run_model(job, label, which, tm))
+    progress.report(len(plan), len(plan), "scored")
+    return runs
+
+
+def _finish(job: _Eval, runs: list[ModelRun], settings: dict[str, Any]) -> EvalResult:
+    """The comparison, the notes the results call for, and results.json."""
+    ws, req, notes = get_workspace(), job.req, job.notes
+    comparison = _compare(runs[1], runs[0]) if len(runs) == 2 else []
+    notes.extend(_zero_notes(runs))
+    if len(runs) == 2 and runs[0].apply_chat_template != runs[1].apply_chat_template:
+        notes.append("The two models were prompted differently (chat template vs plain): compare "
+                     "with care.")
+    if req.limit:
+        notes.append(f"limit={req.limit}: a subset; stderr shows how uncertain the numbers are.")
+    if job.adapter_path and not req.compare_with:
+        notes.append("Pass compare_with=<base dir> to see the change against the base model.")
+    result = EvalResult(status="completed", output_dir=ws.rel(job.out), tasks=job.all_tasks,
+                        local_task=job.lt.model_dump() if job.lt else None, runs=runs,
+                        comparison=comparison, table=_table(runs, comparison), settings=settings,
+                        notes=list(dict.fromkeys(notes)))
+    result.results_file = ws.rel(job.out / "results.json")
+    result.elapsed_s = round(time.time() - job.t0, 2)
+    ws.write_text(job.out / "results.json", json.dumps(result.model_dump(), indent=1, default=str) + "\n")
+    return result
+
+
+def _start_background(job: _Eval, params: dict[str, Any]) -> EvalResult:
+    from . import runs as runs_mod  # lazy: the run registry
+    ws, out = get_workspace(), job.out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    ws.write_text(spec, json.dumps({"workspace": str(ws.root), "params": params}, indent=1) + "\n")
+    argv = [sys.executable, "-m", "tools.evaluate", "--spec", str(spec)]
+    # The job sees only gpu_ids (CUDA_VISIBLE_DEVICES), renumbered from 0: it runs on its "cuda".
+    run_id = runs_mod.start_job("eval", argv, name=out.name, gpu_ids=job.req.gpu_ids,
+                                meta={"output_dir": ws.rel(out), "tasks": job.all_tasks})
+    job.notes.append(f"Started in the background as run {run_id}: poll its status; results appear "
+                     f"in {ws.rel(out)}/results.json when it completes.")
+    return EvalResult(status="started", run_id=run_id, output_dir=ws.rel(out), tasks=job.all_tasks,
+                      local_task=job.lt.model_dump() if job.lt else None, settings=params,
+                      notes=job.notes, elapsed_s=round(time.time() - job.t0, 2))
+
+
+def run_request(req: "EvalRequest") -> EvalResult:
+    """Evaluate as `req` asks: check and resolve everything first (paths, endpoints, task names,
+    datasets), then run the models; or hand the resolved request to a background job."""
+    job = _check_request(req)
+    _resolve_models(job)
+    _build_tasks(job)
+    _setup_endpoints(job)
+    _output_dir(job)
+    if req.background:
+        return _start_background(job, _spec_params(job))
+    tm = _load_registry_tasks(job)
+    settings = _settings(job)
+    return _finish(job, _run_models(job, tm), settings)
+
+
 # ----------------------------------------------------------------------------- the tool
 def evaluate(
     model: Annotated[str | None, Field(description="Local model dir in the workspace (full or merged "
@@ -600,270 +967,25 @@ def evaluate(
     run id; poll the run and read <output_dir>/results.json) or a small limit: hosts cut tool calls
     after about a minute.
     """
-    t0 = time.time()
-    ws = get_workspace()
-    notes: list[str] = []
-    tasks = [t.strip() for t in (tasks or []) if t and t.strip()]
-    # A task YAML of one's own is a path: it must be inside the workspace like any other.
-    tasks = [str(ws.resolve(t, field="tasks", must_exist=True, kind="file"))
-             if t.endswith((".yaml", ".yml")) else t for t in tasks]
-    if not tasks and not local_task:
-        raise UserError("nothing to evaluate on.", field="tasks",
-                        fix="Pass tasks=['gsm8k_cot'] (lm-eval tasks) and/or local_task=<JSONL>.")
-    for name, given in (("answer_mode", answer_mode != "auto"), ("judge_url", judge_url)):
-        if given and not local_task:
-            raise UserError("applies to local_task only (registry tasks bring their own metrics).",
-                            field=name, fix=f"Pass local_task=<JSONL>, or drop {name}.")
-
-    # ---- what to evaluate
-    adapter_path: Path | None = None
-    if base_url:
-        if model or adapter:
-            raise UserError("give either base_url (a served model) or model/adapter, not both.",
-                            field="base_url", fix="Drop model/adapter, or drop base_url.")
-    else:
-        if adapter:
-            adapter_path, acfg = _resolve_adapter(adapter)
-        elif model:
-            mp = ws.resolve(model, field="model", must_exist=True, kind="dir")
-            if (mp / "adapter_config.json").exists() and not (mp / "config.json").exists():
-                adapter_path, acfg = _resolve_adapter(model)
-                model = None
-                notes.append("model is a PEFT adapter dir: evaluated as adapter on its base.")
-        else:
-            raise UserError("no model given.", field="model",
-                            fix="Pass model=<model dir>, adapter=<adapter dir> or base_url=<endpoint>.")
-        if adapter_path is not None and not model:
-            model = acfg.get("base_model_name_or_path")
-            if not model:
-                raise UserError("the adapter names no base model.", field="model",
-                                fix="Pass model=<base model dir>.")
-        model_ref = _resolve_model(str(model), "model")
-    base_ref = _resolve_model(compare_with, "compare_with") if compare_with else None
-
-    # ---- tasks
-    from .eval_tasks import build_local_task
-    chat_style = apply_chat_template or bool(base_url)
-    lt = None
-    if local_task:
-        lt = build_local_task(local_task, prompt_field=prompt_field, answer_field=answer_field,
-                              answer_regex=answer_regex, chat_style=chat_style, answer_mode=answer_mode)
-        notes.append(f"Scoring of {lt.name}: {lt.scoring}")
-        notes.extend(lt.notes)
-        if judge_url and lt.kind == "multiple_choice":
-            raise UserError("the judge grades generated replies; multiple choice generates none.",
-                            field="judge_url", fix="Drop judge_url: acc already says right or wrong.")
-        if base_url and lt.kind == "multiple_choice":
-            raise UserError("multiple-choice scoring needs log-likelihoods, which chat-completion "
-                            "endpoints do not return.", field="local_task",
-                            fix="Evaluate the model dir (model=...) or make it a generation task "
-                                "(rows with question/answer).")
-        if system_prompt is None and lt.system_prompt:
-            system_prompt = lt.system_prompt
-            notes.append("System prompt taken from the local_task rows.")
-    _check_task_names(tasks)
-    all_tasks = tasks + ([lt.name] if lt else [])
-
-    # ---- endpoint
-    chat_url = None
-    if base_url:
-        from importlib.util import find_spec
-        missing = [p for p in ("aiohttp", "tenacity", "requests", "tqdm") if find_spec(p) is None]
-        if missing:
-            raise UserError(f"lm-eval's API models need {', '.join(missing)}, which is not installed.",
-                            field="base_url", fix='pip install "lm-eval[api]"')
-        chat_url, ids = check_endpoint(base_url, api_key_env=api_key_env)
-        if not served_model:
-            served_model = ids[0] if ids else "default"
-            notes.append(f"served_model not given: using '{served_model}'"
-                         + (" (first of /v1/models)." if ids else " (the server listed none)."))
-        if not apply_chat_template:
-            notes.append("apply_chat_template forced on: chat-completion endpoints take messages.")
-    judge = _judge_setup(judge_url, judge_model, judge_api_key_env, notes) if judge_url else None
-
-    # ---- output dir
-    label = (Path(adapter_path).name if adapter_path else None) or served_model or Path(str(model)).name
-    if output_dir is None:
-        output_dir = f"evals/{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}"
-    out = ws.resolve(output_dir, field="output_dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"'{output_dir}' is a file.", field="output_dir", fix="Give a directory path.")
-
-    params = dict(model=model if not base_url else None,
-                  adapter=ws.rel(adapter_path) if adapter_path else None, base_url=base_url,
-                  served_model=served_model, api_key_env=api_key_env, tasks=tasks or None, local_task=local_task,
-                  prompt_field=prompt_field, answer_field=answer_field, answer_regex=answer_regex,
-                  answer_mode=answer_mode, judge_url=judge_url, judge_model=judge_model,
-                  judge_api_key_env=judge_api_key_env, compare_with=compare_with, apply_chat_template=apply_chat_template,
-                  system_prompt=system_prompt, limit=limit, num_fewshot=num_fewshot,
-                  batch_size=batch_size, max_gen_toks=max_gen_toks, dtype=dtype,
-                  output_dir=ws.rel(out))
-    if background:
-        return _start_background(params, out, all_tasks, lt, notes, t0, gpu_ids)
-
-    include = str(ws.root / lt.task_dir) if lt else None
-    tm = _task_manager(include, include_defaults=bool(tasks))
-    # ---- hub datasets: fail before loading any model
-    if tasks:
-        try:
-            loaded = tm.load(tasks)
-        except KeyError as exc:
-            raise UserError(f"lm-eval could not find a task: {exc}.", field="tasks",
-                            fix="Check the names with `lm_eval ls tasks`.") from None
-        except Exception as exc:  # noqa: BLE001 - datasets raise many types when offline
-            raise UserError(
-                f"could not load the dataset of task(s) {', '.join(tasks)} "
-                f"({type(exc).__name__}: {str(exc)[:300]}).", field="tasks",
-                fix="lm-eval tasks download their datasets from the Hugging Face hub: connect the "
-                    "machine (and unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) or pre-download them "
-                    "into the HF cache; offline, evaluate a JSONL in the workspace with "
-                    "local_task.") from None
-        if base_url:
-            bad = [n for n, t in loaded["tasks"].items()
-                   if t.get_config("output_type") != "generate_until"]
-            if bad:
-                raise UserError(f"task(s) {', '.join(bad[:5])} score log-likelihoods, which chat "
-                                "endpoints do not return.", field="tasks",
-                                fix="Use generation tasks (gsm8k_cot, ifeval, ...) with base_url, or "
-                                    "evaluate the model dir with model=.")
-        del loaded
-
-    device, torch_dtype = _device_dtype(dtype) if (not base_url or base_ref) else (None, None)
-    if device == "cuda" and gpu_ids:
-        device = f"cuda:{gpu_ids[0]}"
-    gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
-    settings = {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
-                "judge": {"url": judge["url"], "model": judge["model"]} if judge else None,
-                "dtype": torch_dtype,
-                "apply_chat_template": chat_style, "system_prompt": system_prompt,
-                "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
-                "max_gen_toks": max_gen_toks, "decoding": "greedy (do_sample=False, temperature=0)"}
-
-    plan = [("fine-tuned" if (compare_with or adapter_path) else "model", "main")]
-    if base_ref:
-        plan.append(("base", "base"))
-    runs: list[ModelRun] = []
-    out.mkdir(parents=True, exist_ok=True)
-    from . import progress
-    for i, (run_label, which) in enumerate(plan):
-        progress.report(i, len(plan), f"evaluating {run_label} on {', '.join(all_tasks)[:120]}")
-        t1 = time.time()
-        run_notes: list[str] = []
-        use_chat = chat_style
-        if which == "base" or not base_url:
-            pretrained = base_ref if which == "base" else model_ref
-            peft = str(adapter_path) if (which == "main" and adapter_path) else None
-            with contextlib.redirect_stdout(sys.stderr):
-                lm, margs = _build_hf_lm(pretrained, peft, device=device, dtype=torch_dtype,
-                                         batch_size=batch_size, notes=run_notes)
-            if use_chat and not getattr(lm.tokenizer, "chat_template", None):
-                use_chat = False
-                run_notes.append(f"{run_label}: the tokenizer has no chat template: prompts are sent "
-                                 "as plain text (results are not comparable with chat-formatted ones).")
-            backend, model_obj = "hf", lm
-        else:
-            margs = {"model": served_model, "base_url": chat_url,
-                     "num_concurrent": batch_size if isinstance(batch_size, int) else 8,
-                     "max_retries": 3, "tokenized_requests": False,
-                     # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
-                     "header": auth_header(api_key_env)}
-            backend, model_obj, lm = "local-chat-completions", "local-chat-completions", None
-        import lm_eval
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # never write to an MCP stdio stream
-                res = lm_eval.simple_evaluate(
-                    model=model_obj, model_args=margs if lm is None else None, tasks=all_tasks,
-                    num_fewshot=num_fewshot, batch_size=batch_size, device=None if lm is None else device,
-                    limit=limit, log_samples=True, apply_chat_template=use_chat,
-                    fewshot_as_multiturn=use_chat, system_instruction=system_prompt,
-                    gen_kwargs=dict(gen_kwargs),
-                    task_manager=_with_metadata(tm, {k: v for k, v in margs.items() if k != "header"}),
-                    bootstrap_iters=1000)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if base_url and which == "main":
-                raise UserError(f"the endpoint failed during evaluation ({type(exc).__name__}: "
-                                f"{str(exc)[:300]}).", field="base_url",
-                                fix="Check the server log, served_model and the context length.") from None
-            raise
-        finally:
-            if lm is not None:
-                del lm
-                gc.collect()
-                with contextlib.suppress(Exception):
-                    import torch
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-        if res is None:
-            raise RuntimeError("lm-eval returned no results (non-zero rank?)")
-        res = _redact(res)  # lm-eval copies model_args (our auth header) into its results
-        samples = res.pop("samples", {}) or {}
-        sample_files = {}
-        extra: list[TaskMetric] = []
-        for task, ss in samples.items():
-            rows = _sample_rows(task, ss, (res.get("configs") or {}).get(task, {}))
-            if lt is not None and task == lt.name:
-                run_notes.extend(_extraction_notes(run_label, lt, rows))
-                if judge:
-                    extra.append(_judge_task(judge, task, ss, rows, run_notes, run_label))
-            path = out / f"samples_{_slug(run_label)}_{_slug(task)}.jsonl"
-            ws.write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                        for r in rows))
-            sample_files[task] = ws.rel(path)
-        raw = out / f"lm_eval_{_slug(run_label)}.json"
-        ws.write_text(raw, json.dumps(res, indent=1, default=str) + "\n")
-        notes.extend(run_notes)
-        runs.append(ModelRun(
-            label=run_label, backend=backend,
-            model=None if backend != "hf" else (ws.rel(Path(pretrained)) if Path(pretrained).exists()
-                                                else pretrained),
-            adapter=ws.rel(adapter_path) if (which == "main" and adapter_path) else None,
-            base_url=chat_url if backend != "hf" else None,
-            served_model=served_model if backend != "hf" else None,
-            apply_chat_template=use_chat, metrics=_metrics(res) + extra, samples_files=sample_files,
-            raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2)))
-
-    progress.report(len(plan), len(plan), "scored")
-    comparison = _compare(runs[1], runs[0]) if len(runs) == 2 else []
-    notes.extend(_zero_notes(runs))
-    if len(runs) == 2 and runs[0].apply_chat_template != runs[1].apply_chat_template:
-        notes.append("The two models were prompted differently (chat template vs plain): compare "
-                     "with care.")
-    if limit:
-        notes.append(f"limit={limit}: a subset; stderr shows how uncertain the numbers are.")
-    if adapter_path and not compare_with:
-        notes.append("Pass compare_with=<base dir> to see the change against the base model.")
-    notes = list(dict.fromkeys(notes))
-    result = EvalResult(status="completed", output_dir=ws.rel(out), tasks=all_tasks,
-                        local_task=lt.model_dump() if lt else None, runs=runs, comparison=comparison,
-                        table=_table(runs, comparison), settings=settings, notes=notes)
-    result.results_file = ws.rel(out / "results.json")
-    result.elapsed_s = round(time.time() - t0, 2)
-    ws.write_text(out / "results.json", json.dumps(result.model_dump(), indent=1, default=str) + "\n")
-    return result
+    # The arguments as one model, built once: what the steps read and a background job re-reads.
+    return run_request(EvalRequest.model_validate(locals()))
 
 
-def _start_background(params: dict, out: Path, all_tasks: list[str], lt, notes: list[str],
-                      t0: float, gpu_ids: list[int] | None = None) -> EvalResult:
-    from . import runs as runs_mod  # lazy: the run registry
-    ws = get_workspace()
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    ws.write_text(spec, json.dumps({"workspace": str(ws.root), "params": params}, indent=1) + "\n")
-    argv = [sys.executable, "-m", "tools.evaluate", "--spec", str(spec)]
-    # The job sees only gpu_ids (CUDA_VISIBLE_DEVICES), renumbered from 0: it runs on its "cuda".
-    run_id = runs_mod.start_job("eval", argv, name=out.name, gpu_ids=gpu_ids,
-                                meta={"output_dir": ws.rel(out), "tasks": all_tasks})
-    notes.append(f"Started in the background as run {run_id}: poll its status; results appear in "
-                 f"{ws.rel(out)}/results.json when it completes.")
-    return EvalResult(status="started", run_id=run_id, output_dir=ws.rel(out), tasks=all_tasks,
-                      local_task=lt.model_dump() if lt else None, settings=params, notes=notes,
-                      elapsed_s=round(time.time() - t0, 2))
+def _request_model(tool) -> type[BaseModel]:
+    """A pydantic model of `tool`'s keyword parameters, with their types, constraints and defaults:
+    the signature stays the one place they are written (it is also the MCP schema)."""
+    hints = typing.get_type_hints(tool, include_extras=True)
+    fields = {name: (hints[name], p.default) for name, p in inspect.signature(tool).parameters.items()}
+    return create_model("EvalRequest", __config__=ConfigDict(extra="forbid"),
+                        __doc__="evaluate's arguments: what the steps read, and what spec.json holds "
+                                "for a background job.", **fields)
+
+
+EvalRequest = _request_model(evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tools.evaluate --spec spec.json`: run evaluate() with the spec's parameters."""
+    """`python -m tools.evaluate --spec spec.json`: run the request saved in the spec."""
     ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--spec", required=True, help="JSON with {'workspace': dir, 'params': {...}}")
     a = ap.parse_args(argv)
@@ -874,9 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         set_workspace(spec["workspace"])
     params = dict(spec.get("params") or spec)
     params.pop("workspace", None)
-    params["background"] = False
     try:
-        r = evaluate(**params)
+        r = run_request(EvalRequest.model_validate({**params, "background": False}))
     except UserError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         with contextlib.suppress(Exception):
