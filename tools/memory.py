@@ -9,6 +9,7 @@ its output), with TRL 1.16's fused LM head, which never materialises the logits.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
@@ -188,160 +189,258 @@ def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload,
                         fix="Set sharding to zero2, zero3 or fsdp, or cpu_offload=false.")
 
 
-def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpointing, packing,
-              optimizer, dtype, liger, lora_r, lora_target_modules, modules_to_save,
-              spectrum_fraction, num_gpus, sharding, cpu_offload, gpu, gpu_memory_gib,
-              attn_implementation, lora_dropout, fp32_master_weights=None) -> MemoryEstimate:
-    _check(f, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r)
-    if optimizer not in _OPT_BYTES:
-        raise UserError(f"unknown optimizer '{optimizer}'.", field="optimizer",
+@dataclass
+class _Est:
+    """One estimate in the making: the settings, the model's sizes as the formulas name them, and
+    what each step adds to the result's assumptions and notes."""
+    f: ModelFacts
+    s: dict                      # the settings (estimate_memory's parameters, by name)
+    a: int                       # activation and 16-bit weight bytes (4 for fp32)
+    T: int                       # tokens per micro-batch on one GPU
+    lora: bool
+    targets: set[str]            # LoRA target modules
+    g_ad: int                    # adapter bytes: TRL keeps LoRA adapters fp32, bf16 for QLoRA
+    frac: float                  # share of linears trained (Spectrum: int(L * fraction) layers per type)
+    spec: Optional[GPUSpec]
+    vram: Optional[float]        # GiB per GPU, when known
+    assumptions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Params:
+    """Parameter counts by role."""
+    emb: int
+    lin: int
+    other: int                   # norms, biases
+    lora: int
+    save: int                    # modules_to_save copies
+    saved: list[str]             # modules_to_save names (last component)
+    head_trainable: bool
+    trainable: int
+
+
+@dataclass
+class _State:
+    """Persistent bytes per GPU after sharding, and the step's optimizer-side temporaries."""
+    weights: float
+    extra_w: float               # adapters and modules_to_save copies
+    grads: float
+    states: float
+    ta: int                      # bytes of a trainable weight (and of its grad, Adam states)
+    gathered: float = 0.0        # ZeRO-3/FSDP: layers gathered for compute
+    ddp_buckets: float = 0.0
+    foreach_tmp: float = 0.0
+
+
+@dataclass
+class _Acts:
+    """Activation and loss bytes per micro-batch."""
+    act_all: float               # saved across all layers (checkpoints only, with checkpointing)
+    layer_live: float            # one layer being recomputed/backpropagated, with its transients
+    trans_T: float               # the transients alone (no checkpointing)
+    dequant: float
+    ckpt_T: float
+    final_T: float
+    loss_bwd: float
+    head_grad: float
+    emb_grad_tmp: float
+
+
+def _start(f: ModelFacts, s: dict) -> _Est:
+    _check(f, s["seq_len"], s["micro_batch"], s["num_gpus"], s["sharding"], s["cpu_offload"], s["lora_r"])
+    if s["optimizer"] not in _OPT_BYTES:
+        raise UserError(f"unknown optimizer '{s['optimizer']}'.", field="optimizer",
                         fix=f"Use one of {', '.join(sorted(_OPT_BYTES))}.")
-    spec = require_gpu(gpu) if gpu else None
-    vram = gpu_memory_gib or (spec.memory_gib if spec else None)
+    spec = require_gpu(s["gpu"]) if s["gpu"] else None
+    a = 4 if s["dtype"] == "fp32" else 2
+    T = s["seq_len"] * s["micro_batch"]
+    lora = s["method"] in ("lora", "qlora")
+    L = f.num_layers
+    frac = {"full": 1.0, "spectrum": max(1, int(L * s["spectrum_fraction"])) / L}.get(s["method"], 0.0)
+    return _Est(f=f, s=s, a=a, T=T, lora=lora, targets=_targets(s["lora_target_modules"]) if lora else set(),
+                g_ad=2 if s["method"] == "qlora" and a == 2 else 4, frac=frac, spec=spec,
+                vram=s["gpu_memory_gib"] or (spec.memory_gib if spec else None),
+                assumptions=[f"{T} tokens per micro-batch per GPU ({s['micro_batch']} x {s['seq_len']}); "
+                             "loss over every token (TRL's fused LM head, logits never materialised)."])
 
-    h, I, L, V = f.hidden_size, f.intermediate_size, f.num_layers, f.vocab_size
-    q, kvd, heads = f.num_attention_heads * f.head_dim, f.num_kv_heads * f.head_dim, f.num_attention_heads
-    k_act = f.num_experts_per_tok
-    a = 4 if dtype == "fp32" else 2           # activation and weight bytes
-    T = seq_len * micro_batch                  # tokens per micro-batch on one GPU
-    N = num_gpus
-    lora = method in ("lora", "qlora")
-    tg = _targets(lora_target_modules) if lora else set()
-    g_ad = 2 if method == "qlora" and a == 2 else 4   # TRL keeps LoRA adapters fp32, bf16 for QLoRA
-    # share of linears trained; Spectrum keeps int(L * fraction) layers of each module type
-    frac = {"full": 1.0, "spectrum": max(1, int(L * spectrum_fraction)) / L}.get(method, 0.0)
-    assumptions = [f"{T} tokens per micro-batch per GPU ({micro_batch} x {seq_len}); "
-                   "loss over every token (TRL's fused LM head, logits never materialised)."]
 
-    # ---- parameters by role (counts) ----
-    emb_params = f.embedding_params
-    lin = f.linear_params
-    other = f.total_params - lin - emb_params          # norms, biases
-    shapes = {"q_proj": (h, q), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (q, h),
-              "gate_proj": (h, I), "up_proj": (h, I), "down_proj": (I, h)}
+def _linear_shapes(f: ModelFacts) -> dict[str, tuple[int, int]]:
+    h, I = f.hidden_size, f.intermediate_size
+    q, kvd = f.num_attention_heads * f.head_dim, f.num_kv_heads * f.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (q, h),
+            "gate_proj": (h, I), "up_proj": (h, I), "down_proj": (I, h)}
+
+
+def _params(e: _Est) -> _Params:
+    f, method = e.f, e.s["method"]
+    emb, lin = f.embedding_params, f.linear_params
+    shapes = _linear_shapes(f)
     mult = {n: (f.num_experts if n in ("gate_proj", "up_proj", "down_proj") else 1) for n in shapes}
-    lora_params = L * sum(lora_r * (shapes[n][0] + shapes[n][1]) * mult[n] for n in tg)
+    lora_params = f.num_layers * sum(e.s["lora_r"] * (shapes[n][0] + shapes[n][1]) * mult[n] for n in e.targets)
     save_params = 0
-    for m in (modules_to_save or []) if lora else []:
+    for m in (e.s["modules_to_save"] or []) if e.lora else []:
         if m.split(".")[-1] in ("lm_head", "embed_tokens", "wte", "embed_out"):
-            save_params += V * h
+            save_params += f.vocab_size * f.hidden_size
         else:
             raise UserError(f"modules_to_save entry '{m}' is not an embedding or lm_head.",
                             field="modules_to_save", fix="Use ['lm_head'] and/or ['embed_tokens'].")
-    saved = [m.split(".")[-1] for m in modules_to_save or []] if lora else []
+    saved = [m.split(".")[-1] for m in e.s["modules_to_save"] or []] if e.lora else []
     head_trainable = method in ("full", "spectrum") or any(m in ("lm_head", "embed_out") for m in saved) \
         or (f.tie_word_embeddings and any(m in ("embed_tokens", "wte") for m in saved))
     if method == "full":
         trainable = f.total_params
     elif method == "spectrum":  # Spectrum's YAML also unfreezes embed_tokens and lm_head
-        trainable = int(frac * lin) + emb_params
+        trainable = int(e.frac * lin) + emb
     else:
         trainable = lora_params + save_params
+    return _Params(emb=emb, lin=lin, other=f.total_params - lin - emb, lora=lora_params, save=save_params,
+                   saved=saved, head_trainable=head_trainable, trainable=trainable)
 
-    # ---- bytes per role, whole model (before sharding) ----
-    if method == "qlora":
+
+def _whole_model_state(e: _Est, p: _Params) -> _State:
+    """Bytes per role for the whole model, before sharding."""
+    f, s, a = e.f, e.s, e.a
+    if s["method"] == "qlora":
         # NF4: 0.5 byte/param + double-quantised absmax (1 byte / 64 params + fp32 per 256 blocks)
-        weights = lin * (0.5 + 1 / 64 + 4 / (64 * 256)) + (emb_params + other) * a
-        assumptions.append("QLoRA: NF4 with double quantization; embeddings, lm_head and norms stay 16-bit.")
+        weights = p.lin * (0.5 + 1 / 64 + 4 / (64 * 256)) + (p.emb + p.other) * a
+        e.assumptions.append("QLoRA: NF4 with double quantization; embeddings, lm_head and norms stay 16-bit.")
     else:
         weights = f.total_params * a
-    extra_w = lora_params * g_ad + save_params * a      # adapters and modules_to_save copies
-    if fp32_master_weights is None:  # tools.train.fp32_master_weights: full/Spectrum, unsharded
-        fp32_master_weights = method in ("full", "spectrum") and a == 2 and sharding == "none"
-    ta = 4 if fp32_master_weights else a  # bytes of a trainable weight (and of its grad, Adam states)
-    if fp32_master_weights:
-        weights += trainable * (4 - a)
-        assumptions.append("fp32 master weights: the trainable weights (and their gradients and Adam "
-                           "states) are fp32; frozen ones stay 16-bit; matmuls run in bf16 (autocast).")
-    grads = extra_w if lora else trainable * ta
-    deepspeed = sharding in ("zero2", "zero3")
-    ob = _OPT_BYTES[optimizer]
-    if deepspeed and ob is None:
-        states = trainable * 12.0   # fp32 master weights + fp32 Adam moments (DeepSpeed bf16)
-        assumptions.append("DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes/param).")
+    extra_w = p.lora * e.g_ad + p.save * a
+    master = s["fp32_master_weights"]
+    if master is None:  # tools.train.fp32_master_weights: full/Spectrum, unsharded
+        master = s["method"] in ("full", "spectrum") and a == 2 and s["sharding"] == "none"
+    ta = 4 if master else a
+    if master:
+        weights += p.trainable * (4 - a)
+        e.assumptions.append("fp32 master weights: the trainable weights (and their gradients and Adam "
+                             "states) are fp32; frozen ones stay 16-bit; matmuls run in bf16 (autocast).")
+    grads = extra_w if e.lora else p.trainable * ta
+    ob = _OPT_BYTES[s["optimizer"]]
+    if s["sharding"] in ("zero2", "zero3") and ob is None:
+        states = p.trainable * 12.0   # fp32 master weights + fp32 Adam moments (DeepSpeed bf16)
+        e.assumptions.append("DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes/param).")
     elif ob is None:
-        states = 2 * extra_w if lora else 2 * trainable * ta
+        states = 2 * extra_w if e.lora else 2 * p.trainable * ta
     else:
-        states = trainable * ob
+        states = p.trainable * ob
+    return _State(weights=weights, extra_w=extra_w, grads=grads, states=states, ta=ta)
 
-    # ---- sharding / offload: what stays on one GPU ----
-    gathered = 0.0
-    notes: list[str] = []
+
+def _shard(e: _Est, p: _Params, st: _State) -> _State:
+    """What stays on one GPU under the layout: ZeRO/FSDP shards, CPU offload, DDP buckets."""
+    f, s, a, N = e.f, e.s, e.a, e.s["num_gpus"]
+    sharding = s["sharding"]
     if sharding in ("zero3", "fsdp"):
-        layer_bytes = (weights - (emb_params + other) * a) / L
+        layer_bytes = (st.weights - (p.emb + p.other) * a) / f.num_layers
         # the layer being computed plus the prefetched next one, and the full head for the loss
-        gathered = 2 * layer_bytes + V * h * a
-        weights, extra_w = weights / N, extra_w / N
-        grads, states = grads / N, states / N
-        if cpu_offload:  # ZeRO-3 offload_param/offload_optimizer; FSDP CPUOffload(offload_params)
-            weights, states, grads = 0.0, 0.0, 0.0
-            notes.append("CPU offload: optimizer states (and parameters) live in CPU RAM; "
-                         "needs roughly the model's full training state in RAM, and is slower.")
+        st.gathered = 2 * layer_bytes + f.vocab_size * f.hidden_size * a
+        st.weights, st.extra_w = st.weights / N, st.extra_w / N
+        st.grads, st.states = st.grads / N, st.states / N
+        if s["cpu_offload"]:  # ZeRO-3 offload_param/offload_optimizer; FSDP CPUOffload(offload_params)
+            st.weights, st.states, st.grads = 0.0, 0.0, 0.0
+            e.notes.append("CPU offload: optimizer states (and parameters) live in CPU RAM; "
+                           "needs roughly the model's full training state in RAM, and is slower.")
     elif sharding == "zero2":
-        grads, states = grads / N, states / N
-        if cpu_offload:
-            states, grads = 0.0, 0.0
+        st.grads, st.states = st.grads / N, st.states / N
+        if s["cpu_offload"]:
+            st.states, st.grads = 0.0, 0.0
     elif N > 1:
         # DDP keeps gradient buckets next to .grad (gradient_as_bucket_view=False by default)
-        notes.append("DDP: each GPU holds the whole model; gradient buckets add one gradient copy.")
-    ddp_buckets = grads if (sharding == "none" and N > 1) else 0.0
+        e.notes.append("DDP: each GPU holds the whole model; gradient buckets add one gradient copy.")
+    st.ddp_buckets = st.grads if (sharding == "none" and N > 1) else 0.0
     # non-fused torch AdamW (foreach) allocates sqrt(v) for all parameters at the step
-    foreach_tmp = states / 2 if optimizer in ("adamw_torch", "adamw_hf", "adamw") and not deepspeed else 0.0
+    st.foreach_tmp = st.states / 2 if s["optimizer"] in ("adamw_torch", "adamw_hf", "adamw") \
+        and sharding not in ("zero2", "zero3") else 0.0
+    return st
 
-    # ---- activations: bytes saved per token per decoder layer ----
-    S = frac  # share of linears whose input is saved for the weight gradient
-    drop = (1 + a) if lora_dropout > 0 else 0  # mask + dropout output per input element
-    norm = a * h if liger else 4 * h + (a * h if method == "full" else 0)
-    repeat = attn_implementation != "flash_attention_2" and (packing or micro_batch > 1 or
-                                                            attn_implementation == "eager")
+
+def _attention_bytes(e: _Est) -> tuple[float, int]:
+    """(bytes saved per token per layer by attention, the float mask's share of it)."""
+    f, s, a = e.f, e.s, e.a
+    h, heads = f.hidden_size, f.num_attention_heads
+    q, kvd = heads * f.head_dim, f.num_kv_heads * f.head_dim
+    impl, packing, mb = s["attn_implementation"], s["packing"], s["micro_batch"]
+    repeat = impl != "flash_attention_2" and (packing or mb > 1 or impl == "eager")
     kv_saved = 2 * a * (q if repeat else kvd)
     mask = 0
-    if attn_implementation != "flash_attention_2" and (packing or micro_batch > 1):
-        mask = a * (T if packing else seq_len)  # float mask per layer: rows x T_row^2 bytes
-    eager = heads * seq_len * (4 + a) if attn_implementation == "eager" else 0
+    if impl != "flash_attention_2" and (packing or mb > 1):
+        mask = a * (e.T if packing else s["seq_len"])  # float mask per layer: rows x T_row^2 bytes
+    eager = heads * s["seq_len"] * (4 + a) if impl == "eager" else 0
+    S = e.frac  # share of linears whose input is saved for the weight gradient
     attn = (S * a * h + a * q + kv_saved + a * q + 4 * heads + S * a * q + mask + eager)
-    if lora:
-        qkv_in = sum(1 for n in ("q_proj", "k_proj", "v_proj") if n in tg)
+    if e.lora:
+        drop = _dropout_bytes(e)
+        qkv_in = sum(1 for n in ("q_proj", "k_proj", "v_proj") if n in e.targets)
         attn += (drop * h * qkv_in if drop else (a * h if qkv_in else 0))
-        attn += (drop * q if drop else a * q) if "o_proj" in tg else 0
-    mlp = S * a * h + 2 * a * I + (0 if liger else a * I) + S * a * I
-    if lora:
-        gu = sum(1 for n in ("gate_proj", "up_proj") if n in tg)
+        attn += (drop * q if drop else a * q) if "o_proj" in e.targets else 0
+    return attn, mask
+
+
+def _dropout_bytes(e: _Est) -> int:
+    return (1 + e.a) if e.s["lora_dropout"] > 0 else 0  # mask + dropout output per input element
+
+
+def _activations(e: _Est, p: _Params, st: _State) -> _Acts:
+    """Bytes autograd saves per token per decoder layer, the backward transients and the loss."""
+    f, s, a, T = e.f, e.s, e.a, e.T
+    h, I, V = f.hidden_size, f.intermediate_size, f.vocab_size
+    liger, method, k_act = s["liger"], s["method"], f.num_experts_per_tok
+    norm = a * h if liger else 4 * h + (a * h if method == "full" else 0)
+    attn, mask = _attention_bytes(e)
+    mlp = e.frac * a * h + 2 * a * I + (0 if liger else a * I) + e.frac * a * I
+    if e.lora:
+        drop = _dropout_bytes(e)
+        gu = sum(1 for n in ("gate_proj", "up_proj") if n in e.targets)
         mlp += (drop * h * gu if drop else (a * h if gu else 0))
-        mlp += (drop * I if drop else a * I) if "down_proj" in tg else 0
+        mlp += (drop * I if drop else a * I) if "down_proj" in e.targets else 0
     per_layer = f.norms_per_layer * norm + attn + k_act * mlp + (4 * f.num_experts if f.num_experts > 1 else 0)
     # transient while one layer runs backward: incoming grad, grad of the MLP product, the LoRA
     # dropout path's gradients (in the adapter dtype) and SwiGLU's unfused gradients
-    trans = a * h + k_act * (a * I + (2 * g_ad * I if "down_proj" in tg else 0) + (0 if liger else 2 * a * I))
+    trans = a * h + k_act * (a * I + (2 * e.g_ad * I if "down_proj" in e.targets else 0) + (0 if liger else 2 * a * I))
     ckpt = a * h                                # per token per layer: the layer input
     # final norm input + its output gathered for the head + the shared boolean attention mask
     final = (a if liger else 4) * h + a * h + (mask // a if mask else 0)
     dequant = I * h * a if method == "qlora" else 0  # one 4-bit weight dequantised at a time
-
-    act_all = L * per_layer * T if not gradient_checkpointing else L * ckpt * T
-    layer_live = (per_layer + trans) * T + dequant
+    gc = s["gradient_checkpointing"]
     loss_tile = min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * a
-    loss_bwd = loss_tile + (4 + 2 * a) * h * T + (V * h * (4 + a) if head_trainable else 0)
-    head_grad = V * h * (ta if method in ("full", "spectrum") else a) if head_trainable else 0
+    full_like = method in ("full", "spectrum")
+    return _Acts(
+        act_all=f.num_layers * per_layer * T if not gc else f.num_layers * ckpt * T,
+        layer_live=(per_layer + trans) * T + dequant, trans_T=trans * T, dequant=dequant, ckpt_T=ckpt * T,
+        final_T=final * T,
+        loss_bwd=loss_tile + (4 + 2 * a) * h * T + (V * h * (4 + a) if p.head_trainable else 0),
+        head_grad=V * h * (st.ta if full_like else a) if p.head_trainable else 0,
+        emb_grad_tmp=V * h * (st.ta if full_like else a) if full_like or any(
+            m in ("embed_tokens", "wte") for m in p.saved) else 0)
 
-    persistent = {"weights": weights, "trainable_copies": extra_w,
-                  "optimizer_states": states, "gathered_shards": 0.0}
-    phases: dict[str, dict[str, float]] = {}
-    phases["loss backward (start of backward)"] = {
-        **persistent, "activations": act_all + final * T, "logits_and_loss": loss_bwd,
-        "gathered_shards": gathered}
-    top_acts = (act_all + layer_live) if gradient_checkpointing else (act_all + trans * T + dequant)
-    phases["backward of the last layer"] = {
-        **persistent, "activations": top_acts + final * T, "gradients": head_grad,
-        "gathered_shards": gathered}
-    phases["backward of the first layer"] = {
-        **persistent, "activations": (ckpt * T if gradient_checkpointing else 0) + layer_live,
-        "gradients": grads + ddp_buckets, "gathered_shards": gathered}
-    emb_grad_tmp = V * h * (ta if method in ("full", "spectrum") else a) if method in ("full", "spectrum") or any(
-        m in ("embed_tokens", "wte") for m in saved) else 0
-    phases["end of backward / optimizer step"] = {
-        **persistent, "gradients": grads + ddp_buckets, "optimizer_temporaries": foreach_tmp + emb_grad_tmp}
 
+def _phases(e: _Est, st: _State, ac: _Acts) -> dict[str, dict[str, float]]:
+    """Live bytes by role at each phase of a step where the peak can be."""
+    gc = e.s["gradient_checkpointing"]
+    persistent = {"weights": st.weights, "trainable_copies": st.extra_w,
+                  "optimizer_states": st.states, "gathered_shards": 0.0}
+    top_acts = (ac.act_all + ac.layer_live) if gc else (ac.act_all + ac.trans_T + ac.dequant)
+    return {
+        "loss backward (start of backward)": {
+            **persistent, "activations": ac.act_all + ac.final_T, "logits_and_loss": ac.loss_bwd,
+            "gathered_shards": st.gathered},
+        "backward of the last layer": {
+            **persistent, "activations": top_acts + ac.final_T, "gradients": ac.head_grad,
+            "gathered_shards": st.gathered},
+        "backward of the first layer": {
+            **persistent, "activations": (ac.ckpt_T if gc else 0) + ac.layer_live,
+            "gradients": st.grads + st.ddp_buckets, "gathered_shards": st.gathered},
+        "end of backward / optimizer step": {
+            **persistent, "gradients": st.grads + st.ddp_buckets,
+            "optimizer_temporaries": st.foreach_tmp + ac.emb_grad_tmp},
+    }
+
+
+def _result(e: _Est, p: _Params, phases: dict[str, dict[str, float]]) -> MemoryEstimate:
+    """Peak phase, total with context and allocator slack, and whether it fits the GPU."""
+    s, spec, vram = e.s, e.spec, e.vram
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     peak = totals[peak_phase]
@@ -350,25 +449,35 @@ def _estimate(f: ModelFacts, *, method, seq_len, micro_batch, gradient_checkpoin
     breakdown["cuda_context"] = CONTEXT_GIB
     breakdown["allocator_slack"] = round(slack / GIB, 3)
     total = peak / GIB + CONTEXT_GIB + slack / GIB
-
-    if packing:
-        assumptions.append("Packing: TRL bfd packs micro_batch rows of seq_len into one padding-free row.")
-    if not gradient_checkpointing:
-        notes.append("Gradient checkpointing off: every layer's activations stay until backward.")
-    if sharding == "none" and N > 1 and method == "full" and vram and total > FITS_FRACTION * vram:
-        notes.append("Full fine-tuning on several GPUs needs ZeRO-3 or FSDP to shard the states.")
+    if s["packing"]:
+        e.assumptions.append("Packing: TRL bfd packs micro_batch rows of seq_len into one padding-free row.")
+    if not s["gradient_checkpointing"]:
+        e.notes.append("Gradient checkpointing off: every layer's activations stay until backward.")
+    if s["sharding"] == "none" and s["num_gpus"] > 1 and s["method"] == "full" and vram \
+            and total > FITS_FRACTION * vram:
+        e.notes.append("Full fine-tuning on several GPUs needs ZeRO-3 or FSDP to shard the states.")
     fits = thr = head = None
     if vram:
         thr = round(FITS_FRACTION * vram, 2)
         fits = total <= FITS_FRACTION * vram
         head = round(FITS_FRACTION * vram - total, 2)
     return MemoryEstimate(
-        model=f.name, method=method, total_params=f.total_params, trainable_params=int(trainable),
+        model=e.f.name, method=s["method"], total_params=e.f.total_params, trainable_params=int(p.trainable),
         breakdown_gib=breakdown, peak_phase=peak_phase,
         phases_gib={k: round(v / GIB, 3) for k, v in totals.items()},
         peak_allocated_gib=round(peak / GIB, 3), total_gib=round(total, 3),
         gpu=spec.name if spec else None, gpu_memory_gib=vram, fits=fits, fits_threshold_gib=thr,
-        headroom_gib=head, assumptions=assumptions, notes=notes)
+        headroom_gib=head, assumptions=e.assumptions, notes=e.notes)
+
+
+def _estimate(f: ModelFacts, **settings) -> MemoryEstimate:
+    """The estimate in named steps: parameters by role, their bytes, the layout's share on one
+    GPU, activations, the phases of a step, and the peak."""
+    settings.setdefault("fp32_master_weights", None)
+    e = _start(f, settings)
+    p = _params(e)
+    st = _shard(e, p, _whole_model_state(e, p))
+    return _result(e, p, _phases(e, st, _activations(e, p, st)))
 
 
 def estimate_for(facts: ModelFacts, **kw) -> MemoryEstimate:
