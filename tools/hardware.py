@@ -11,6 +11,7 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from .memory import GIB
 from .workspace import get_workspace
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate",
@@ -50,11 +51,10 @@ def _version(pkg: str) -> str | None:
 
 
 def _ram() -> tuple[float | None, float | None]:
-    gib = 2 ** 30
     try:
         import psutil
         vm = psutil.virtual_memory()
-        return vm.total / gib, vm.available / gib
+        return vm.total / GIB, vm.available / GIB
     except ImportError:
         pass
     try:
@@ -63,11 +63,11 @@ def _ram() -> tuple[float | None, float | None]:
             for line in fh:
                 k, v = line.split(":", 1)
                 info[k] = int(v.split()[0]) * 1024
-        return info["MemTotal"] / gib, info.get("MemAvailable", info.get("MemFree", 0)) / gib
+        return info["MemTotal"] / GIB, info.get("MemAvailable", info.get("MemFree", 0)) / GIB
     except (OSError, KeyError, ValueError):
         pass
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gib, None
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, None
     except (ValueError, OSError, AttributeError):
         return None, None
 
@@ -87,10 +87,10 @@ def _gpus() -> tuple[bool, bool, list[GPUInfo], list[str]]:
             p = torch.cuda.get_device_properties(i)
             free = None
             try:
-                free = torch.cuda.mem_get_info(i)[0] / 2 ** 30
+                free = torch.cuda.mem_get_info(i)[0] / GIB
             except Exception:  # noqa: BLE001 - busy or restricted device: report total only
                 pass
-            gpus.append(GPUInfo(index=i, name=p.name, total_memory_gib=round(p.total_memory / 2 ** 30, 2),
+            gpus.append(GPUInfo(index=i, name=p.name, total_memory_gib=round(p.total_memory / GIB, 2),
                                 free_memory_gib=None if free is None else round(free, 2),
                                 compute_capability=f"{p.major}.{p.minor}", bf16_supported=p.major >= 8))
         return True, True, gpus, warnings
@@ -121,5 +121,5 @@ def detect_hardware() -> HardwareReport:
         bf16_supported=bf16, cpu_cores=os.cpu_count() or 1,
         ram_total_gib=None if ram_total is None else round(ram_total, 2),
         ram_available_gib=None if ram_avail is None else round(ram_avail, 2),
-        disk_free_gib=round(shutil.disk_usage(ws.root).free / 2 ** 30, 2), workspace=str(ws.root),
+        disk_free_gib=round(shutil.disk_usage(ws.root).free / GIB, 2), workspace=str(ws.root),
         packages=packages, warnings=warnings)

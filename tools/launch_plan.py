@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .memory import GIB
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -165,7 +166,6 @@ def disk_needed(method: str, total_params: int, trainable_params: int, *, save_t
     in fp32 master precision, frozen ones 16-bit) and the optimizer's states (AdamW: 8 bytes per
     trainable parameter); ZeRO-3 writes the 16-bit gathered model plus its fp32 master and Adam
     shards (12 bytes per trainable parameter)."""
-    gib = 2 ** 30
     lora = method in ("lora", "qlora")
     if lora:
         model = trainable_params * (2 if method == "qlora" else 4)
@@ -176,9 +176,9 @@ def disk_needed(method: str, total_params: int, trainable_params: int, *, save_t
     else:  # fp32 master weights for what is trained (tools.train), frozen weights 16-bit
         model = trainable_params * 4 + (total_params - trainable_params) * weight_bytes
         final = model
-    ckpt = (model + trainable_params * 8) / gib
+    ckpt = (model + trainable_params * 8) / GIB
     n = save_steps_count if save_total_limit is None else max(1, min(save_total_limit, save_steps_count))
-    total = (ckpt * n + final / gib) * DISK_MARGIN
+    total = (ckpt * n + final / GIB) * DISK_MARGIN
     why = (f"{n} checkpoint(s) x {ckpt:.2f} GiB (weights + optimizer states) + the final "
-           f"{'adapter' if lora else 'model'} {final / gib:.2f} GiB, +10%")
-    return DiskNeed(round(ckpt, 3), n, round(final / gib, 3), round(total, 3), why)
+           f"{'adapter' if lora else 'model'} {final / GIB:.2f} GiB, +10%")
+    return DiskNeed(round(ckpt, 3), n, round(final / GIB, 3), round(total, 3), why)

@@ -17,7 +17,7 @@ from typing import Annotated, Literal, NamedTuple, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
-from .memory import FITS_FRACTION, GPUSpec, MemoryEstimate, estimate_for, find_gpu, require_gpu
+from .memory import FITS_FRACTION, GIB, GPUSpec, MemoryEstimate, estimate_for, find_gpu, require_gpu
 from .models import ModelFacts, catalog_facts, catalog_lookup, get_model_facts, smaller_siblings
 
 H100_TFLOPS = 989.0
@@ -33,9 +33,9 @@ Method = Literal["full", "lora", "qlora", "spectrum"]
 # (bench/estimator_accuracy.py: worst |error| 6.4% over the 15 runs of ../shared/calibration,
 # 4.9% over the 7 in tests/fixtures/calibration; sharded layouts are not measured yet).
 ESTIMATE_ERROR = 0.09
-# A plan "fits with margin" when it would still be within the fits line (FITS_FRACTION, 90%: the
-# room kept for what no estimate sees, such as other processes, NCCL buffers, fragmentation) if
-# the estimate were ESTIMATE_ERROR too low: total <= 90% / 1.09 = 82.6% of the GPU's memory.
+# A plan "fits with margin" when it would still be within the fits line (FITS_FRACTION: the room
+# kept for what no estimate sees, such as other processes, NCCL buffers, fragmentation) if the
+# estimate were ESTIMATE_ERROR too low: total <= FITS_FRACTION / (1 + ESTIMATE_ERROR) of the GPU's memory.
 MARGIN_FRACTION = FITS_FRACTION / (1 + ESTIMATE_ERROR)
 
 
@@ -371,8 +371,8 @@ def offload_ram_gib(method: str, est: MemoryEstimate) -> float:
     full/Spectrum: fp32 master weights and Adam moments of what is trained (12 bytes each) plus the
     16-bit parameters (2 bytes each), over all nodes' GPUs of one machine together."""
     if method == "qlora":
-        return est.total_params * 0.6 / 2 ** 30
-    return (est.trainable_params * 12 + est.total_params * 2) / 2 ** 30
+        return est.total_params * 0.6 / GIB
+    return (est.trainable_params * 12 + est.total_params * 2) / GIB
 
 
 def fits_with_margin(est: MemoryEstimate, vram: float) -> bool:
