@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -214,34 +214,6 @@ def recipe_paths(cfg: dict) -> list[tuple[str, Any]]:
     return out
 
 
-def _check_boundary(cfg: dict, root: Path, a: "_Analysis") -> None:
-    """Every path in the recipe stays in the workspace (the training process reads and writes
-    them with no path policy of its own)."""
-    for key, value in recipe_paths(cfg):
-        out = _outside(value, root)
-        if out is not None:
-            a.errors.append(f"{key} '{short(value)}' resolves to {short(out)}, outside the workspace {root}: "
-                            "the run would read or write there. Use a path inside the workspace.")
-
-
-REMOTE_CODE_WARNING = (
-    "trust_remote_code: true runs Python code from the model's repository (its modeling_*.py) inside "
-    "the training process, with your user's rights. Read that code first; launch_training refuses it "
-    "unless allow_remote_code=true.")
-
-
-def _check_side_effects(cfg: dict, a: "_Analysis") -> None:
-    """Settings that run foreign code or send data out: said plainly, never silent."""
-    if cfg.get("trust_remote_code"):
-        a.warnings.append(REMOTE_CODE_WARNING)
-    reps = cfg.get("report_to")
-    reps = [reps] if isinstance(reps, str) else reps if isinstance(reps, list) else []
-    if "all" in reps:
-        a.warnings.append("report_to: all sends metrics to EVERY tracker installed on the training machine "
-                          "(wandb, mlflow, comet_ml... upload over the network). Name the trackers you want "
-                          "(e.g. tensorboard for local logs) or use none.")
-
-
 def _looks_like_path(value: str) -> bool:
     v = str(value)
     return v.startswith((".", "/", "~")) or v.count("/") > 1 or bool(re.search(r"\.(jsonl?|csv|parquet|jinja)$", v))
@@ -273,6 +245,7 @@ def _spectrum_fraction(patterns: list[str], num_layers: int) -> float:
 # ----------------------------------------------------------------------------- analysis
 @dataclass
 class _Analysis:
+    """What the checks found: the verdict's lists, the TRL parse and the memory fit."""
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -281,276 +254,441 @@ class _Analysis:
     memory: Optional[MemoryEstimate] = None
     fits: Optional[bool] = None
 
+    def error(self, text: str) -> None:
+        self.errors.append(text)
 
-def _analyse(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary]) -> _Analysis:
-    """Unknown keys, the TRL parse, contradictions, files, and the memory fit."""
-    a = _Analysis()
-    E, W, N = a.errors.append, a.warnings.append, a.notes.append
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@dataclass
+class _Recipe:
+    """What every check reads: the recipe, where it trains, and the flags derived once (bf16 as
+    TRL resolves it)."""
+    cfg: dict
+    t: Target
+    root: Path
+    accel: Optional[AccelerateSummary]
+    method: str
+    bf16: bool
+    fp16: bool
+    use_cpu: bool
+    cpu_target: bool   # use_cpu, or the target itself is a CPU
+    peft: bool
+    q4: bool
+    q8: bool
+
+    @classmethod
+    def of(cls, cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary]) -> "_Recipe":
+        use_cpu = bool(cfg.get("use_cpu"))
+        return cls(cfg=cfg, t=t, root=root, accel=accel, method=infer_method(cfg), bf16=_eff(cfg, "bf16"),
+                   fp16=bool(cfg.get("fp16")), use_cpu=use_cpu, cpu_target=use_cpu or t.kind == "cpu",
+                   peft=bool(cfg.get("use_peft")), q4=bool(cfg.get("load_in_4bit")),
+                   q8=bool(cfg.get("load_in_8bit")))
+
+
+def _check_keys(r: _Recipe, a: _Analysis) -> None:
+    """Keys TRL rejects, with the closest valid names."""
     fields = trl_fields()
-    for k in cfg:
+    for k in r.cfg:
         if k not in fields and k not in EXTRA_KEYS:
             a.unknown.append(UnknownKey(key=k, suggestions=suggest(k)))
     for u in a.unknown:
-        E(f"unknown key '{u.key}': TRL rejects it" + (f" (did you mean {', '.join(u.suggestions)}?)"
-                                                     if u.suggestions else "."))
-    if "env" in cfg and not isinstance(cfg["env"], dict):
-        E("env must be a mapping of environment variable names to values.")
-    method = infer_method(cfg)
+        a.error(f"unknown key '{u.key}': TRL rejects it" + (f" (did you mean {', '.join(u.suggestions)}?)"
+                                                           if u.suggestions else "."))
+    if "env" in r.cfg and not isinstance(r.cfg["env"], dict):
+        a.error("env must be a mapping of environment variable names to values.")
 
-    # --- the TRL parse (hardware checks of TrainingArguments run against the target, not here)
-    parse_cfg = {k: v for k, v in cfg.items() if k not in {u.key for u in a.unknown}}
-    if not t.cuda_here and parse_cfg.get("use_cpu") is not True:
+
+def _check_trl_parse(r: _Recipe, a: _Analysis) -> None:
+    """The installed TRL's parse; TrainingArguments' hardware checks run against the target, not
+    against this machine."""
+    unknown = {u.key for u in a.unknown}
+    parse_cfg = {k: v for k, v in r.cfg.items() if k not in unknown}
+    if not r.t.cuda_here and parse_cfg.get("use_cpu") is not True:
         neutral = [k for k in ("bf16", "tf32") if (_eff(parse_cfg, k) if k == "bf16" else parse_cfg.get(k))]
         if neutral:
             parse_cfg = {**parse_cfg, "bf16": False, "tf32": None}
-            against = "the described GPU" if t.kind == "gpu" else "the GPU the recipe is meant for"
-            N(f"{', '.join(neutral)} parsed as off: TrainingArguments checks them against the local device, "
-              f"which has no CUDA GPU; this report checks them against {against}.")
-    _, err, trl_warns = trl_parse(parse_cfg, base_dir=root)
+            against = "the described GPU" if r.t.kind == "gpu" else "the GPU the recipe is meant for"
+            a.note(f"{', '.join(neutral)} parsed as off: TrainingArguments checks them against the local device, "
+                   f"which has no CUDA GPU; this report checks them against {against}.")
+    _, err, trl_warns = trl_parse(parse_cfg, base_dir=r.root)
     if err:
-        E(f"the installed TRL rejects the recipe: {err}")
+        a.error(f"the installed TRL rejects the recipe: {err}")
     a.parse_ok = err is None and not a.unknown
     for w in trl_warns:
-        if "gradient_checkpointing` is deprecated" in w and "gradient_checkpointing" not in cfg:
+        if "gradient_checkpointing` is deprecated" in w and "gradient_checkpointing" not in r.cfg:
             continue  # TRL's own default triggers it; the recipe is not at fault
-        W(f"TRL/transformers: {w}")
+        a.warn(f"TRL/transformers: {w}")
 
-    # --- values the argparse layer does not check
-    for k, v in cfg.items():
+
+def _check_choices(r: _Recipe, a: _Analysis) -> None:
+    """Values the argparse layer does not check against a field's choices."""
+    fields = trl_fields()
+    for k, v in r.cfg.items():
         f = fields.get(k)
         choices = f[1].metadata.get("choices") if f else None
         if choices and v is not None and v not in choices:
-            E(f"{k}: {v!r} is not one of {', '.join(map(str, choices))}.")
+            a.error(f"{k}: {v!r} is not one of {', '.join(map(str, choices))}.")
 
-    bf16, fp16 = _eff(cfg, "bf16"), bool(cfg.get("fp16"))
-    use_cpu = bool(cfg.get("use_cpu"))
-    cpu_target = use_cpu or t.kind == "cpu"
-    peft = bool(cfg.get("use_peft"))
-    q4, q8 = bool(cfg.get("load_in_4bit")), bool(cfg.get("load_in_8bit"))
 
-    # --- contradictions
-    if bf16 and fp16:
-        E("fp16 and bf16 are both true: pick one (bf16 on Ampere or newer, fp16 on T4/V100).")
+def _check_mixed_precision(r: _Recipe, a: _Analysis) -> None:
+    if r.bf16 and r.fp16:
+        a.error("fp16 and bf16 are both true: pick one (bf16 on Ampere or newer, fp16 on T4/V100).")
+
+
+def _check_quantization(r: _Recipe, a: _Analysis) -> None:
+    """4/8-bit, LoRA and Spectrum keys that contradict each other or TRL."""
+    cfg, q4, q8, peft = r.cfg, r.q4, r.q8, r.peft
     if q4 and q8:
-        E("load_in_4bit and load_in_8bit are both true: pick one (4-bit for QLoRA).")
+        a.error("load_in_4bit and load_in_8bit are both true: pick one (4-bit for QLoRA).")
     if (q4 or q8) and not peft:
-        E("load_in_4bit/load_in_8bit without use_peft: a quantized base cannot be trained directly. Set "
-          "use_peft: true (QLoRA) or drop the quantization.")
+        a.error("load_in_4bit/load_in_8bit without use_peft: a quantized base cannot be trained directly. Set "
+                "use_peft: true (QLoRA) or drop the quantization.")
     if cfg.get(SPECTRUM_KEY) and (peft or q4 or q8):
-        E("spectrum_config_path with use_peft/load_in_4bit: Spectrum trains the selected layers' full weights; "
-          "drop the LoRA/quantization keys or the Spectrum config.")
+        a.error("spectrum_config_path with use_peft/load_in_4bit: Spectrum trains the selected layers' full "
+                "weights; drop the LoRA/quantization keys or the Spectrum config.")
     if not peft and any(k.startswith("lora_") for k in cfg):
-        W("lora_* keys are set but use_peft is false: they are ignored (this is a "
-          f"{method} fine-tune).")
+        a.warn("lora_* keys are set but use_peft is false: they are ignored (this is a "
+               f"{r.method} fine-tune).")
     tm = cfg.get("lora_target_modules")
     if peft and tm and ("lm_head" in (tm if isinstance(tm, list) else [tm])):
-        E("lora_target_modules includes lm_head: TRL 1.16 rejects LoRA on the output layer. Put lm_head in "
-          "lora_modules_to_save instead.")
-    if q4 and str(cfg.get("dtype", "float32")) == "float32" and not use_cpu:
-        W("QLoRA with dtype float32 (the ModelConfig default): TRL uses dtype as the 4-bit compute dtype, "
-          "so every matmul runs in fp32. Set dtype: bfloat16 (float16 on T4/V100).")
+        a.error("lora_target_modules includes lm_head: TRL 1.16 rejects LoRA on the output layer. Put lm_head in "
+                "lora_modules_to_save instead.")
+    if q4 and str(cfg.get("dtype", "float32")) == "float32" and not r.use_cpu:
+        a.warn("QLoRA with dtype float32 (the ModelConfig default): TRL uses dtype as the 4-bit compute dtype, "
+               "so every matmul runs in fp32. Set dtype: bfloat16 (float16 on T4/V100).")
     qs = cfg.get("bnb_4bit_quant_storage")
     if q4 and qs and cfg.get("dtype") and qs != cfg.get("dtype"):
-        W(f"bnb_4bit_quant_storage ({qs}) differs from dtype ({cfg.get('dtype')}): FSDP/ZeRO-3 need one "
-          "dtype for all parameters; set both to bfloat16.")
-    if use_cpu and bf16:
-        E("use_cpu with bf16 on (TRL turns bf16 on unless fp16 is set): CPU training must run in fp32. Set "
-          "bf16: false.")
-    if use_cpu and fp16:
-        E("use_cpu with fp16: fp16 mixed precision needs a GPU. Set fp16: false.")
-    if fp16 and str(cfg.get("dtype")) in ("float16",) and method in ("full", "spectrum"):
-        E("fp16 with dtype float16 on a full/Spectrum fine-tune: AMP cannot unscale fp16 gradients of fp16 "
-          "weights. Load the weights in float32 (dtype: float32) with fp16: true, or use bf16.")
+        a.warn(f"bnb_4bit_quant_storage ({qs}) differs from dtype ({cfg.get('dtype')}): FSDP/ZeRO-3 need one "
+               "dtype for all parameters; set both to bfloat16.")
+
+
+def _check_cpu_precision(r: _Recipe, a: _Analysis) -> None:
+    """Half precision where it cannot run: on CPU, or fp16 gradients of fp16 weights."""
+    if r.use_cpu and r.bf16:
+        a.error("use_cpu with bf16 on (TRL turns bf16 on unless fp16 is set): CPU training must run in fp32. "
+                "Set bf16: false.")
+    if r.use_cpu and r.fp16:
+        a.error("use_cpu with fp16: fp16 mixed precision needs a GPU. Set fp16: false.")
+    if r.fp16 and str(r.cfg.get("dtype")) in ("float16",) and r.method in ("full", "spectrum"):
+        a.error("fp16 with dtype float16 on a full/Spectrum fine-tune: AMP cannot unscale fp16 gradients of fp16 "
+                "weights. Load the weights in float32 (dtype: float32) with fp16: true, or use bf16.")
+
+
+def _check_data_keys(r: _Recipe, a: _Analysis) -> None:
+    """Packing and the SFTConfig data keys TRL refuses or deprecates."""
+    cfg = r.cfg
     if cfg.get("packing") and cfg.get("max_length", 1) is None:
-        E("packing with max_length null: TRL needs max_length as the packed sequence length.")
+        a.error("packing with max_length null: TRL needs max_length as the packed sequence length.")
     if cfg.get("padding_free") and not cfg.get("packing") and cfg.get("max_length", 1024) is not None:
-        E("padding_free without packing and with max_length set: TRL refuses it (max_length is not enforced). "
-          "Enable packing or drop padding_free.")
+        a.error("padding_free without packing and with max_length set: TRL refuses it (max_length is not "
+                "enforced). Enable packing or drop padding_free.")
     if cfg.get("packing") and cfg.get("packing_strategy") == "wrapped":
-        W("packing_strategy 'wrapped' cuts sequences mid-sample; 'bfd' (default) keeps samples whole.")
+        a.warn("packing_strategy 'wrapped' cuts sequences mid-sample; 'bfd' (default) keeps samples whole.")
     if cfg.get("truncation_mode") == "keep_end":
-        W("truncation_mode keep_end is deprecated in TRL 1.x (removed in 2.0).")
+        a.warn("truncation_mode keep_end is deprecated in TRL 1.x (removed in 2.0).")
     if cfg.get("pad_token") is not None:
-        W("pad_token is deprecated in TRL 1.x: set the tokenizer's pad token instead.")
+        a.warn("pad_token is deprecated in TRL 1.x: set the tokenizer's pad token instead.")
     if cfg.get("dataset_text_field") not in (None, "text"):
-        N("dataset_text_field applies only to plain-text (language modeling) datasets; conversational "
-          "messages or prompt/completion rows ignore it.")
+        a.note("dataset_text_field applies only to plain-text (language modeling) datasets; conversational "
+               "messages or prompt/completion rows ignore it.")
+
+
+# report_to name -> the package the Trainer imports for it
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+                   "comet_ml": "comet_ml"}
+
+
+def _check_hub_and_trackers(r: _Recipe, a: _Analysis) -> None:
+    """Pushing to the hub, and trackers whose package the training machine must have."""
+    cfg = r.cfg
     if cfg.get("push_to_hub"):
-        W("push_to_hub is on: training pushes to the Hugging Face Hub (network + write token). Turn it off for "
-          "offline runs, and push only with the user's consent.")
+        a.warn("push_to_hub is on: training pushes to the Hugging Face Hub (network + write token). Turn it off "
+               "for offline runs, and push only with the user's consent.")
     for rep in ([cfg["report_to"]] if isinstance(cfg.get("report_to"), str) else cfg.get("report_to") or []):
-        mod = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
-               "comet_ml": "comet_ml"}.get(str(rep))
+        mod = TRACKER_MODULES.get(str(rep))
         if mod and not has_module(mod):
-            W(f"report_to {rep}: the {mod} package is not installed here (the Trainer fails at start if it "
-              "is missing on the training machine).")
-    if method in ("lora", "qlora") and cfg.get("deepspeed") is None and accel and accel.sharding == "zero3":
+            a.warn(f"report_to {rep}: the {mod} package is not installed here (the Trainer fails at start if it "
+                   "is missing on the training machine).")
+
+
+def _check_peft_zero3(r: _Recipe, a: _Analysis) -> None:
+    cfg, accel = r.cfg, r.accel
+    if r.method in ("lora", "qlora") and cfg.get("deepspeed") is None and accel and accel.sharding == "zero3":
         kw = cfg.get("activation_checkpointing_kwargs") or cfg.get("gradient_checkpointing_kwargs") or {}
         if _eff(cfg, "activation_checkpointing") and not kw.get("use_reentrant"):
-            W("PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing: TRL forces it through the deprecated "
-              "gradient_checkpointing_kwargs, which transformers 5.23 no longer reads when "
-              "activation_checkpointing_kwargs is unset. Set activation_checkpointing_kwargs: "
-              "{use_reentrant: true}.")
+            a.warn("PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing: TRL forces it through the deprecated "
+                   "gradient_checkpointing_kwargs, which transformers 5.23 no longer reads when "
+                   "activation_checkpointing_kwargs is unset. Set activation_checkpointing_kwargs: "
+                   "{use_reentrant: true}.")
 
-    # --- hardware
-    attn = cfg.get("attn_implementation")
+
+def _check_kernels(r: _Recipe, a: _Analysis) -> None:
+    """liger and flash-attention: GPU-only kernels, and packages the training machine needs."""
+    attn = r.cfg.get("attn_implementation")
     gpu_only = []
-    if cfg.get("use_liger_kernel"):
+    if r.cfg.get("use_liger_kernel"):
         gpu_only.append(("use_liger_kernel", "liger_kernel", "liger-kernel's first forward fails without a GPU"))
     if attn in FLASH_ATTN:
         gpu_only.append(("attn_implementation", "flash_attn", f"{attn} needs the flash-attn package and a GPU"))
     for key, mod, why in gpu_only:
         instead = "sdpa attention" if key == "attn_implementation" else "no liger"
-        if cpu_target:
-            W(f"{key}: {why}; this recipe trains on CPU, so tools.train falls back to {instead} (and says "
-              "so). Remove it to make the recipe say what runs.")
+        if r.cpu_target:
+            a.warn(f"{key}: {why}; this recipe trains on CPU, so tools.train falls back to {instead} (and says "
+                   "so). Remove it to make the recipe say what runs.")
         elif not has_module(mod):
-            W(f"{key}: the {mod} package is not installed here; install it on the training machine, or "
-              f"tools.train falls back to {instead} there.")
-    if t.kind == "gpu?" and not use_cpu:
-        if bf16 or q4 or fp16:
-            W("this machine has no CUDA GPU: the recipe (bf16/fp16/4-bit) is meant for a GPU machine. To run "
-              "it here set use_cpu: true, bf16: false, and drop load_in_4bit/liger/flash-attn.")
-    if t.kind == "gpu" and not t.bf16 and bf16:
-        E(f"bf16 on {t.gpu_name}, which has no bf16 (compute capability < 8.0): set bf16: false, fp16: true.")
+            a.warn(f"{key}: the {mod} package is not installed here; install it on the training machine, or "
+                   f"tools.train falls back to {instead} there.")
+
+
+def _check_target(r: _Recipe, a: _Analysis) -> None:
+    """Precision and quantization against the hardware the recipe trains on."""
+    t, cfg = r.t, r.cfg
+    if t.kind == "gpu?" and not r.use_cpu:
+        if r.bf16 or r.q4 or r.fp16:
+            a.warn("this machine has no CUDA GPU: the recipe (bf16/fp16/4-bit) is meant for a GPU machine. To run "
+                   "it here set use_cpu: true, bf16: false, and drop load_in_4bit/liger/flash-attn.")
+    if t.kind == "gpu" and not t.bf16 and r.bf16:
+        a.error(f"bf16 on {t.gpu_name}, which has no bf16 (compute capability < 8.0): set bf16: false, fp16: true.")
     if t.kind == "gpu" and not t.bf16 and cfg.get("tf32"):
-        E(f"tf32 needs an Ampere or newer GPU; {t.gpu_name} has none. Remove tf32.")
-    if cpu_target and cfg.get("tf32"):
-        E("tf32 on CPU: TrainingArguments raises. Remove tf32.")
-    if cpu_target and q4:
-        W("4-bit QLoRA on CPU runs (bitsandbytes CPU backend) but very slowly; use LoRA or full on tiny models.")
-    if accel:
-        for p in accel.problems:
-            E(f"accelerate config: {p}")
-        mp = accel.mixed_precision
-        want = "bf16" if bf16 else "fp16" if fp16 else "no"
-        if mp and mp != want:
-            W(f"accelerate mixed_precision is {mp} but the recipe trains in {want}: the Trainer's flags win; "
-              "set both the same.")
-        if accel.use_cpu != use_cpu:
-            W(f"accelerate use_cpu={accel.use_cpu} but the recipe's use_cpu={use_cpu}.")
-        if q4 and accel.sharding in ("fsdp", "zero3") and not qs:
-            E(f"QLoRA with {accel.sharding.upper()} needs bnb_4bit_quant_storage (= dtype, e.g. bfloat16): with "
-              "the default uint8 storage the 4-bit weights cannot be sharded.")
-
-    # --- files and datasets
-    _check_boundary(cfg, root, a)
-    _check_side_effects(cfg, a)
-    _check_files(cfg, root, a, method)
-
-    # --- memory
-    a.memory, mem_note = _memory(cfg, t, root, accel, method)
-    if mem_note:
-        N(mem_note)
-    if a.memory is not None:
-        a.fits = a.memory.fits
-        m = a.memory
-        if m.gpu_memory_gib and m.total_gib > m.gpu_memory_gib:
-            E(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB of "
-              f"{t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, enable "
-              "activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
-        elif m.fits is False:
-            W(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above 90% of {m.gpu_memory_gib:.1f} GiB: "
-              "little headroom (the estimate is within about +-10%).")
-    return a
+        a.error(f"tf32 needs an Ampere or newer GPU; {t.gpu_name} has none. Remove tf32.")
+    if r.cpu_target and cfg.get("tf32"):
+        a.error("tf32 on CPU: TrainingArguments raises. Remove tf32.")
+    if r.cpu_target and r.q4:
+        a.warn("4-bit QLoRA on CPU runs (bitsandbytes CPU backend) but very slowly; use LoRA or full on tiny "
+               "models.")
 
 
-def _check_files(cfg: dict, root: Path, a: _Analysis, method: str) -> None:
-    E, W, N = a.errors.append, a.warnings.append, a.notes.append
-    model = cfg.get("model_name_or_path")
+def _check_accelerate(r: _Recipe, a: _Analysis) -> None:
+    """The accelerate config's own problems, and where it disagrees with the recipe."""
+    accel = r.accel
+    if not accel:
+        return
+    for p in accel.problems:
+        a.error(f"accelerate config: {p}")
+    mp = accel.mixed_precision
+    want = "bf16" if r.bf16 else "fp16" if r.fp16 else "no"
+    if mp and mp != want:
+        a.warn(f"accelerate mixed_precision is {mp} but the recipe trains in {want}: the Trainer's flags win; "
+               "set both the same.")
+    if accel.use_cpu != r.use_cpu:
+        a.warn(f"accelerate use_cpu={accel.use_cpu} but the recipe's use_cpu={r.use_cpu}.")
+    if r.q4 and accel.sharding in ("fsdp", "zero3") and not r.cfg.get("bnb_4bit_quant_storage"):
+        a.error(f"QLoRA with {accel.sharding.upper()} needs bnb_4bit_quant_storage (= dtype, e.g. bfloat16): "
+                "with the default uint8 storage the 4-bit weights cannot be sharded.")
+
+
+def _check_boundary(r: _Recipe, a: _Analysis) -> None:
+    """Every path in the recipe stays in the workspace (the training process reads and writes
+    them with no path policy of its own)."""
+    for key, value in recipe_paths(r.cfg):
+        out = _outside(value, r.root)
+        if out is not None:
+            a.error(f"{key} '{short(value)}' resolves to {short(out)}, outside the workspace {r.root}: "
+                    "the run would read or write there. Use a path inside the workspace.")
+
+
+REMOTE_CODE_WARNING = (
+    "trust_remote_code: true runs Python code from the model's repository (its modeling_*.py) inside "
+    "the training process, with your user's rights. Read that code first; launch_training refuses it "
+    "unless allow_remote_code=true.")
+
+
+def _check_side_effects(r: _Recipe, a: _Analysis) -> None:
+    """Settings that run foreign code or send data out: said plainly, never silent."""
+    if r.cfg.get("trust_remote_code"):
+        a.warn(REMOTE_CODE_WARNING)
+    reps = r.cfg.get("report_to")
+    reps = [reps] if isinstance(reps, str) else reps if isinstance(reps, list) else []
+    if "all" in reps:
+        a.warn("report_to: all sends metrics to EVERY tracker installed on the training machine "
+               "(wandb, mlflow, comet_ml... upload over the network). Name the trackers you want "
+               "(e.g. tensorboard for local logs) or use none.")
+
+
+def _check_model(r: _Recipe, a: _Analysis) -> None:
+    model, root = r.cfg.get("model_name_or_path"), r.root
     if not model:
-        E("model_name_or_path is missing: SFTTrainer needs the model to train.")
+        a.error("model_name_or_path is missing: SFTTrainer needs the model to train.")
     elif _looks_like_path(model) and not _is_local_ref(model, root):
-        E(f"model_name_or_path '{model}' looks like a local path but does not exist under {root}.")
+        a.error(f"model_name_or_path '{model}' looks like a local path but does not exist under {root}.")
     elif not _is_local_ref(str(model), root):
         from .models import renamed_hub_id
         renamed = renamed_hub_id(str(model))
         if renamed:
-            N(f"model_name_or_path '{model}': its owner renamed it '{renamed}' (the hub redirects the old id); "
-              "needs network or a local copy at training time.")
-    if not cfg.get("output_dir"):
-        W("output_dir is not set: the Trainer writes to ./trainer_output.")
+            a.note(f"model_name_or_path '{model}': its owner renamed it '{renamed}' (the hub redirects the old "
+                   "id); needs network or a local copy at training time.")
+    if not r.cfg.get("output_dir"):
+        a.warn("output_dir is not set: the Trainer writes to ./trainer_output.")
+
+
+def _evaluates(cfg: dict) -> bool:
+    return str(cfg.get("eval_strategy", "no")) != "no"
+
+
+def _check_dataset_name(r: _Recipe, a: _Analysis) -> None:
+    """dataset_name: a workspace directory with the splits the recipe names, or a hub id."""
+    cfg, root = r.cfg, r.root
     ds_name, mix = cfg.get("dataset_name"), cfg.get("datasets")
-    evals = str(cfg.get("eval_strategy", "no")) != "no"
     if not ds_name and not mix:
-        E("no dataset: set dataset_name (a convert_dataset directory or hub id) or a datasets: mixture.")
-    if ds_name and not mix:
-        local = _is_local_ref(ds_name, root)
-        if local is None and _looks_like_path(ds_name):
-            E(f"dataset_name '{ds_name}' does not exist under {root}.")
-        elif local is None:
-            W(f"dataset_name '{ds_name}' is not a directory in the workspace, so the datasets library will "
-              "fetch it from the hub (network needed); for a local dataset give the convert_dataset output "
-              "directory.")
-        elif local is not None and local.is_file():
-            W(f"dataset_name '{ds_name}' is a file: load it through a datasets: mixture "
-              "(path: json, data_files: <file>) instead.")
-        elif local is not None and local.is_dir():
-            names = {p.stem for p in local.iterdir() if p.is_file()}
-            tr, te = cfg.get("dataset_train_split", "train"), cfg.get("dataset_test_split", "test")
-            if names and tr not in names and not (local / "dataset_dict.json").exists():
-                W(f"dataset_name '{ds_name}' has no '{tr}' file (files: {', '.join(sorted(names)[:6])}).")
-            if evals and names and te not in names and not (local / "dataset_dict.json").exists():
-                E(f"eval_strategy is {cfg.get('eval_strategy')} but '{ds_name}' has no '{te}' split: add a test "
-                  "split (convert_dataset test_size) or set eval_strategy: 'no'.")
-    if isinstance(mix, list):
-        for i, d in enumerate(mix):
-            if not isinstance(d, dict) or "path" not in d:
-                E(f"datasets[{i}] needs a 'path' (e.g. path: json, data_files: data/train.jsonl).")
-                continue
-            files = d.get("data_files")
-            for f in ([files] if isinstance(files, str) else (files.values() if isinstance(files, dict)
-                                                               else files or [])):
-                if isinstance(f, str) and not any(c in f for c in "*?[") and not _is_local_ref(f, root):
-                    E(f"datasets[{i}].data_files '{f}' does not exist under {root}.")
-        if evals and cfg.get("test_split_size") is None:
-            E("eval_strategy is on but the datasets mixture has no test split: set test_split_size (e.g. 0.05) "
-              "or eval_strategy: 'no'.")
-    ct = cfg.get("chat_template_path")
-    if ct and str(ct).endswith((".jinja", ".j2")) and _is_local_ref(ct, root) and not cfg.get("eos_token"):
+        a.error("no dataset: set dataset_name (a convert_dataset directory or hub id) or a datasets: mixture.")
+    if not ds_name or mix:
+        return
+    local = _is_local_ref(ds_name, root)
+    if local is None and _looks_like_path(ds_name):
+        a.error(f"dataset_name '{ds_name}' does not exist under {root}.")
+    elif local is None:
+        a.warn(f"dataset_name '{ds_name}' is not a directory in the workspace, so the datasets library will "
+               "fetch it from the hub (network needed); for a local dataset give the convert_dataset output "
+               "directory.")
+    elif local.is_file():
+        a.warn(f"dataset_name '{ds_name}' is a file: load it through a datasets: mixture "
+               "(path: json, data_files: <file>) instead.")
+    elif local.is_dir():
+        names = {p.stem for p in local.iterdir() if p.is_file()}
+        tr, te = cfg.get("dataset_train_split", "train"), cfg.get("dataset_test_split", "test")
+        if names and tr not in names and not (local / "dataset_dict.json").exists():
+            a.warn(f"dataset_name '{ds_name}' has no '{tr}' file (files: {', '.join(sorted(names)[:6])}).")
+        if _evaluates(cfg) and names and te not in names and not (local / "dataset_dict.json").exists():
+            a.error(f"eval_strategy is {cfg.get('eval_strategy')} but '{ds_name}' has no '{te}' split: add a "
+                    "test split (convert_dataset test_size) or set eval_strategy: 'no'.")
+
+
+def _check_mixture(r: _Recipe, a: _Analysis) -> None:
+    """A datasets: mixture: each entry's path and files, and a test split when evaluating."""
+    mix = r.cfg.get("datasets")
+    if not isinstance(mix, list):
+        return
+    for i, d in enumerate(mix):
+        if not isinstance(d, dict) or "path" not in d:
+            a.error(f"datasets[{i}] needs a 'path' (e.g. path: json, data_files: data/train.jsonl).")
+            continue
+        files = d.get("data_files")
+        for f in ([files] if isinstance(files, str) else (files.values() if isinstance(files, dict)
+                                                           else files or [])):
+            if isinstance(f, str) and not any(c in f for c in "*?[") and not _is_local_ref(f, r.root):
+                a.error(f"datasets[{i}].data_files '{f}' does not exist under {r.root}.")
+    if _evaluates(r.cfg) and r.cfg.get("test_split_size") is None:
+        a.error("eval_strategy is on but the datasets mixture has no test split: set test_split_size (e.g. 0.05) "
+                "or eval_strategy: 'no'.")
+
+
+def _check_chat_template(r: _Recipe, a: _Analysis) -> None:
+    """chat_template_path exists, and a .jinja one comes with the EOS it ends turns with."""
+    ct, root = r.cfg.get("chat_template_path"), r.root
+    if ct and str(ct).endswith((".jinja", ".j2")) and _is_local_ref(ct, root) and not r.cfg.get("eos_token"):
         eot = end_of_turn_token(template_text(str(ct), root)[0] or "")
         if eot:
-            W(f"chat_template_path is a .jinja file: TRL sets only the template, so the tokenizer keeps its own "
-              f"EOS. Set eos_token: '{eot}' (the template's end of turn) so the model learns to stop.")
+            a.warn(f"chat_template_path is a .jinja file: TRL sets only the template, so the tokenizer keeps its "
+                   f"own EOS. Set eos_token: '{eot}' (the template's end of turn) so the model learns to stop.")
     if ct and _looks_like_path(ct) and not _is_local_ref(ct, root):
-        E(f"chat_template_path '{ct}' does not exist under {root}.")
+        a.error(f"chat_template_path '{ct}' does not exist under {root}.")
     elif ct and not _is_local_ref(ct, root):
-        N(f"chat_template_path '{ct}' is a hub id: TRL clones that tokenizer's template and special tokens "
-          "(network needed at training time).")
-    for key in ("deepspeed",):
-        v = cfg.get(key)
-        if isinstance(v, str) and not v.lstrip().startswith("{") and not _is_local_ref(v, root):
-            E(f"{key} file '{v}' does not exist under {root}.")
-    if method == "spectrum":
-        sp = cfg.get(SPECTRUM_KEY)
-        local = _is_local_ref(str(sp), root)
+        a.note(f"chat_template_path '{ct}' is a hub id: TRL clones that tokenizer's template and special tokens "
+               "(network needed at training time).")
+
+
+def _check_config_files(r: _Recipe, a: _Analysis) -> None:
+    """The DeepSpeed JSON and, for Spectrum, the YAML of unfrozen parameters."""
+    v = r.cfg.get("deepspeed")
+    if isinstance(v, str) and not v.lstrip().startswith("{") and not _is_local_ref(v, r.root):
+        a.error(f"deepspeed file '{v}' does not exist under {r.root}.")
+    if r.method == "spectrum":
+        sp = r.cfg.get(SPECTRUM_KEY)
+        local = _is_local_ref(str(sp), r.root)
         if local is None or not local.is_file():
-            E(f"spectrum_config_path '{sp}' does not exist under {root}: run spectrum_scan first.")
+            a.error(f"spectrum_config_path '{sp}' does not exist under {r.root}: run spectrum_scan first.")
         else:
             _, problem = _spectrum_patterns(local)
             if problem:
-                E(f"spectrum_config_path '{sp}' {problem}")
-    if cfg.get("assistant_only_loss"):
-        ref = ct or model
-        text, where = template_text(str(ref), root) if ref else (None, "")
-        if text is None:
-            W(f"assistant_only_loss: could not read the chat template of '{ref}' to check its "
-              "{% generation %} markers; verify_masking shows what is trained.")
-        elif not has_generation_markers(text):
-            known = trl_known_templates().get(text)
-            if known:
-                N(f"assistant_only_loss: the template ({where}) has no {{% generation %}} markers; TRL swaps in "
-                  f"its '{known}_training' variant.")
-            else:
-                E(f"assistant_only_loss needs {{% generation %}} markers in the chat template ({where} has none, "
-                  "and TRL has no training variant for it): TRL raises. Use prompt/completion data with "
-                  "completion_only_loss, or a template with the markers (TRL's *_training.jinja).")
+                a.error(f"spectrum_config_path '{sp}' {problem}")
 
 
-def _memory(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary], method: str
-            ) -> tuple[Optional[MemoryEstimate], Optional[str]]:
+def _check_assistant_only_loss(r: _Recipe, a: _Analysis) -> None:
+    """assistant_only_loss needs {% generation %} markers, or a template TRL has a training
+    variant of."""
+    if not r.cfg.get("assistant_only_loss"):
+        return
+    ref = r.cfg.get("chat_template_path") or r.cfg.get("model_name_or_path")
+    text, where = template_text(str(ref), r.root) if ref else (None, "")
+    if text is None:
+        a.warn(f"assistant_only_loss: could not read the chat template of '{ref}' to check its "
+               "{% generation %} markers; verify_masking shows what is trained.")
+    elif not has_generation_markers(text):
+        known = trl_known_templates().get(text)
+        if known:
+            a.note(f"assistant_only_loss: the template ({where}) has no {{% generation %}} markers; TRL swaps in "
+                   f"its '{known}_training' variant.")
+        else:
+            a.error(f"assistant_only_loss needs {{% generation %}} markers in the chat template ({where} has none, "
+                    "and TRL has no training variant for it): TRL raises. Use prompt/completion data with "
+                    "completion_only_loss, or a template with the markers (TRL's *_training.jinja).")
+
+
+def _check_memory(r: _Recipe, a: _Analysis) -> None:
+    """estimate_memory for the recipe on its target: over the GPU is an error, within little
+    headroom a warning."""
+    a.memory, mem_note = _memory(r)
+    if mem_note:
+        a.note(mem_note)
+    m = a.memory
+    if m is None:
+        return
+    a.fits = m.fits
+    if m.gpu_memory_gib and m.total_gib > m.gpu_memory_gib:
+        a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB of "
+                f"{r.t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, enable "
+                "activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
+    elif m.fits is False:
+        a.warn(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above 90% of "
+               f"{m.gpu_memory_gib:.1f} GiB: little headroom (the estimate is within about +-10%).")
+
+
+# Every check validate_recipe (and generate_recipe, before it writes) runs, in report order.
+CHECKS: tuple[Callable[[_Recipe, _Analysis], None], ...] = (
+    _check_keys, _check_trl_parse, _check_choices, _check_mixed_precision, _check_quantization,
+    _check_cpu_precision, _check_data_keys, _check_hub_and_trackers, _check_peft_zero3, _check_kernels,
+    _check_target, _check_accelerate, _check_boundary, _check_side_effects, _check_model,
+    _check_dataset_name, _check_mixture, _check_chat_template, _check_config_files,
+    _check_assistant_only_loss, _check_memory)
+
+
+def _analyse(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary]) -> _Analysis:
+    """Unknown keys, the TRL parse, contradictions, files, and the memory fit."""
+    r, a = _Recipe.of(cfg, t, root, accel), _Analysis()
+    for check in CHECKS:
+        check(r, a)
+    return a
+
+
+def _memory_dtype(r: _Recipe) -> str:
+    """The weights' dtype as estimate_memory names it (CPU training runs in fp32)."""
+    if r.t.kind == "cpu" or r.cfg.get("use_cpu"):
+        return "fp32"
+    dt = str(r.cfg.get("dtype", "float32"))
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+        dt, "bf16" if r.bf16 else "fp16" if r.fp16 else "fp32")
+
+
+def _spectrum_share(r: _Recipe, num_layers: int) -> float:
+    """The share of the decoder Spectrum trains: from the recipe's YAML, else Spectrum's 30%."""
+    if r.method == "spectrum":
+        local = _is_local_ref(str(r.cfg.get(SPECTRUM_KEY)), r.root)
+        pats = _spectrum_patterns(local)[0] if local and local.is_file() else None
+        if pats:
+            return _spectrum_fraction(pats, num_layers)
+    return 0.3
+
+
+def _memory(r: _Recipe) -> tuple[Optional[MemoryEstimate], Optional[str]]:
+    """estimate_memory for the recipe as written on its target, and a note when it has no fit."""
     from .memory import estimate_memory
     from .models import get_model_facts
+    cfg, t = r.cfg, r.t
     model = cfg.get("model_name_or_path")
     if not model:
         return None, None
@@ -558,35 +696,23 @@ def _memory(cfg: dict, t: Target, root: Path, accel: Optional[AccelerateSummary]
         facts = get_model_facts(str(model))
     except Exception as exc:  # noqa: BLE001 - unknown model, offline: no estimate
         return None, f"memory estimate skipped: {exc}"
-    bf16, fp16 = _eff(cfg, "bf16"), bool(cfg.get("fp16"))
-    dt = str(cfg.get("dtype", "float32"))
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
-        dt, "bf16" if bf16 else "fp16" if fp16 else "fp32")
-    if t.kind == "cpu" or cfg.get("use_cpu"):
-        dtype = "fp32"
     tm = cfg.get("lora_target_modules") or ["q_proj", "v_proj"]  # PEFT's Llama default when unset
-    spectrum_fraction = 0.3
-    if method == "spectrum":
-        local = _is_local_ref(str(cfg.get(SPECTRUM_KEY)), root)
-        pats = _spectrum_patterns(local)[0] if local and local.is_file() else None
-        if pats:
-            spectrum_fraction = _spectrum_fraction(pats, facts.num_layers)
     num_gpus, sharding, offload = max(1, t.num_gpus), "none", False
-    if accel:
-        num_gpus, sharding, offload = max(1, accel.num_processes), accel.sharding, accel.cpu_offload
+    if r.accel:
+        num_gpus, sharding, offload = max(1, r.accel.num_processes), r.accel.sharding, r.accel.cpu_offload
     if num_gpus < 2:
         sharding, offload = "none", False
     attn = cfg.get("attn_implementation") or "sdpa"
     try:
         est = estimate_memory(
-            facts.name if facts.source == "catalog" else str(model), method=method,
+            facts.name if facts.source == "catalog" else str(model), method=r.method,
             seq_len=int(cfg.get("max_length") or 1024), micro_batch=int(_eff(cfg, "per_device_train_batch_size")),
             gradient_checkpointing=_eff(cfg, "activation_checkpointing"), packing=bool(cfg.get("packing")),
-            optimizer=str(_eff(cfg, "optim")), dtype=dtype, liger=bool(cfg.get("use_liger_kernel")),
+            optimizer=str(_eff(cfg, "optim")), dtype=_memory_dtype(r), liger=bool(cfg.get("use_liger_kernel")),
             lora_r=int(cfg.get("lora_r", 16)), lora_target_modules=tm,
-            modules_to_save=cfg.get("lora_modules_to_save") if method in ("lora", "qlora") else None,
-            spectrum_fraction=spectrum_fraction, num_gpus=num_gpus, sharding=sharding, cpu_offload=offload,
-            gpu=None, gpu_memory_gib=t.gpu_memory_gib if t.kind == "gpu" else None,
+            modules_to_save=cfg.get("lora_modules_to_save") if r.method in ("lora", "qlora") else None,
+            spectrum_fraction=_spectrum_share(r, facts.num_layers), num_gpus=num_gpus, sharding=sharding,
+            cpu_offload=offload, gpu=None, gpu_memory_gib=t.gpu_memory_gib if t.kind == "gpu" else None,
             attn_implementation=attn if attn in ("sdpa", "flash_attention_2", "eager") else "sdpa",
             lora_dropout=float(cfg.get("lora_dropout", 0.05)))
     except Exception as exc:  # noqa: BLE001 - an estimator limit must not hide the rest of the report
@@ -1038,6 +1164,91 @@ srun --kill-on-bad-exit=1 bash -c "python -m accelerate.commands.launch \\
 """
 
 
+@dataclass
+class _Request:
+    """generate_recipe's inputs resolved: the model, the data and the hardware it trains on."""
+    model: str          # as given (recommend_method and spectrum_scan read it)
+    model_ref: str      # as the recipe names it: a workspace path, a hub id as given, a catalog variant
+    dataset: str
+    tied_embeddings: bool
+    seq_len: int
+    ds: _Dataset
+    data: DataSize
+    target: Target
+    nodes: int
+    per_node: Optional[int]
+    warns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Draft:
+    """The recipe as rendered, before it is checked and written."""
+    cfg: dict[str, Any]
+    lay: _Layout
+    method: str          # after the overrides (they may change it)
+    name: str            # recipes/<name>.yaml, runs-out/<name>
+    mixed: str           # accelerate mixed_precision
+    spectrum_path: Optional[str]
+    schedule: Schedule   # the optimizer steps of the recipe as written
+
+
+def _request(model: str, dataset: str, gpu: Optional[str], gpu_memory_gib: Optional[float],
+             num_gpus: Optional[int], num_nodes: Optional[int], dataset_rows: Optional[int],
+             dataset_tokens: Optional[int], seq_len: Optional[int], test_split: Optional[bool]) -> _Request:
+    """Model facts, the dataset and its size, the nodes and the target hardware."""
+    from .models import get_model_facts
+    ws = get_workspace()
+    facts = get_model_facts(model)
+    seq_len = seq_len or min(1024, facts.max_position_embeddings or 1024)
+    if facts.source == "local":
+        model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
+    else:  # the exact repository: a hub id as given, a catalog name's own variant
+        model_ref = facts.hub_id or model.strip()
+    ds = _dataset_cfg(dataset, test_split)
+    notes = list(ds.notes)
+    data = _data_size(ds, dataset_rows, dataset_tokens, seq_len, notes)
+    nodes, per_node, num_gpus = _nodes(num_nodes, num_gpus, gpu, gpu_memory_gib)
+    t = _target(gpu, gpu_memory_gib, num_gpus)
+    if t.kind == "cpu" and num_gpus and num_gpus > 1:
+        raise UserError("no GPU here and none described.", field="num_gpus",
+                        fix="Describe the GPUs (gpu=..., num_gpus=...) or drop num_gpus.")
+    return _Request(model=model, model_ref=model_ref, dataset=dataset, tied_embeddings=facts.tie_word_embeddings,
+                    seq_len=seq_len, ds=ds, data=data, target=t, nodes=nodes, per_node=per_node, notes=notes)
+
+
+def _render(req: _Request, method: str, chat_template: Optional[str], spectrum_config: Optional[str],
+            epochs: Optional[float], output_dir: Optional[str], report_to: str,
+            overrides: Optional[dict[str, Any]]) -> _Draft:
+    """The layout, then every recipe key with why, then the overrides; the schedule as written."""
+    why, warns, notes, t = req.why, req.warns, req.notes, req.target
+    lay = _layout(req.model, method, t, req.data, req.seq_len, epochs, bool(chat_template), warns, notes, why)
+    cfg: dict[str, Any] = {"model_name_or_path": req.model_ref}
+    dtype_name, mixed = _precision_keys(cfg, why, t, lay.method)
+    spectrum_path = _method_keys(cfg, why, warns, notes, req.model, lay, spectrum_config, dtype_name)
+    cfg.update(req.ds.cfg)
+    cfg["max_length"] = req.seq_len
+    cfg["packing"] = bool(lay.packing)
+    why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
+                      "packing so completion/assistant masks survive.")
+    _chat_template_keys(cfg, why, warns, notes, chat_template, lay.method, req.tied_embeddings)
+    _training_keys(cfg, why, notes, t, lay, epochs, req.ds.use_test)
+    name = f"{_slug(req.model_ref)}-{lay.method}"
+    if output_dir:
+        get_workspace().resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
+    cfg["output_dir"] = output_dir or f"runs-out/{name}"
+    _tracking_keys(cfg, why, report_to)
+    chosen = lay.method
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, notes)
+        chosen = infer_method(cfg)
+    final = _final_schedule(cfg, req.data, lay)
+    warns += final.warnings
+    return _Draft(cfg=cfg, lay=lay, method=chosen, name=name, mixed=mixed, spectrum_path=spectrum_path,
+                  schedule=final)
+
+
 def generate_recipe(
     model: Annotated[str, Field(description="Model dir in the workspace, hub id or catalog name.")],
     dataset: Annotated[str, Field(description="convert_dataset output dir (train.jsonl, test.jsonl), a .jsonl "
@@ -1089,54 +1300,16 @@ def generate_recipe(
     and liger follow the hardware. The recipe is parsed by the installed TRL before it is written.
     Returns the paths, the YAML, launch commands, why each setting, the optimizer steps the run will
     take, and the memory estimate."""
-    from .models import get_model_facts
-    ws = get_workspace()
-    facts = get_model_facts(model)
-    seq_len = seq_len or min(1024, facts.max_position_embeddings or 1024)
-    warns: list[str] = []
-    notes: list[str] = []
-    why: dict[str, str] = {}
-    if facts.source == "local":
-        model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
-    else:  # the exact repository: a hub id as given, a catalog name's own variant
-        model_ref = facts.hub_id or model.strip()
-    ds = _dataset_cfg(dataset, test_split)
-    notes += ds.notes
-    data = _data_size(ds, dataset_rows, dataset_tokens, seq_len, notes)
-    nodes, per_node, num_gpus = _nodes(num_nodes, num_gpus, gpu, gpu_memory_gib)
-    t = _target(gpu, gpu_memory_gib, num_gpus)
-    if t.kind == "cpu" and num_gpus and num_gpus > 1:
-        raise UserError("no GPU here and none described.", field="num_gpus",
-                        fix="Describe the GPUs (gpu=..., num_gpus=...) or drop num_gpus.")
-    lay = _layout(model, method, t, data, seq_len, epochs, bool(chat_template), warns, notes, why)
-    cfg: dict[str, Any] = {"model_name_or_path": model_ref}
-    dtype_name, mixed = _precision_keys(cfg, why, t, lay.method)
-    spectrum_rel = _method_keys(cfg, why, warns, notes, model, lay, spectrum_config, dtype_name)
-    cfg.update(ds.cfg)
-    cfg["max_length"] = seq_len
-    cfg["packing"] = bool(lay.packing)
-    why["packing"] = ("packing (bfd, padding-free): rows share max_length blocks, labels are built before "
-                      "packing so completion/assistant masks survive.")
-    _chat_template_keys(cfg, why, warns, notes, chat_template, lay.method, facts.tie_word_embeddings)
-    _training_keys(cfg, why, notes, t, lay, epochs, ds.use_test)
-    name = f"{_slug(model_ref)}-{lay.method}"
-    if output_dir:
-        ws.resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
-    cfg["output_dir"] = output_dir or f"runs-out/{name}"
-    _tracking_keys(cfg, why, report_to)
-    chosen = lay.method
-    if overrides:
-        cfg = apply_overrides(cfg, overrides, notes)
-        chosen = infer_method(cfg)
-    final = _final_schedule(cfg, data, lay)
-    warns += final.warnings
-    w = _write_recipe(cfg, t, lay, chosen, name, output_path, f"{model_ref} on {dataset}", nodes, per_node,
-                      main_process_ip, bool(overrides), mixed, warns, notes)
+    req = _request(model, dataset, gpu, gpu_memory_gib, num_gpus, num_nodes, dataset_rows, dataset_tokens,
+                   seq_len, test_split)
+    draft = _render(req, method, chat_template, spectrum_config, epochs, output_dir, report_to, overrides)
+    w = _write_recipe(req, draft, output_path, main_process_ip, overridden=bool(overrides))
     return RecipeResult(
-        recipe_path=w.recipe_path, accelerate_config_path=w.accelerate_config_path, method=chosen, yaml=w.yaml,
-        launch_commands=w.launch_commands, target=t.description,
-        settings_explained={k: v for k, v in why.items() if v}, plan=lay.plan, schedule=final, memory=w.memory,
-        fits=w.fits, spectrum_config_path=spectrum_rel, dataset_rows=data.rows, warnings=warns, notes=notes)
+        recipe_path=w.recipe_path, accelerate_config_path=w.accelerate_config_path, method=draft.method,
+        yaml=w.yaml, launch_commands=w.launch_commands, target=req.target.description,
+        settings_explained={k: v for k, v in req.why.items() if v}, plan=draft.lay.plan, schedule=draft.schedule,
+        memory=w.memory, fits=w.fits, spectrum_config_path=draft.spectrum_path, dataset_rows=req.data.rows,
+        warnings=req.warns, notes=req.notes)
 
 
 def _nodes(num_nodes: Optional[int], num_gpus: Optional[int], gpu: Optional[str],
@@ -1333,17 +1506,43 @@ class _Written:
     fits: Optional[bool]
 
 
-def _write_recipe(cfg: dict, t: Target, lay: _Layout, chosen: str, name: str, output_path: Optional[str],
-                  what: str, nodes: int, per_node: Optional[int], main_process_ip: Optional[str],
-                  overridden: bool, mixed: str, warns: list[str], notes: list[str]) -> _Written:
+def _write_recipe(req: _Request, draft: _Draft, output_path: Optional[str], main_process_ip: Optional[str],
+                  overridden: bool) -> _Written:
     """Check the recipe with its accelerate config (validate_recipe's analysis), then write both
     (and the Slurm script for several nodes); refuse a recipe that would not train."""
     ws = get_workspace()
-    rec_path = ws.resolve(output_path or f"recipes/{name}.yaml", field="output_path")
+    rec_path = ws.resolve(output_path or f"recipes/{draft.name}.yaml", field="output_path")
     acc_path = rec_path.with_name(rec_path.stem + ".accelerate.yaml")
-    acc_name, acc_text = _accelerate_text(t, chosen, lay.sharding, lay.offload, mixed)
-    if nodes > 1:
-        acc_text = _multi_node(acc_text, nodes, main_process_ip, warns)
+    acc_name, acc_text, accel = _accelerate_file(req, draft, acc_path, main_process_ip)
+    a = _analyse(draft.cfg, req.target, ws.root, accel)
+    if a.errors:
+        raise UserError("the recipe would not train: " + " | ".join(a.errors),
+                        field="overrides" if overridden else "generate_recipe",
+                        fix="Fix the values named above (see validate_recipe for the full report).")
+    r, ac = ws.rel(rec_path), ws.rel(acc_path)
+    header = [f"{draft.method} fine-tune of {req.model_ref} on {req.dataset} - written by generate_recipe",
+              f"target: {req.target.description}; trl {versions().get('trl')}, "
+              f"transformers {versions().get('transformers')}",
+              f"train:  python -m tools.train --config {r}",
+              f"multi:  accelerate launch --config_file {ac} -m tools.train --config {r}"]
+    text = dump_yaml(draft.cfg, header=header)
+    ws.write_text(rec_path, text, field="output_path")
+    ws.write_text(acc_path, f"# Written by generate_recipe for {r} (from {acc_name}.yaml)\n" + acc_text,
+                  field="output_path")
+    cmds = _launch_commands(req, draft, rec_path, ac, main_process_ip)
+    req.warns += a.warnings
+    req.notes += a.notes
+    return _Written(r, ac, text, cmds, a.memory, a.fits)
+
+
+def _accelerate_file(req: _Request, draft: _Draft, acc_path: Path, main_process_ip: Optional[str]
+                     ) -> tuple[str, str, AccelerateSummary]:
+    """(template name, YAML text, what accelerate reads of it) of the recipe's accelerate config."""
+    ws = get_workspace()
+    lay = draft.lay
+    acc_name, acc_text = _accelerate_text(req.target, draft.method, lay.sharding, lay.offload, draft.mixed)
+    if req.nodes > 1:
+        acc_text = _multi_node(acc_text, req.nodes, main_process_ip, req.warns)
     import tempfile
     with tempfile.TemporaryDirectory(dir=ws.owned_dir(TMP_DIR)) as td:
         tp = Path(td) / "accelerate.yaml"
@@ -1351,34 +1550,26 @@ def _write_recipe(cfg: dict, t: Target, lay: _Layout, chosen: str, name: str, ou
         accel = read_accelerate_config(tp, ws.rel(acc_path))
     # the node-0 placeholder is said in the warnings; validate_recipe refuses it until replaced
     accel.problems = [p for p in accel.problems if "placeholder" not in p]
-    a = _analyse(cfg, t, ws.root, accel)
-    if a.errors:
-        raise UserError("the recipe would not train: " + " | ".join(a.errors),
-                        field="overrides" if overridden else "generate_recipe",
-                        fix="Fix the values named above (see validate_recipe for the full report).")
-    header = [f"{chosen} fine-tune of {what} - written by generate_recipe",
-              f"target: {t.description}; trl {versions().get('trl')}, transformers {versions().get('transformers')}",
-              f"train:  python -m tools.train --config {ws.rel(rec_path)}",
-              f"multi:  accelerate launch --config_file {ws.rel(acc_path)} -m tools.train --config {ws.rel(rec_path)}"]
-    text = dump_yaml(cfg, header=header)
-    ws.write_text(rec_path, text, field="output_path")
-    ws.write_text(acc_path, f"# Written by generate_recipe for {ws.rel(rec_path)} (from {acc_name}.yaml)\n"
-                  + acc_text, field="output_path")
-    r, ac = ws.rel(rec_path), ws.rel(acc_path)
+    return acc_name, acc_text, accel
+
+
+def _launch_commands(req: _Request, draft: _Draft, rec_path: Path, ac: str,
+                     main_process_ip: Optional[str]) -> dict[str, str]:
+    """How to run the written recipe: tools.train, accelerate, trl sft and, for nodes, Slurm."""
+    r = get_workspace().rel(rec_path)
     cmds = {"train": f"python -m tools.train --config {r}",
             "accelerate": f"accelerate launch --config_file {ac} -m tools.train --config {r}"}
-    if nodes > 1:
-        cmds.update(_multi_node_commands(rec_path, name, nodes, per_node or 1, ac, r, main_process_ip))
-    if chosen != "spectrum":
+    if req.nodes > 1:
+        cmds.update(_multi_node_commands(rec_path, draft.name, req.nodes, req.per_node or 1, ac, r,
+                                         main_process_ip))
+    if draft.method != "spectrum":
         cmds["trl"] = f"trl sft --config {r} --accelerate_config {ac}"
     else:
-        notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
-    if chosen == "full" and lay.sharding == "none" and cfg.get("dtype") != "float32":
-        notes.append("Launch with tools.train (launch_training does): plain `trl sft` steps the bf16 weights "
-                     "directly, without fp32 master weights, and most updates at lr 1e-5 are lost.")
-    warns += a.warnings
-    notes += a.notes
-    return _Written(r, ac, text, cmds, a.memory, a.fits)
+        req.notes.append("Spectrum needs tools.train (trl sft does not read spectrum_config_path).")
+    if draft.method == "full" and draft.lay.sharding == "none" and draft.cfg.get("dtype") != "float32":
+        req.notes.append("Launch with tools.train (launch_training does): plain `trl sft` steps the bf16 weights "
+                         "directly, without fp32 master weights, and most updates at lr 1e-5 are lost.")
+    return cmds
 
 
 def apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:

@@ -184,6 +184,25 @@ def apply_recipe_cadence(args, state) -> dict[str, list]:
             if before[k] != getattr(state, f"{k}_steps", None)}
 
 
+def _progress(state, start_step: int, **extra) -> dict[str, Any]:
+    """progress.json: where the run is (training_status reads it)."""
+    rec = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+           "num_train_epochs": state.num_train_epochs, "start_step": start_step, **extra}
+    rec["stop_requested"] = bool(_STOP["requested"])
+    return rec
+
+
+def _log_record(state, logs: dict) -> dict[str, Any]:
+    """One metrics.jsonl line: the Trainer's scalar logs at this step."""
+    rec: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+    for k, v in logs.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            rec[k] = v
+    if "train_runtime" in logs:  # the final aggregate log: summary.json carries it
+        rec["final"] = True
+    return rec
+
+
 def _make_callback(output_dir: Path):
     """A TrainerCallback writing metrics.jsonl / progress.json and honouring SIGTERM."""
     from transformers import TrainerCallback
@@ -234,23 +253,15 @@ def _make_callback(output_dir: Path):
                 rate = None
                 if self.first and state.global_step > self.first[0]:
                     rate = (now - self.first[1]) / (state.global_step - self.first[0])
-                write_json_atomic(self.progress_path, {
-                    "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-                    "num_train_epochs": state.num_train_epochs, "start_step": self.start_step,
-                    "seconds_per_step": rate, "timestamp": now,
-                    "stop_requested": bool(_STOP["requested"])})
+                write_json_atomic(self.progress_path, _progress(state, self.start_step, seconds_per_step=rate,
+                                                                timestamp=now))
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
             now = time.time()
-            rec: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
-            for k, v in logs.items():
-                if isinstance(v, (int, float, str, bool)) or v is None:
-                    rec[k] = v
-            if "train_runtime" in logs:  # the final aggregate log: summary.json carries it
-                rec["final"] = True
+            rec = _log_record(state, logs)
             ntok = logs.get("num_tokens")
             if ntok is not None:
                 if self.prev is None:
@@ -266,11 +277,8 @@ def _make_callback(output_dir: Path):
 
         def on_train_end(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                write_json_atomic(self.progress_path, {
-                    "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-                    "num_train_epochs": state.num_train_epochs, "start_step": self.start_step,
-                    "timestamp": time.time(), "finished": True,
-                    "stop_requested": bool(_STOP["requested"])})
+                write_json_atomic(self.progress_path, _progress(state, self.start_step, timestamp=time.time(),
+                                                                finished=True))
 
     return RunFilesCallback()
 
