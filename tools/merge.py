@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -222,6 +223,33 @@ def end_of_turn_token(tok) -> str | None:
     return None
 
 
+def _fix_pad_token(tok, eos_ids: list[int], notes: list[str]) -> int | None:
+    """Set the tokenizer's pad to a special token that is no eos, bos or template token (padding
+    must never hide an end-of-turn); the pad id, or the old one when none is free."""
+    vocab = tok.get_vocab()
+    used: set[str] = set()
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template(_sample_chats(["x"])[0], tokenize=False)
+            used = {s for s in _special_tokens(tok) if s in text}
+        except Exception:  # noqa: BLE001
+            pass
+    bad = set(eos_ids) | {tok.bos_token_id}
+    special = set(_special_tokens(tok))  # a real special token, never an ordinary one
+    chosen = next((c for c in _PAD_CANDIDATES + _special_tokens(tok)
+                   if c in vocab and c in special and vocab[c] not in bad and c not in used), None)
+    if chosen is None:
+        notes.append("No special token other than eos is available for padding; pad_token_id "
+                     "is left equal to eos (fine for single-sequence generation).")
+        return tok.pad_token_id
+    was = tok.pad_token
+    tok.pad_token = chosen
+    notes.append(f"pad token was {was!r} (None or the end-of-turn token); set to {chosen!r} "
+                 f"(id {tok.pad_token_id}) in the tokenizer and generation_config so padding never "
+                 "hides an end-of-turn.")
+    return tok.pad_token_id
+
+
 def _fix_generation_config(model, tok, notes: list[str]) -> dict[str, Any]:
     """eos = the chat end-of-turn token + the tokenizer eos (+ what the base had); pad != eos."""
     gen = model.generation_config
@@ -241,36 +269,12 @@ def _fix_generation_config(model, tok, notes: list[str]) -> dict[str, Any]:
     if eot is None:
         notes.append("No chat end-of-turn token found in the chat template; generation stops on "
                      "the tokenizer eos only.")
-    pad_id = tok.pad_token_id
     # A working pad stays: only a missing pad, or one equal to the token training taught the model
     # to stop on, must change (Qwen3 lists its pad <|endoftext|> among generation eos ids too).
     trained_stop = eot_id if eot_id is not None else tok.eos_token_id
+    pad_id = tok.pad_token_id
     if pad_id is None or pad_id == trained_stop:
-        chosen = None
-        vocab = tok.get_vocab()
-        used: set[str] = set()
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(_sample_chats(["x"])[0], tokenize=False)
-                used = {s for s in _special_tokens(tok) if s in text}
-            except Exception:  # noqa: BLE001
-                pass
-        bad = set(eos_ids) | {tok.bos_token_id}
-        special = set(_special_tokens(tok))  # a real special token, never an ordinary one
-        for cand in _PAD_CANDIDATES + _special_tokens(tok):
-            if cand in vocab and cand in special and vocab[cand] not in bad and cand not in used:
-                chosen = cand
-                break
-        if chosen is not None:
-            was = tok.pad_token
-            tok.pad_token = chosen
-            pad_id = tok.pad_token_id
-            notes.append(f"pad token was {was!r} (None or the end-of-turn token); set to {chosen!r} "
-                         f"(id {pad_id}) in the tokenizer and generation_config so padding never "
-                         "hides an end-of-turn.")
-        else:
-            notes.append("No special token other than eos is available for padding; pad_token_id "
-                         "is left equal to eos (fine for single-sequence generation).")
+        pad_id = _fix_pad_token(tok, eos_ids, notes)
     gen.eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
     gen.pad_token_id = pad_id
     if getattr(model.config, "pad_token_id", None) != pad_id and pad_id is not None:
@@ -349,6 +353,273 @@ def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+# ----------------------------------------------------------------------------- the steps
+@dataclass
+class _Merge:
+    """What the steps of one merge share: the checked inputs, then what each step produced."""
+    adir: Path
+    acfg: dict
+    peft_type: str
+    base_name: str
+    base_field: str               # the field an error about the base names
+    base_id: str                  # what from_pretrained gets (a path or a hub id)
+    base_local: bool
+    out: Path
+    qlora: bool = False
+    dtype_name: str = "fp32"
+    device: str = "cpu"
+    need_gib: float | None = None
+    chats: list[list[dict]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
+    has_tok: bool = False         # the adapter dir has its (training) tokenizer
+    ids_list: list[list[int]] = field(default_factory=list)
+    ref: list = field(default_factory=list)          # logits of base+adapter (un-merged)
+    base_logits: list = field(default_factory=list)  # logits of the base alone
+
+    @property
+    def load_kw(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"dtype": _torch_dtype(self.dtype_name)}
+        if self.device == "cuda":
+            kw["device_map"] = "auto"
+        return kw
+
+    @property
+    def base_shown(self) -> str:
+        return get_workspace().rel(Path(self.base_id)) if self.base_local else self.base_id
+
+
+def _read_adapter(adapter_dir: str) -> tuple[Path, dict, str]:
+    """(adapter dir, adapter_config.json, PEFT type) after checking it is a mergeable adapter."""
+    adir = get_workspace().resolve(adapter_dir, field="adapter_dir", must_exist=True, kind="dir")
+    cfg_file = adir / "adapter_config.json"
+    if not cfg_file.is_file():
+        full = (adir / "config.json").exists()
+        ckpts = sorted(p.name for p in adir.glob("checkpoint-*/adapter_config.json"))
+        raise UserError(
+            f"'{adapter_dir}' has no adapter_config.json."
+            + (" It holds config.json: a full model (full fine-tune or Spectrum), which needs no "
+               "merge." if full else "")
+            + (f" Checkpoints with adapters inside: {', '.join(p.split('/')[0] for p in ckpts)}."
+               if ckpts else ""),
+            field="adapter_dir",
+            fix="Point adapter_dir at the folder holding adapter_config.json and "
+                "adapter_model.safetensors (the LoRA/QLoRA run's output_dir or a checkpoint-N folder).")
+    try:
+        acfg = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise UserError(f"adapter_config.json is not valid JSON ({exc}).", field="adapter_dir",
+                        fix="Re-save the adapter with PeftModel.save_pretrained.") from None
+    peft_type = str(acfg.get("peft_type", "LORA")).upper()
+    if peft_type not in _MERGEABLE:
+        raise UserError(f"a {peft_type} adapter cannot be merged into the base weights.",
+                        field="adapter_dir",
+                        fix="Serve it with the base model and PEFT (evaluate(adapter=...)), or train "
+                            "a LoRA adapter.")
+    return adir, acfg, peft_type
+
+
+def _check_inputs(adapter_dir: str, output_dir: str, base_model: str | None, overwrite: bool) -> _Merge:
+    """The adapter, its base and the output dir, checked before anything loads."""
+    ws = get_workspace()
+    adir, acfg, peft_type = _read_adapter(adapter_dir)
+    base_name = base_model or acfg.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError("adapter_config.json names no base model.", field="base_model",
+                        fix="Pass base_model=<the model the adapter was trained on>.")
+    base_field = "base_model" if base_model else "base_model (from adapter_config.json)"
+    base_id, base_local = resolve_model_ref(str(base_name), field=base_field)
+    out = ws.resolve(output_dir, field="output_dir")
+    for src, what in ((adir, "the adapter"), (Path(base_id) if base_local else None, "the base model")):
+        if src is not None and (out == src or out in src.parents):
+            raise UserError(f"output_dir '{output_dir}' is or contains {what} ({ws.rel(src)}); "
+                            "writing there would destroy it.", field="output_dir",
+                            fix="Choose a new directory, e.g. models/<name>-merged.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"'{output_dir}' exists and is not empty.", field="output_dir",
+                        fix="Choose a new output directory, or pass overwrite=true.")
+    return _Merge(adir=adir, acfg=acfg, peft_type=peft_type, base_name=str(base_name),
+                  base_field=base_field, base_id=base_id, base_local=base_local, out=out)
+
+
+def _plan(job: _Merge, dtype: str, sample_prompts: list[str] | None) -> None:
+    """Precision and device, the QLoRA note, the RAM check and the sample chats of the proof."""
+    job.qlora = _is_qlora(_find_training_info(job.adir))
+    job.dtype_name, job.device = _choose_dtype(dtype)
+    if job.qlora:
+        job.notes.append(
+            f"The adapter was trained with QLoRA (4-bit base). It is merged into a {job.dtype_name} "
+            "copy of the base, never into the 4-bit one (that would re-quantize the merged "
+            "weights). Small differences from the 4-bit training forward are expected; the check "
+            f"below compares against base+adapter in {job.dtype_name}.")
+    if job.device == "cpu" and job.dtype_name != "fp32":
+        job.notes.append(f"{job.dtype_name} on CPU is slow and less exact; fp32 is the CPU default.")
+    job.need_gib = _ram_needed_gib(job.base_id, job.dtype_name)
+    if job.need_gib is not None:
+        _check_ram(job.need_gib, job.device, job.notes)
+    prompts = [p for p in (sample_prompts or DEFAULT_PROMPTS) if p.strip()] or DEFAULT_PROMPTS
+    job.chats = _sample_chats(prompts)
+
+
+def _load(job: _Merge):
+    """(training tokenizer, base+adapter as an un-merged PeftModel in eval mode)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    job.has_tok = any((job.adir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
+    tok_src = str(job.adir) if job.has_tok else job.base_id
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_src)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"could not load the tokenizer from {tok_src}: {exc}", field="adapter_dir",
+                        fix="Save the tokenizer with the adapter (tokenizer.save_pretrained).") from None
+    if not job.has_tok:
+        job.notes.append("No tokenizer saved with the adapter: the base model's tokenizer is used. "
+                         "If training changed the chat template, pass the training tokenizer.")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(job.base_id, **job.load_kw)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"could not load base model '{job.base_name}': {type(exc).__name__}: "
+                        f"{str(exc)[:300]}", field=job.base_field,
+                        fix="Pass base_model=<dir of the exact model the adapter was trained on>.") from None
+    vocab = base.get_input_embeddings().weight.shape[0]
+    want = _adapter_vocab(job.adir)
+    if want is None and len(tok) > vocab:
+        want = len(tok)
+    if want is not None and want != vocab:
+        base.resize_token_embeddings(want)
+        job.notes.append(f"Base embeddings resized {vocab} -> {want} to match the adapter/tokenizer.")
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(job.adir))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"the adapter does not fit base model '{job.base_name}': "
+                        f"{type(exc).__name__}: {str(exc)[:300]}", field="base_model",
+                        fix="Pass the exact base the adapter was trained on.") from None
+    return tok, peft_model.eval()
+
+
+def _reference_logits(job: _Merge, tok, peft_model) -> None:
+    """Logits of base+adapter (what the merge must equal) and of the base alone, per sample chat."""
+    job.ids_list = [_render_ids(tok, c) for c in job.chats]
+    job.ref = _logits(peft_model, job.ids_list)
+    with peft_model.disable_adapter():
+        job.base_logits = _logits(peft_model, job.ids_list)
+
+
+def _merge_and_write(job: _Merge, tok, peft_model, tmp: Path) -> tuple[dict[str, Any], int]:
+    """Fold the adapter in, fix eos/pad, save model and tokenizer: (generation config, params)."""
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    gen_info = _fix_generation_config(merged, tok, job.notes)
+    merged.save_pretrained(str(tmp), max_shard_size="5GB")
+    tok.save_pretrained(str(tmp))
+    return gen_info, sum(p.numel() for p in merged.parameters())
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+
+
+def _check_logits(job: _Merge, tmp: Path) -> LogitsCheck:
+    """The proof runs on what was written: the merged model reloaded from disk vs base+adapter."""
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **job.load_kw)
+    got = _logits(reloaded, job.ids_list)
+    del reloaded
+    gc.collect()
+    ref = job.ref
+    diffs = [(a - b).abs() for a, b in zip(got, ref)]
+    max_abs = max(float(d.max()) for d in diffs)
+    mean_abs = float(sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs))
+    atol, rtol = _TOLERANCE[job.dtype_name]
+    tol = atol + rtol * max(float(r.abs().max()) for r in ref)
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, ref))
+    positions = sum(r.shape[0] for r in ref)
+    effect = max(float((a - b).abs().max()) for a, b in zip(got, job.base_logits))
+    return LogitsCheck(prompts=len(job.chats), tokens=positions, max_abs_diff=max_abs,
+                       mean_abs_diff=mean_abs, tolerance=tol, top1_agreement=agree / positions,
+                       equivalent=max_abs <= tol, adapter_effect_max_abs=effect)
+
+
+def _check_tokenizer(job: _Merge, tok, tmp: Path) -> TokenizerCheck:
+    """The tokenizer written with the merge renders the sample chats to the training ids."""
+    from transformers import AutoTokenizer
+    tok2 = AutoTokenizer.from_pretrained(str(tmp))
+    mismatches = []
+    for c, ids in zip(job.chats, job.ids_list):
+        ids2 = _render_ids(tok2, c)
+        if ids2 != ids:
+            mismatches.append(f"chat '{c[0]['content'][:40]}': {len(ids)} vs {len(ids2)} tokens")
+    return TokenizerCheck(training_tokenizer="adapter_dir" if job.has_tok else "base_model",
+                          chats=len(job.chats), identical_ids=not mismatches,
+                          chat_template_identical=(getattr(tok, "chat_template", None)
+                                                   == getattr(tok2, "chat_template", None)),
+                          mismatches=mismatches)
+
+
+def _verdict_notes(lcheck: LogitsCheck, tcheck: TokenizerCheck) -> list[str]:
+    notes = []
+    if lcheck.adapter_effect_max_abs <= lcheck.tolerance:
+        notes.append("The adapter changes the logits by no more than the tolerance: it looks "
+                     "untrained (lora_B still zero) or was not applied. Check the run.")
+    if not tcheck.identical_ids:
+        notes.append(f"The tokenizer written with the merge renders {len(tcheck.mismatches)} sample "
+                     "chat(s) to other token ids than the training tokenizer: the merged model would "
+                     "be prompted differently from how it was trained. Do not ship it; copy the "
+                     "training tokenizer's files (tokenizer_config.json, chat_template.jinja) into "
+                     "the merged folder.")
+    if not lcheck.equivalent:
+        notes.append(f"Merged logits differ from base+adapter by {lcheck.max_abs_diff:.3g} > "
+                     f"tolerance {lcheck.tolerance:.3g}: do not ship this merge; retry with "
+                     "dtype='fp32' and check that base_model is the exact model the adapter was "
+                     "trained on.")
+    return notes
+
+
+def _write_report(job: _Merge, tmp: Path, lcheck: LogitsCheck, tcheck: TokenizerCheck,
+                  gen_info: dict[str, Any], merged_params: int) -> MergeResult:
+    """The result, also written as merge_report.json next to the merged model."""
+    ws, acfg = get_workspace(), job.acfg
+    job.notes.extend(_verdict_notes(lcheck, tcheck))
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    size = _dir_size(tmp)
+    result = MergeResult(
+        output_dir=ws.rel(job.out), adapter_dir=ws.rel(job.adir), base_model=job.base_shown,
+        peft_type=job.peft_type, lora_r=acfg.get("r"), target_modules=acfg.get("target_modules"),
+        modules_to_save=acfg.get("modules_to_save"), qlora_adapter=job.qlora, dtype=job.dtype_name,
+        device=job.device, logits_check=lcheck, tokenizer_check=tcheck,
+        generation_config=gen_info, verified=lcheck.equivalent and tcheck.identical_ids,
+        files=files + ["merge_report.json"], size_gib=round(size / 2**30, 4), notes=job.notes,
+        next_steps=[f"evaluate(model='{ws.rel(job.out)}', compare_with='{job.base_shown}', ...) "
+                    "to compare with the base.",
+                    "Export: see references/export.md (hub upload, GGUF, vLLM/TGI/Ollama)."],
+        elapsed_s=0.0)
+    result.elapsed_s = round(time.time() - job.t0, 2)
+    report = result.model_dump()
+    report["parameters"] = merged_params
+    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return result
+
+
+def _merge_into(job: _Merge, tmp: Path) -> MergeResult:
+    """Load, merge and write into `tmp`, then prove the written merge."""
+    from . import progress
+    need = job.need_gib
+    progress.report(0, 5, "loading the base model" + (f" ({need:.1f} GiB of RAM)" if need else ""))
+    tok, peft_model = _load(job)
+    progress.report(1, 5, "adapter applied; reference logits")
+    _reference_logits(job, tok, peft_model)
+    progress.report(2, 5, "merging and saving")
+    gen_info, merged_params = _merge_and_write(job, tok, peft_model, tmp)
+    del peft_model  # one copy of the model at a time: freed before the reload
+    _release_memory(job.device)
+    progress.report(3, 5, "reloading the saved merge for the proof")
+    lcheck = _check_logits(job, tmp)
+    tcheck = _check_tokenizer(job, tok, tmp)
+    return _write_report(job, tmp, lcheck, tcheck, gen_info, merged_params)
+
+
 # ----------------------------------------------------------------------------- the tool
 def merge_adapter(
     adapter_dir: Annotated[str, Field(description="PEFT adapter directory (has adapter_config.json): "
@@ -377,190 +648,15 @@ def merge_adapter(
     Loads the model twice; on CPU allow about a minute per billion parameters.
     """
     t0 = time.time()
-    ws = get_workspace()
-    notes: list[str] = []
-    adir = ws.resolve(adapter_dir, field="adapter_dir", must_exist=True, kind="dir")
-    cfg_file = adir / "adapter_config.json"
-    if not cfg_file.is_file():
-        full = (adir / "config.json").exists()
-        ckpts = sorted(p.name for p in adir.glob("checkpoint-*/adapter_config.json"))
-        raise UserError(
-            f"'{adapter_dir}' has no adapter_config.json."
-            + (" It holds config.json: a full model (full fine-tune or Spectrum), which needs no "
-               "merge." if full else "")
-            + (f" Checkpoints with adapters inside: {', '.join(p.split('/')[0] for p in ckpts)}."
-               if ckpts else ""),
-            field="adapter_dir",
-            fix="Point adapter_dir at the folder holding adapter_config.json and "
-                "adapter_model.safetensors (the LoRA/QLoRA run's output_dir or a checkpoint-N folder).")
-    try:
-        acfg = json.loads(cfg_file.read_text())
-    except ValueError as exc:
-        raise UserError(f"adapter_config.json is not valid JSON ({exc}).", field="adapter_dir",
-                        fix="Re-save the adapter with PeftModel.save_pretrained.") from None
-    peft_type = str(acfg.get("peft_type", "LORA")).upper()
-    if peft_type not in _MERGEABLE:
-        raise UserError(f"a {peft_type} adapter cannot be merged into the base weights.",
-                        field="adapter_dir",
-                        fix="Serve it with the base model and PEFT (evaluate(adapter=...)), or train "
-                            "a LoRA adapter.")
-    base_name = base_model or acfg.get("base_model_name_or_path")
-    if not base_name:
-        raise UserError("adapter_config.json names no base model.", field="base_model",
-                        fix="Pass base_model=<the model the adapter was trained on>.")
-    base_field = "base_model" if base_model else "base_model (from adapter_config.json)"
-    base_id, base_local = resolve_model_ref(str(base_name), field=base_field)
-
-    out = ws.resolve(output_dir, field="output_dir")
-    for src, what in ((adir, "the adapter"), (Path(base_id) if base_local else None, "the base model")):
-        if src is not None and (out == src or out in src.parents):
-            raise UserError(f"output_dir '{output_dir}' is or contains {what} ({ws.rel(src)}); "
-                            "writing there would destroy it.", field="output_dir",
-                            fix="Choose a new directory, e.g. models/<name>-merged.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"'{output_dir}' exists and is not empty.", field="output_dir",
-                        fix="Choose a new output directory, or pass overwrite=true.")
-
-    info = _find_training_info(adir)
-    qlora = _is_qlora(info)
-    dtype_name, device = _choose_dtype(dtype)
-    if qlora:
-        notes.append(f"The adapter was trained with QLoRA (4-bit base). It is merged into a "
-                     f"{dtype_name} copy of the base, never into the 4-bit one (that would "
-                     "re-quantize the merged weights). Small differences from the 4-bit training "
-                     "forward are expected; the check below compares against base+adapter in "
-                     f"{dtype_name}.")
-    if device == "cpu" and dtype_name != "fp32":
-        notes.append(f"{dtype_name} on CPU is slow and less exact; fp32 is the CPU default.")
-    need = _ram_needed_gib(base_id, dtype_name)
-    if need is not None:
-        _check_ram(need, device, notes)
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tdtype = _torch_dtype(dtype_name)
-    load_kw: dict[str, Any] = {"dtype": tdtype}
-    if device == "cuda":
-        load_kw["device_map"] = "auto"
-    prompts = [p for p in (sample_prompts or DEFAULT_PROMPTS) if p.strip()] or DEFAULT_PROMPTS
-    chats = _sample_chats(prompts)
-
-    # Nothing may reach stdout (an MCP stdio stream): library prints go to stderr.
+    job = _check_inputs(adapter_dir, output_dir, base_model, overwrite)
+    job.t0 = t0
+    _plan(job, dtype, sample_prompts)
+    from . import progress
     removed: list[str] = []  # temporary folders of interrupted earlier merges, removed first
+    # Nothing may reach stdout (an MCP stdio stream): library prints go to stderr.
     with contextlib.redirect_stdout(sys.stderr), \
-            ws.atomic_dir(output_dir, overwrite=overwrite, removed=removed) as tmp:
-        notes += [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
-        from . import progress
-        progress.report(0, 5, "loading the base model" + (f" ({need:.1f} GiB of RAM)" if need else ""))
-        has_tok = any((adir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
-        tok_src = str(adir) if has_tok else base_id
-        try:
-            tok = AutoTokenizer.from_pretrained(tok_src)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"could not load the tokenizer from {tok_src}: {exc}", field="adapter_dir",
-                            fix="Save the tokenizer with the adapter (tokenizer.save_pretrained).") from None
-        if not has_tok:
-            notes.append("No tokenizer saved with the adapter: the base model's tokenizer is used. "
-                         "If training changed the chat template, pass the training tokenizer.")
-        try:
-            base = AutoModelForCausalLM.from_pretrained(base_id, **load_kw)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"could not load base model '{base_name}': {type(exc).__name__}: "
-                            f"{str(exc)[:300]}", field=base_field,
-                            fix="Pass base_model=<dir of the exact model the adapter was trained on>.") from None
-        vocab = base.get_input_embeddings().weight.shape[0]
-        want = _adapter_vocab(adir)
-        if want is None and len(tok) > vocab:
-            want = len(tok)
-        if want is not None and want != vocab:
-            base.resize_token_embeddings(want)
-            notes.append(f"Base embeddings resized {vocab} -> {want} to match the adapter/tokenizer.")
-        try:
-            peft_model = PeftModel.from_pretrained(base, str(adir))
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"the adapter does not fit base model '{base_name}': "
-                            f"{type(exc).__name__}: {str(exc)[:300]}", field="base_model",
-                            fix="Pass the exact base the adapter was trained on.") from None
-        peft_model.eval()
-        progress.report(1, 5, "adapter applied; reference logits")
-        ids_list = [_render_ids(tok, c) for c in chats]
-        ref = _logits(peft_model, ids_list)
-        with peft_model.disable_adapter():
-            base_logits = _logits(peft_model, ids_list)
-        progress.report(2, 5, "merging and saving")
-        merged = peft_model.merge_and_unload(safe_merge=True)
-        gen_info = _fix_generation_config(merged, tok, notes)
-        merged.save_pretrained(str(tmp), max_shard_size="5GB")
-        tok.save_pretrained(str(tmp))
-        merged_params = sum(p.numel() for p in merged.parameters())
-        del merged, peft_model, base
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
-        # The proof runs on what was written: reload the merged model and tokenizer from disk.
-        progress.report(3, 5, "reloading the saved merge for the proof")
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), **load_kw)
-        got = _logits(reloaded, ids_list)
-        del reloaded
-        gc.collect()
-        diffs = [(a - b).abs() for a, b in zip(got, ref)]
-        max_abs = max(float(d.max()) for d in diffs)
-        mean_abs = float(sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs))
-        scale = max(float(r.abs().max()) for r in ref)
-        atol, rtol = _TOLERANCE[dtype_name]
-        tol = atol + rtol * scale
-        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, ref))
-        positions = sum(r.shape[0] for r in ref)
-        effect = max(float((a - b).abs().max()) for a, b in zip(got, base_logits))
-        lcheck = LogitsCheck(prompts=len(chats), tokens=positions, max_abs_diff=max_abs,
-                             mean_abs_diff=mean_abs, tolerance=tol, top1_agreement=agree / positions,
-                             equivalent=max_abs <= tol, adapter_effect_max_abs=effect)
-        if effect <= tol:
-            notes.append("The adapter changes the logits by no more than the tolerance: it looks "
-                         "untrained (lora_B still zero) or was not applied. Check the run.")
-
-        tok2 = AutoTokenizer.from_pretrained(str(tmp))
-        mismatches = []
-        for c, ids in zip(chats, ids_list):
-            ids2 = _render_ids(tok2, c)
-            if ids2 != ids:
-                mismatches.append(f"chat '{c[0]['content'][:40]}': {len(ids)} vs {len(ids2)} tokens")
-        tcheck = TokenizerCheck(training_tokenizer="adapter_dir" if has_tok else "base_model",
-                                chats=len(chats), identical_ids=not mismatches,
-                                chat_template_identical=(getattr(tok, "chat_template", None)
-                                                         == getattr(tok2, "chat_template", None)),
-                                mismatches=mismatches)
-        verified = lcheck.equivalent and tcheck.identical_ids
-        if not tcheck.identical_ids:
-            notes.append(f"The tokenizer written with the merge renders {len(mismatches)} sample chat(s) to other "
-                         "token ids than the training tokenizer: the merged model would be prompted differently "
-                         "from how it was trained. Do not ship it; copy the training tokenizer's files "
-                         "(tokenizer_config.json, chat_template.jinja) into the merged folder.")
-        if not lcheck.equivalent:
-            notes.append(f"Merged logits differ from base+adapter by {max_abs:.3g} > tolerance "
-                         f"{tol:.3g}: do not ship this merge; retry with dtype='fp32' and check "
-                         "that base_model is the exact model the adapter was trained on.")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        size = _dir_size(tmp)
-        result = MergeResult(
-            output_dir=ws.rel(out), adapter_dir=ws.rel(adir),
-            base_model=ws.rel(Path(base_id)) if base_local else base_id,
-            peft_type=peft_type, lora_r=acfg.get("r"), target_modules=acfg.get("target_modules"),
-            modules_to_save=acfg.get("modules_to_save"), qlora_adapter=qlora, dtype=dtype_name,
-            device=device, logits_check=lcheck, tokenizer_check=tcheck,
-            generation_config=gen_info, verified=verified, files=files + ["merge_report.json"],
-            size_gib=round(size / 2**30, 4), notes=notes,
-            next_steps=[f"evaluate(model='{ws.rel(out)}', compare_with='"
-                        f"{ws.rel(Path(base_id)) if base_local else base_id}', ...) to compare "
-                        "with the base.",
-                        "Export: see references/export.md (hub upload, GGUF, vLLM/TGI/Ollama)."],
-            elapsed_s=0.0)
-        result.elapsed_s = round(time.time() - t0, 2)
-        report = result.model_dump()
-        report["parameters"] = merged_params
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            get_workspace().atomic_dir(output_dir, overwrite=overwrite, removed=removed) as tmp:
+        job.notes += [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
+        result = _merge_into(job, tmp)
     progress.report(5, 5, f"verified={result.verified}")
     return result
