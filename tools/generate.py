@@ -293,6 +293,31 @@ def _compare_notes(rows: list[GenerationRow], labels: list[str], max_new_tokens:
     return notes
 
 
+def _settings(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
+              dtype: str, apply_chat_template: bool) -> dict[str, Any]:
+    """The decoding settings every model gets (sampling values only when sampling)."""
+    from .evaluate import _device_dtype
+    device, dtype_name = _device_dtype(dtype)
+    return {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+            "temperature": temperature if do_sample else None, "top_p": top_p if do_sample else None,
+            "seed": seed, "device": device, "dtype": dtype_name,
+            "apply_chat_template": apply_chat_template,
+            "decoding": "sampled" if do_sample else "greedy"}
+
+
+def _result_rows(items: list[dict], outputs: list[list[ModelOutput]]) -> list[GenerationRow]:
+    """One row per prompt: its last user turn, system prompt, reference and every model's reply."""
+    rows = []
+    for k, it in enumerate(items):
+        msgs = it["messages"]
+        system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+        turns = [m for m in msgs if m["role"] != "system"]
+        rows.append(GenerationRow(index=k, prompt=turns[-1]["content"], system=system,
+                                  turns=len(turns), line=it["line"], reference=it["reference"],
+                                  outputs=[o[k] for o in outputs]))
+    return rows
+
+
 # ----------------------------------------------------------------------------- the tool
 def generate(
     model: Annotated[str, Field(description="Model to spot-check: a full or merged model dir, or a "
@@ -335,13 +360,7 @@ def generate(
     notes: list[str] = []
     items, source = _prompt_rows(prompts, dataset, split, rows, prompt_field, answer_field,
                                  system_prompt, notes)
-    from .evaluate import _device_dtype
-    device, dtype_name = _device_dtype(dtype)
-    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                "temperature": temperature if do_sample else None, "top_p": top_p if do_sample else None,
-                "seed": seed, "device": device, "dtype": dtype_name,
-                "apply_chat_template": apply_chat_template,
-                "decoding": "sampled" if do_sample else "greedy"}
+    settings = _settings(max_new_tokens, do_sample, temperature, top_p, seed, dtype, apply_chat_template)
     plan = [("fine-tuned" if compare_with else "model", model, "model", base_model)]
     if compare_with:
         plan.append(("base", compare_with, "compare_with", None))
@@ -354,14 +373,7 @@ def generate(
             outputs.append(outs)
             infos.append(info)
     labels = [i.label for i in infos]
-    result_rows = []
-    for k, it in enumerate(items):
-        msgs = it["messages"]
-        system = next((m["content"] for m in msgs if m["role"] == "system"), None)
-        turns = [m for m in msgs if m["role"] != "system"]
-        result_rows.append(GenerationRow(index=k, prompt=turns[-1]["content"], system=system,
-                                         turns=len(turns), line=it["line"], reference=it["reference"],
-                                         outputs=[o[k] for o in outputs]))
+    result_rows = _result_rows(items, outputs)
     notes.extend(_compare_notes(result_rows, labels, max_new_tokens))
     return GenerateResult(rows=result_rows, models=infos, source=source, settings=settings,
                           table=_table(result_rows, labels, source is not None), notes=notes,
