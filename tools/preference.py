@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .masking import Reason, Spread
+from .results import ToolResult
 from .workspace import get_workspace, short
 
 MAX_ROWS = 20               # locations kept per problem
@@ -49,7 +50,7 @@ SCORE_KEYS = ("overall_score", "score", "rating", "reward", "fine-grained_score"
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 PROMPT_ROLES = ("system", "user", "tool", "assistant_context")
 
-SourceKind = Literal["explicit", "implicit", "scored"]
+SourceKind = Literal["explicit", "implicit", "scored", "unpaired", "prompt_answer"]
 
 PROBLEM_HELP: dict[str, tuple[str, str]] = {
     "identical": ("chosen and rejected are the same text (whitespace aside): the pair has no "
@@ -100,7 +101,7 @@ class PreferenceProblem(BaseModel):
     fix: str
 
 
-class ConvertPreferenceReport(BaseModel):
+class ConvertPreferenceReport(ToolResult):
     """What convert_preference wrote, what it dropped and why."""
     output_dir: str
     files: dict[str, str] = Field(description="split -> JSONL file (workspace-relative).")
@@ -110,7 +111,10 @@ class ConvertPreferenceReport(BaseModel):
     columns: dict[str, str] = Field(description="what each source column became.")
     location_unit: Literal["line", "row"]
     rows_read: int
-    pairs_written: int
+    written: Literal["pairs", "unpaired", "prompts"] = Field(
+        "pairs", description="pairs (DPO/ORPO/KTO), unpaired label rows (KTO), prompts + solution (GRPO).")
+    pairs_written: int = Field(description="rows written: pairs, label rows or prompts.")
+    labels: Optional[dict[str, int]] = Field(None, description="unpaired: desirable / undesirable rows.")
     train: int
     test: int
     problems: list[PreferenceProblem]
@@ -121,7 +125,6 @@ class ConvertPreferenceReport(BaseModel):
     score_margins: Optional[dict[str, float]] = Field(None, description="scored data: min/median/"
                                                                         "max best-minus-worst.")
     samples: list[dict[str, Any]] = Field(description="the first pairs written (long text cut).")
-    next_steps: list[str]
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,53 +480,96 @@ def _write_pairs(tmp: Path, pairs: list[dict], n_test: int, shuffle: bool, seed:
     return splits
 
 
-def _convert_notes(rel: str, conv: _Convert, n_test: int) -> list[str]:
-    steps = [f"verify_preference(dataset='{rel}', tokenizer=<the model you will train>, max_length=<the "
-             "recipe's max_length>) proves what DPO scores before you train."]
-    if any(p.severity == "warn" for p in conv.problems()):
-        steps.insert(0, "Read the warnings (length/position bias) before training: DPO learns any "
-                        "shortcut that separates chosen from rejected.")
-    if not n_test:
-        steps.append("Add test_size (e.g. 0.05) to get a held-out split: the DPO run then reports "
-                     "held-out preference accuracy.")
-    steps.append("Then generate_dpo_recipe and launch_training.")
+WRITTEN = {"explicit": "pairs", "implicit": "pairs", "scored": "pairs", "unpaired": "unpaired",
+           "prompt_answer": "prompts"}
+TRAINER_HINT = {"pairs": "dpo (or orpo, kto)", "unpaired": "kto", "prompts": "grpo"}
+
+
+def _convert_notes(rel: str, conv, n_test: int) -> list[str]:
+    """The next calls, with real arguments where they are known."""
+    written = WRITTEN[conv.cols.kind]
+    steps = [f"verify_preference(dataset='{rel}', tokenizer='<the model you will train>')"]
+    trainer = {"pairs": "dpo", "unpaired": "kto", "prompts": "grpo"}[written]
+    rewards = ", rewards=['answer']" if written == "prompts" else ""
+    steps.append(f"generate_dpo_recipe(model='<SFT model or adapter>', dataset='{rel}', trainer='{trainer}'"
+                 f"{rewards}, output_path='recipes/{trainer}.yaml', output_dir='outputs/{trainer}')")
+    if not n_test and written != "prompts":
+        steps.append(f"convert_preference(..., output_dir='{rel}', test_size=0.05, overwrite=true) for a "
+                     "held-out split")
     return steps
 
 
+def _open_converter(head: list[dict], source_format: Optional[str], mapping: dict[str, str],
+                    score_key: Optional[str], min_margin: float, strict: bool):
+    """The converter for the rows' kind: pairs (_Convert), or unpaired / prompt_answer rows."""
+    from .preference_data import RowsConvert, detect_more
+    if source_format not in ("unpaired", "prompt_answer"):
+        try:
+            return _Convert(_detect(head, source_format, mapping, score_key), min_margin, strict)
+        except UserError as exc:
+            if source_format is not None or exc.field != "dataset":
+                raise
+            more = detect_more(head, None, mapping)
+            if more is None:
+                cols = ", ".join(sorted(set().union(*(r.keys() for r in head))))[:300]
+                raise UserError(f"no preference columns found (columns: {cols}).", field="dataset",
+                                fix="Give prompt+chosen+rejected, chosen+rejected conversations, a prompt with "
+                                    "scored completions, prompt+completion+label (KTO) or prompt+answer (GRPO); "
+                                    "or name the columns with column_mapping, e.g. {'prompt': 'question', "
+                                    "'chosen': 'response_j', 'rejected': 'response_k'}.") from None
+            return RowsConvert(more, strict)
+    return RowsConvert(detect_more(head, source_format, mapping), strict)
+
+
 def convert_preference(
-    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them, a "
-                                              "save_to_disk folder (workspace), or a hub id (when online).")],
-    output_dir: Annotated[str, Field(description="directory to create; gets train.jsonl (and test.jsonl).")],
-    source_format: Annotated[Optional[SourceKind], Field(
-        description="explicit (prompt+chosen+rejected), implicit (chosen/rejected conversations) or "
-                    "scored (prompt + scored completions); default: detected.")] = None,
-    column_mapping: Annotated[Optional[dict[str, str]], Field(
-        description="source column per part: prompt, chosen, rejected, completions, scores.")] = None,
-    score_key: Annotated[Optional[str], Field(
-        description="scored: the score inside each completion (default: overall_score, score, rating, "
-                    "reward, fine-grained_score, the first present).")] = None,
-    min_score_margin: Annotated[float, Field(ge=0, description="scored: keep a row only when best minus "
-                                                               "worst score is at least this (ties never).")] = 1.0,
-    test_size: Annotated[float, Field(ge=0, description="test split: a fraction (<1) or a pair count.")] = 0,
-    seed: Annotated[int, Field(description="seed for shuffle and split.")] = 42,
-    shuffle: Annotated[bool, Field(description="shuffle pairs before splitting.")] = True,
-    strict: Annotated[bool, Field(description="fail on the first row with a problem instead of dropping it.")] = False,
-    overwrite: Annotated[bool, Field(description="replace a non-empty output_dir.")] = False,
-    limit: Annotated[Optional[int], Field(ge=1, description="read at most this many rows.")] = None,
-    split: Annotated[str, Field(description="source split (hub datasets and directories).")] = "train",
-    subset: Annotated[Optional[str], Field(description="hub dataset config name.")] = None,
+    dataset: Annotated[str, Field(description="file, directory, save_to_disk folder or hub id")],
+    output_dir: str,
+    source_format: Optional[SourceKind] = None,
+    column_mapping: Annotated[Optional[dict[str, str]], Field(description="source column per part")] = None,
+    score_key: Optional[str] = None,
+    min_score_margin: Annotated[float, Field(ge=0)] = 1.0,
+    test_size: Annotated[float, Field(ge=0)] = 0,
+    seed: int = 42,
+    shuffle: bool = True,
+    strict: bool = False,
+    overwrite: bool = False,
+    limit: Annotated[Optional[int], Field(ge=1)] = None,
+    split: str = "train",
+    subset: Optional[str] = None,
 ) -> ConvertPreferenceReport:
-    """Convert preference data into the JSONL DPOTrainer reads: {"prompt", "chosen", "rejected"}
-    (conversational: prompt messages + assistant replies; standard: text). Reads explicit
-    prompt/chosen/rejected, implicit chosen/rejected conversations (HH-RLHF: the shared message
-    prefix becomes the prompt; raw "Human:/Assistant:" text is parsed) and scored completions
-    (UltraFeedback: best vs worst when the margin is >= min_score_margin). Drops, counted with
-    their locations: chosen == rejected, chosen and rejected answering different prompts, empty
-    sides or prompts, duplicates, near-tie scores. Warns on length bias (chosen longer in >= 90%
-    of pairs) and position bias (the best completion at one index in >= 90% of rows). Written
-    atomically. Then call verify_preference on the output."""
+    """Convert preference / RL data: DPO pairs, KTO label rows or GRPO prompts with an answer;
+    drops broken rows with their locations, warns on length/position/label bias.
+
+    Writes train.jsonl (and test.jsonl) atomically into output_dir. Then call verify_preference.
+
+    Kinds read (source_format, default detected):
+    - explicit: prompt + chosen + rejected (messages or text); implicit: chosen/rejected whole
+      conversations (HH-RLHF: the shared prefix becomes the prompt; raw "Human:/Assistant:" text
+      is parsed); scored: a prompt + scored completions (UltraFeedback: best vs worst when
+      best - worst >= min_score_margin; score_key names the score inside each completion).
+      Written {"prompt", "chosen", "rejected"}.
+    - unpaired (KTO): prompt + completion + label (bool, 0/1, up/down, good/bad...). Written
+      {"prompt", "completion", "label"}.
+    - prompt_answer (GRPO): prompt + a reference answer (solution/answer/ground_truth; GSM8K's
+      '#### 72' keeps 72). Written {"prompt", "solution"}.
+    Dropped, counted with their locations: chosen == rejected, different prompts in a pair, empty
+    sides or prompts, duplicates, near-tie scores, unreadable labels, contradictory labels or
+    answers, prompts ending with an assistant turn. Warned: length bias (chosen longer in >= 90%
+    of pairs), position bias (best completion at one index in >= 90% of rows), label imbalance
+    outside KTO's band (with the weight to set).
+
+    Parameters:
+    - dataset: JSONL/JSON/CSV/Parquet file, a directory of them, a save_to_disk folder
+      (workspace), or a hub id (when online).
+    - column_mapping: source column per part: prompt, chosen, rejected, completions, scores,
+      completion, label, answer.
+    - test_size: a fraction (<1) or a row count for test.jsonl.
+    - strict: fail on the first row with a problem instead of dropping it.
+    - split / subset: the source split and hub config name.
+    """
     from .data import _check_output, _test_count
     from .data_io import open_source
+    from .preference_data import RowsConvert, help_for
     _test_count(test_size, 2 ** 62) if test_size else None  # a bad test_size fails before any work
     ws = get_workspace()
     out_path = ws.resolve(output_dir, field="output_dir")
@@ -533,36 +579,50 @@ def convert_preference(
     if not head:
         raise UserError(f"'{dataset}' has no rows (split '{split}').", field="dataset",
                         fix="Check the file is not empty and the split name is right.")
-    conv = _Convert(_detect(head, source_format, column_mapping or {}, score_key), min_score_margin, strict)
+    conv = _open_converter(head, source_format, column_mapping or {}, score_key, min_score_margin, strict)
     for loc, row in src.rows(limit=limit):
         conv.row(loc, row)
+    if isinstance(conv, RowsConvert):
+        conv.finish()
     if not conv.pairs:
         worst = max(conv.dropped.items(), key=lambda kv: len(kv[1]), default=("bad_row", []))
-        raise UserError(f"no usable pair in {conv.read} rows; most were dropped as {worst[0]} "
-                        f"({PROBLEM_HELP[worst[0]][0]}; locations {worst[1][:10]}).", field="dataset",
-                        fix=PROBLEM_HELP[worst[0]][1])
+        raise UserError(f"no usable row in {conv.read} rows; most were dropped as {worst[0]} "
+                        f"({help_for(worst[0])[0]}; locations {worst[1][:10]}).", field="dataset",
+                        fix=help_for(worst[0])[1])
     n_test = _test_count(test_size, len(conv.pairs))
     with ws.atomic_dir(output_dir, overwrite=overwrite) as tmp:
         splits = _write_pairs(tmp, conv.pairs, n_test, shuffle, seed)
     return _convert_report(out_path, conv, splits, src.unit, n_test)
 
 
-def _convert_report(out_path: Path, conv: _Convert, splits: dict, unit: str, n_test: int) -> ConvertPreferenceReport:
+def _convert_report(out_path: Path, conv, splits: dict, unit: str, n_test: int) -> ConvertPreferenceReport:
     from .data import _cut
     ws = get_workspace()
     rel = ws.rel(out_path)
     n = len(conv.pairs)
+    written = WRITTEN[conv.cols.kind]
+    paired = written == "pairs"
     margins = sorted(conv.margins)
+    problems = conv.problems()
+    dropped = sum(p.count for p in problems if p.severity == "dropped")
+    warns = [p.code for p in problems if p.severity == "warn"]
+    noun = {"pairs": "pairs", "unpaired": "label rows", "prompts": "prompts"}[written]
+    labels = None if paired else conv.labels()
+    lab = f" ({labels['desirable']} up / {labels['undesirable']} down)" if labels else ""
+    summary = (f"Wrote {n:,} {noun}{lab} for {TRAINER_HINT[written]} to {rel} ({len(splits['train']):,} train, "
+               f"{len(splits.get('test', [])):,} test); dropped {dropped:,} of {conv.read:,} rows"
+               + (f"; warnings: {', '.join(warns)}." if warns else "."))
     return ConvertPreferenceReport(
+        summary=summary[:300], next_steps=_convert_notes(rel, conv, n_test),
         output_dir=rel, files={k: f"{rel}/{k}.jsonl" for k in splits}, source_format=conv.cols.kind,
         conversational=isinstance(conv.pairs[0]["prompt"], list), columns=conv.cols.mapping(),
-        location_unit="line" if unit == "line" else "row", rows_read=conv.read, pairs_written=n,
-        train=len(splits["train"]), test=len(splits.get("test", [])), problems=conv.problems(),
-        changes=dict(conv.changes), chosen_longer_share=round(len(conv.longer) / n, 4),
-        mean_chars={k: round(v / n, 1) for k, v in conv.chars.items()},
+        location_unit="line" if unit == "line" else "row", rows_read=conv.read, written=written, pairs_written=n,
+        labels=labels, train=len(splits["train"]), test=len(splits.get("test", [])), problems=problems,
+        changes=dict(conv.changes), chosen_longer_share=round(len(conv.longer) / n, 4) if paired else None,
+        mean_chars={k: round(v / n, 1) for k, v in conv.chars.items()} if paired else {},
         score_margins={"min": margins[0], "median": margins[len(margins) // 2], "max": margins[-1]}
         if margins else None,
-        samples=[_cut(p, 200) for p in splits["train"][:3]], next_steps=_convert_notes(rel, conv, n_test))
+        samples=[_cut(p, 200) for p in splits["train"][:3]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,9 +661,12 @@ class PreferenceSettings(BaseModel):
     chat_template: str = Field(description="'tokenizer' (its own), a path, or 'literal'.")
 
 
-class PreferenceReport(BaseModel):
-    """What DPOTrainer will score, per pair, with a verdict and the evidence behind it."""
+class PreferenceReport(ToolResult):
+    """What the trainer will score (DPO/ORPO pairs, KTO rows) or generate from (GRPO prompts),
+    with a verdict and the evidence behind it."""
     verdict: Literal["pass", "warn", "fail"]
+    trainer: Literal["dpo", "kto", "grpo"] = Field("dpo", description="the proof run: dpo (DPOTrainer's "
+                                                                       "preparation, also for ORPO), kto, grpo.")
     reasons: list[Reason]
     key: str
     report_path: str
@@ -627,9 +690,23 @@ class PreferenceReport(BaseModel):
     stop_tokens: list[str] = []
     pairs: list[PairView] = []
     trl_warnings: list[str] = []
+    completion_tokens: Optional[Spread] = Field(None, description="KTO: completion tokens before truncation.")
+    labels: Optional[dict[str, int]] = Field(None, description="KTO: desirable / undesirable rows TRL keeps.")
+    completions: list[Any] = Field([], description="KTO: decoded rows, scored spans in [[...]].")
+    prompts_shown: list[str] = Field([], description="GRPO: prompts as generation sees them.")
+    rewards_checked: list[Any] = Field([], description="GRPO: each reward's check on the data.")
     dataset_hash: str = ""
     tokenizer_hash: str = ""
     template_hash: str = ""
+
+    def key_figures(self) -> dict[str, Any]:
+        out = {"verdict": self.verdict, "trainer": self.trainer, "rows": self.dataset_rows,
+               "prepared": self.pairs_prepared, "dropped_by_trl": self.pairs_dropped_by_trl,
+               "prompt_tokens_scored": self.prompt_tokens_scored, "truncated": self.truncated_pairs,
+               "end_of_turn_missing": self.end_of_turn_missing, "report_path": self.report_path}
+        if self.trainer == "dpo":
+            out["identical_pairs"] = self.identical_pairs
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -897,9 +974,13 @@ def _spread(xs: list[int]) -> Optional[Spread]:
     return Spread(mean=round(sum(xs) / len(xs), 2), min=min(xs), max=max(xs)) if xs else None
 
 
-def _preference_key(d_hash: str, t_hash: str, tpl_hash: str, split: str, max_length: Optional[int]) -> str:
-    blob = json.dumps({"kind": "dpo", "dataset": d_hash, "tokenizer": t_hash, "template": tpl_hash,
-                       "split": split, "max_length": max_length}, sort_keys=True)
+def _preference_key(d_hash: str, t_hash: str, tpl_hash: str, split: str, max_length: Optional[int],
+                    kind: str = "dpo", rewards: Optional[list] = None) -> str:
+    blob = {"kind": kind, "dataset": d_hash, "tokenizer": t_hash, "template": tpl_hash, "split": split,
+            "max_length": max_length}
+    if rewards:  # GRPO: the rewards the report checked
+        blob["rewards"] = rewards
+    blob = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -922,10 +1003,13 @@ class _VInputs:
     tpl_label: str
     split: str
     rows: list[dict]
+    kind: str = "dpo"   # the proof: dpo (pairs, also ORPO), kto or grpo
 
 
-def _load_inputs(dataset: str, tokenizer: str, chat_template: Optional[str], split: str) -> _VInputs:
+def _load_inputs(dataset: str, tokenizer: str, chat_template: Optional[str], split: str,
+                 trainer: Optional[str] = None) -> _VInputs:
     from .masking import _find_split_file, _load_tokenizer, _read_rows, _template_text
+    from .preference_verify import kind_of
     from .template_guard import check_template
     ws = get_workspace()
     d_path = ws.resolve(dataset, field="dataset", must_exist=True)
@@ -935,22 +1019,29 @@ def _load_inputs(dataset: str, tokenizer: str, chat_template: Optional[str], spl
     rows = _read_rows(file)
     if not rows:
         raise UserError(f"{file.name} has no rows.", field="dataset", fix="Run convert_preference first.")
-    bad = [i for i, r in enumerate(rows) if "chosen" not in r or "rejected" not in r]
+    kind = kind_of(rows, trainer)
+    need = {"dpo": ("chosen", "rejected"), "kto": ("prompt",), "grpo": ("prompt",), None: ("chosen", "rejected")}
+    bad = [i for i, r in enumerate(rows) if kind is None or any(k not in r for k in need[kind])]
     if bad:
-        raise UserError(f"row {bad[0]} (and {len(bad) - 1} more) has no chosen/rejected column "
-                        f"(columns: {sorted(rows[bad[0]])[:12]}).", field="dataset",
+        raise UserError(f"row {bad[0]} (and {len(bad) - 1} more) has no chosen/rejected column, nor "
+                        f"completion + label (KTO), nor a prompt alone (GRPO) (columns: "
+                        f"{sorted(rows[bad[0]])[:12]}).", field="dataset",
                         fix="Run convert_preference on the source data first.")
     tok = _load_tokenizer(t_path)
     if tpl_text is not None:
         tok.chat_template = tpl_text
     check_template(tok.chat_template if isinstance(tok.chat_template, str) else None,
                    field="chat_template" if tpl_text is not None else "tokenizer")
-    if _is_conv(rows[0].get("chosen")) and not tok.chat_template:
-        raise UserError(f"the tokenizer in {ws.rel(t_path)} has no chat template and the pairs are "
+    if _conversational(rows[0]) and not tok.chat_template:
+        raise UserError(f"the tokenizer in {ws.rel(t_path)} has no chat template and the rows are "
                         "conversational.", field="chat_template",
                         fix="Pass chat_template (a .jinja file, 'trl:<name>' or the text); the DPO "
                             "recipe must set the same chat_template_path.")
-    return _VInputs(d_path, t_path, tok, tpl_text, tpl_label, split, rows)
+    return _VInputs(d_path, t_path, tok, tpl_text, tpl_label, split, rows, kind)
+
+
+def _conversational(row: dict) -> bool:
+    return any(_is_conv(row.get(k)) for k in ("prompt", "chosen", "completion"))
 
 
 def _trl_failure(exc: Exception, inp: _VInputs) -> Reason:
@@ -976,56 +1067,66 @@ def _trl_failure(exc: Exception, inp: _VInputs) -> Reason:
 
 
 def verify_preference(
-    dataset: Annotated[Optional[str], Field(description="convert_preference's directory or a .jsonl "
-                                                        "file (workspace); from the recipe when given.")] = None,
-    tokenizer: Annotated[Optional[str], Field(description="model, SFT adapter or tokenizer directory; "
-                                                          "from the recipe when given.")] = None,
-    max_length: Annotated[Optional[int], Field(ge=2, description="DPOConfig.max_length (prompt + reply, "
-                                                                 "keep_start); None = no truncation.")] = 1024,
-    max_prompt_length: Annotated[Optional[int], Field(
-        ge=1, description="check only: name prompts longer than this (TRL 1.x DPOConfig has no "
-                          "max_prompt_length).")] = None,
-    chat_template: Annotated[Optional[str], Field(
-        description="a .jinja file, 'trl:<name>' or template text; the DPO recipe's chat_template_path.")] = None,
-    split: Annotated[str, Field(description="split file of a dataset directory.")] = "train",
-    sample_size: Annotated[int, Field(ge=1, le=2000, description="pairs attributed token by token; "
-                                                                 "the other checks cover every pair.")] = 64,
-    show_examples: Annotated[int, Field(ge=0, le=20, description="decoded pairs in the report.")] = 3,
-    recipe: Annotated[Optional[str], Field(
-        description="a DPO recipe YAML: its dataset, model, max_length and chat_template_path are "
-                    "used, so the report is the one launch_training looks for.")] = None,
+    dataset: Optional[str] = None,
+    tokenizer: Annotated[Optional[str], Field(description="model, SFT adapter or tokenizer dir")] = None,
+    max_length: Annotated[Optional[int], Field(ge=2, description="prompt + reply tokens; None: no cut")] = 1024,
+    max_prompt_length: Annotated[Optional[int], Field(ge=1)] = None,
+    chat_template: Optional[str] = None,
+    split: str = "train",
+    sample_size: Annotated[int, Field(ge=1, le=2000)] = 64,
+    show_examples: Annotated[int, Field(ge=0, le=20)] = 3,
+    recipe: Annotated[Optional[str], Field(description="a preference recipe: its inputs are used")] = None,
 ) -> PreferenceReport:
-    """Prove, before DPO training, which tokens of prompt / chosen / rejected enter the loss.
-    Runs DPOTrainer's own dataset preparation (prompt extraction, EOS, chat template,
+    """Prove before training, with TRL's own preparation, what DPO/ORPO/KTO scores (or check GRPO
+    prompts and rewards); saves the report launch_training requires.
+
+    DPO / ORPO pairs: DPOTrainer's dataset preparation (prompt extraction, EOS, chat template,
     tokenisation, the drop of pairs whose prompt fills max_length) and its collator (truncation,
-    completion mask) on a throw-away tiny model, then maps every token to its message. Checks:
-    nothing of the prompt is scored, the whole reply is, the end-of-turn token is scored on both
-    sides, chosen and rejected still differ after tokenization and after truncation (both sides
-    cut to the same tokens hide the difference), how many pairs TRL drops or truncates. Returns
-    pass/warn/fail with reasons and fixes, decoded pairs with scored spans in [[...]], and the
-    saved report's path."""
+    completion mask) run on a throw-away tiny model; every token is mapped to its message.
+    Checks: nothing of the prompt is scored, the whole reply is, the end-of-turn token is scored
+    on both sides, chosen and rejected still differ after tokenization and after truncation, how
+    many pairs TRL drops or truncates. KTO rows (completion + label, or pairs TRL unpairs): the
+    same with KTOTrainer's preparation and collator, plus the label balance. GRPO prompts: each
+    renders with the generation prompt, generation can stop, prompt lengths; with recipe= the
+    rewards: a user's file by ast (never run here), the answer reward gives every reference answer
+    1 and an empty answer 0. Returns pass/warn/fail with reasons and fixes, decoded examples with
+    scored spans in [[...]], and the saved report's path.
+
+    Parameters:
+    - dataset: convert_preference's directory or a .jsonl file (from the recipe when given).
+    - max_prompt_length: a check only: names prompts longer than this (TRL 1.x has no such key).
+    - chat_template: a .jinja file, 'trl:<name>' or template text (the recipe's chat_template_path).
+    - sample_size: rows attributed token by token; the other checks cover every row.
+    - recipe: a DPO/KTO/ORPO/GRPO recipe YAML: its dataset, model, max_length, template (and GRPO
+      rewards) are used, so the report is the one launch_training looks for.
+    """
     from .progress import report
+    trainer, rewards = None, None
     if recipe is not None:
-        dataset, tokenizer, split, chat_template, max_length = _from_recipe(recipe, dataset, tokenizer)
+        dataset, tokenizer, split, chat_template, max_length, trainer, rewards = _from_recipe(recipe, dataset,
+                                                                                              tokenizer)
     if not dataset or not tokenizer:
         raise UserError("needs a dataset and a tokenizer.", field="dataset" if not dataset else "tokenizer",
-                        fix="Pass dataset= and tokenizer=, or recipe=<the DPO recipe YAML>.")
-    report(0, 3, "loading the pairs, tokenizer and template")
-    inp = _load_inputs(dataset, tokenizer, chat_template, split)
-    base = _base_fields(inp, max_length, max_prompt_length)
+                        fix="Pass dataset= and tokenizer=, or recipe=<the recipe YAML>.")
+    report(0, 3, "loading the rows, tokenizer and template")
+    inp = _load_inputs(dataset, tokenizer, chat_template, split, trainer)
+    if inp.kind == "grpo":
+        max_length = None
+    base = _base_fields(inp, max_length, max_prompt_length, rewards)
+    if inp.kind != "dpo":
+        report(1, 3, f"{inp.kind.upper()}: preparing {len(inp.rows)} rows")
+        return _save(_finish(_other_proof(inp, max_length, sample_size, show_examples, rewards, base), recipe))
     report(1, 3, f"DPOTrainer prepares and collates {len(inp.rows)} pairs")
     f = _Findings()
     try:
         run, views = _prove(inp, max_length, max_prompt_length, sample_size, f)
     except Exception as exc:  # noqa: BLE001 - template/data errors are findings about the inputs
-        return _save(PreferenceReport(verdict="fail", reasons=[_trl_failure(exc, inp)], pairs_prepared=0,
-                                      pairs_dropped_by_trl=0, examples_checked=0, **base))
+        return _save(_finish(PreferenceReport(verdict="fail", reasons=[_trl_failure(exc, inp)], pairs_prepared=0,
+                                              pairs_dropped_by_trl=0, examples_checked=0, **base), recipe))
     report(2, 3, "checking the scored tokens")
     reasons = _reasons(f, run, len(inp.rows))
-    verdict = "fail" if any(r.severity == "fail" for r in reasons) else \
-        "warn" if any(r.severity == "warn" for r in reasons) else "pass"
     out = PreferenceReport(
-        verdict=verdict, reasons=reasons, pairs_prepared=run.prepared, pairs_dropped_by_trl=len(run.dropped),
+        verdict=_verdict(reasons), reasons=reasons, pairs_prepared=run.prepared, pairs_dropped_by_trl=len(run.dropped),
         examples_checked=len(views), prompt_tokens=_spread(f.lengths["prompt"]),
         chosen_tokens=_spread(f.lengths["chosen"]), rejected_tokens=_spread(f.lengths["rejected"]),
         identical_pairs=len(f.rows.get("identical_tokens", [])),
@@ -1034,24 +1135,73 @@ def verify_preference(
         end_of_turn_missing=len(f.rows.get("end_of_turn_not_scored", [])), prompt_tokens_scored=f.prompt_scored,
         stop_tokens=[inp.tok.convert_ids_to_tokens(i) for i in sorted(f.stop_ids)],
         pairs=_shown(views, f, show_examples), trl_warnings=run.warnings, **base)
-    report(3, 3, f"verdict {verdict}")
-    return _save(out)
+    report(3, 3, f"verdict {out.verdict}")
+    return _save(_finish(out, recipe))
 
 
-def _base_fields(inp: _VInputs, max_length: Optional[int], max_prompt_length: Optional[int]) -> dict:
+def _verdict(reasons: list[Reason]) -> str:
+    return "fail" if any(r.severity == "fail" for r in reasons) else \
+        "warn" if any(r.severity == "warn" for r in reasons) else "pass"
+
+
+def _other_proof(inp: _VInputs, max_length: Optional[int], sample_size: int, show: int, rewards: Optional[list],
+                 base: dict) -> PreferenceReport:
+    """KTO (KTOTrainer's preparation and collator) or GRPO (prompts and rewards)."""
+    from .preference_verify import prove_grpo, prove_kto
+    try:
+        fields = prove_kto(inp, max_length, sample_size, show) if inp.kind == "kto" else \
+            prove_grpo(inp, rewards, show)
+    except Exception as exc:  # noqa: BLE001 - template/data errors are findings about the inputs
+        return PreferenceReport(verdict="fail", reasons=[Reason(
+            severity="fail", code="trl_error", message=f"{inp.kind.upper()} preparation failed: "
+            f"{type(exc).__name__}: {short(exc, 400)}", fix="Check the columns; run convert_preference.")],
+            pairs_prepared=0, pairs_dropped_by_trl=0, examples_checked=0, **base)
+    return PreferenceReport(verdict=_verdict(fields["reasons"]), **fields, **base)
+
+
+def _finish(r: PreferenceReport, recipe: Optional[str]) -> PreferenceReport:
+    """The summary and the next calls."""
+    noun = {"dpo": "pairs", "kto": "rows", "grpo": "prompts"}[r.trainer]
+    who = {"dpo": "DPOTrainer", "kto": "KTOTrainer", "grpo": "GRPO's chat template"}[r.trainer]
+    fails = [x.code for x in r.reasons if x.severity == "fail"]
+    warns = [x.code for x in r.reasons if x.severity == "warn"]
+    if r.trainer == "grpo":
+        ok = [f"{c.name} (reference earns 1 on {c.reference_scores_1:.0%})" if c.reference_scores_1 is not None
+              else c.name for c in r.rewards_checked]
+        detail = f"rewards checked: {', '.join(ok)}" if ok else "rewards not checked (pass recipe=)"
+    else:
+        detail = (f"{r.prompt_tokens_scored} prompt tokens scored, {r.end_of_turn_missing} without a scored end "
+                  f"of turn, {r.truncated_pairs} truncated")
+    tail = f"; fails: {', '.join(fails)}" if fails else f"; warnings: {', '.join(warns)}" if warns else ""
+    r.summary = (f"{r.verdict.upper()}: {r.pairs_prepared:,} of {r.dataset_rows:,} {noun} prepared by {who}; "
+                 f"{detail}{tail}.")[:300]
+    s = r.settings
+    if fails:
+        r.next_steps = [x.fix for x in r.reasons if x.severity == "fail"][:2]
+    elif recipe:
+        r.next_steps = [f"launch_training(recipe='{recipe}')"]
+    else:
+        trainer = {"dpo": "dpo", "kto": "kto", "grpo": "grpo"}[r.trainer]
+        r.next_steps = [f"generate_dpo_recipe(model='{s.tokenizer}', dataset='{s.dataset}', trainer='{trainer}', "
+                        f"output_path='recipes/{trainer}.yaml', output_dir='outputs/{trainer}')"]
+    return r
+
+
+def _base_fields(inp: _VInputs, max_length: Optional[int], max_prompt_length: Optional[int],
+                 rewards: Optional[list] = None) -> dict:
     """The report's identity: settings, content hashes and the key launch_training looks up."""
     from .masking import dataset_hash, template_hash, tokenizer_hash
     ws = get_workspace()
     hashes = dict(dataset_hash=dataset_hash(inp.d_path), tokenizer_hash=tokenizer_hash(inp.t_path),
                   template_hash=template_hash(inp.tpl_text))
     key = _preference_key(hashes["dataset_hash"], hashes["tokenizer_hash"], hashes["template_hash"],
-                          inp.split, max_length)
+                          inp.split, max_length, inp.kind, rewards)
     settings = PreferenceSettings(dataset=ws.rel(inp.d_path), tokenizer=ws.rel(inp.t_path), split=inp.split,
                                   max_length=max_length, max_prompt_length=max_prompt_length,
                                   chat_template=inp.tpl_label)
-    return dict(key=key, report_path="", settings=settings,
+    return dict(key=key, report_path="", settings=settings, trainer=inp.kind,
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
-                conversational=_is_conv(inp.rows[0].get("chosen")),
+                conversational=_conversational(inp.rows[0]),
                 prompt_source="explicit" if "prompt" in inp.rows[0] else "implicit",
                 dataset_rows=len(inp.rows), **hashes)
 
@@ -1080,24 +1230,32 @@ def _shown(views: list[PairView], f: _Findings, k: int) -> list[PairView]:
 # --------------------------------------------------------------------------------------------
 # A DPO recipe's inputs, and the lookup launch_training uses
 # --------------------------------------------------------------------------------------------
+PROOF_OF = {"dpo": "dpo", "orpo": "dpo", "kto": "kto", "grpo": "grpo"}  # ORPO's pairs: DPO's proof
+
+
 def recipe_preference(cfg: dict) -> tuple[Optional[str], list[tuple[str, str]], dict]:
-    """(tokenizer, [(dataset, split)], settings) a DPO recipe trains with (TRL defaults where unset)."""
+    """(tokenizer, [(dataset, split)], settings) a preference recipe trains with (TRL defaults
+    where unset); settings are find_preference_report's keywords."""
     from .masking import recipe_datasets
     tok = cfg.get("model_name_or_path")
-    return (str(tok) if tok else None, recipe_datasets(cfg),
-            {"max_length": cfg.get("max_length", 1024), "chat_template_path": cfg.get("chat_template_path")})
+    proof = PROOF_OF.get(str(cfg.get("trainer", "dpo")).lower(), "dpo")
+    st = {"max_length": None if proof == "grpo" else cfg.get("max_length", 1024),
+          "chat_template_path": cfg.get("chat_template_path"), "trainer": proof}
+    if proof == "grpo":
+        st["rewards"] = cfg.get("rewards")
+    return str(tok) if tok else None, recipe_datasets(cfg), st
 
 
 def _from_recipe(recipe: str, dataset: Optional[str], tokenizer: Optional[str]) -> tuple:
     from .masking import pick_recipe_input, read_recipe
     tok, inputs, st = recipe_preference(read_recipe(recipe))
     ds, split = pick_recipe_input(tok, inputs, dataset, tokenizer)
-    return ds, tok, split, st["chat_template_path"], st["max_length"]
+    return ds, tok, split, st["chat_template_path"], st["max_length"], st["trainer"], st.get("rewards")
 
 
 def find_preference_report(dataset_path: str, tokenizer_path: str, *, max_length: Optional[int],
-                           chat_template_path: Optional[str] = None,
-                           split: str = "train") -> Optional[PreferenceReport]:
+                           chat_template_path: Optional[str] = None, split: str = "train",
+                           trainer: str = "dpo", rewards: Optional[list] = None) -> Optional[PreferenceReport]:
     """The newest saved verify_preference report for exactly these inputs (content hashes of the
     dataset, tokenizer and template, the split and max_length), or None."""
     from .masking import dataset_hash, template_hash, tokenizer_hash
@@ -1112,7 +1270,8 @@ def find_preference_report(dataset_path: str, tokenizer_path: str, *, max_length
         if not p.is_file():
             return None
         tpl = p.read_text(encoding="utf-8")
-    key = _preference_key(dataset_hash(d_path), tokenizer_hash(t_path), template_hash(tpl), split, max_length)
+    key = _preference_key(dataset_hash(d_path), tokenizer_hash(t_path), template_hash(tpl), split, max_length,
+                          trainer, rewards)
     best = None
     for fp in ws.owned_dir(REPORT_DIR).glob(f"*-{key[:12]}.json"):
         try:

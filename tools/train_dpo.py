@@ -1,11 +1,15 @@
-"""The DPO training entrypoint: `python -m tools.train_dpo --config recipe.yaml [--key value ...]`,
-and `generate_dpo_recipe`, the tool that writes such a recipe.
+"""The preference / RL training entrypoint: `python -m tools.train_dpo --config recipe.yaml
+[--key value ...]` for DPO, KTO, ORPO and GRPO recipes, and `generate_dpo_recipe`, the tool that
+writes them (trainer: dpo | kto | orpo | grpo; tools.preference_methods holds each method's TRL
+classes and defaults).
 
 Also runs under `accelerate launch [--config_file F] -m tools.train_dpo --config recipe.yaml`.
-The recipe is the flat YAML `trl dpo --config` reads (TrlParser over ScriptArguments, DPOConfig,
-ModelConfig, DatasetMixtureConfig) plus two keys of ours, removed before TRL parses it:
-`trainer: dpo` (what tells launch_training and validate_recipe it is a DPO recipe) and
-`chat_template_path` (SFTConfig has it, DPOConfig does not: the template the SFT run used).
+The recipe is the flat YAML `trl dpo|kto|grpo --config` reads (TrlParser over ScriptArguments,
+the method's config (DPOConfig, KTOConfig, ORPOConfig, GRPOConfig), ModelConfig,
+DatasetMixtureConfig) plus keys of ours, removed before TRL parses it: `trainer:` (what tells
+launch_training and validate_recipe which method runs), `chat_template_path` (SFTConfig has it,
+the preference configs do not: the template the SFT run used) and, for GRPO, `rewards:` (the
+reward functions with their parameters, tools.rewards; TRL's CLI names functions only).
 
 Why not `trl dpo` itself: it writes no metrics.jsonl/progress.json/summary.json (training_status
 reads them), has no SIGTERM stop with a checkpoint, cannot start from an SFT adapter directory
@@ -43,22 +47,27 @@ from pydantic import BaseModel, Field
 from .errors import UserError
 from .workspace import get_workspace, write_json_atomic
 
-EXTRA_KEYS = ("trainer", "chat_template_path")  # recipe keys only this entrypoint reads
-TRAINER = "dpo"
+EXTRA_KEYS = ("trainer", "chat_template_path", "rewards")  # recipe keys only this entrypoint reads
+TRAINER = "dpo"  # the default trainer of a recipe without `trainer:`
 HELDOUT_MAX_PAIRS = 200  # held-out pairs scored one by one before and after training
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def is_dpo_recipe(cfg: dict) -> bool:
-    """The rule launch_training and validate_recipe use: `trainer: dpo`."""
-    return str(cfg.get("trainer", "")).lower() == TRAINER
+    """The rule launch_training and validate_recipe use: a recipe this entrypoint runs, i.e.
+    `trainer:` dpo, kto, orpo or grpo (the name is older than the other methods)."""
+    from .preference_methods import is_preference_recipe
+    return is_preference_recipe(cfg)
 
 
 def parse_dpo_recipe(config: str, overrides: list[str] | None = None):
-    """Parse a DPO recipe (plus `--key value` overrides) as `trl dpo --config` does, after
-    removing our keys. Returns (script_args, dpo_config, model_args, dataset_args, extras, raw)."""
+    """Parse a preference recipe (plus `--key value` overrides) as `trl <method> --config` does,
+    after removing our keys; GRPO's rewards are checked (a user's file by ast, never run).
+    Returns (script_args, method_config, model_args, dataset_args, extras, raw)."""
     import yaml
-    from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from .preference_methods import method_of
 
     raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
@@ -67,18 +76,31 @@ def parse_dpo_recipe(config: str, overrides: list[str] | None = None):
         raise ValueError("spectrum_config_path: Spectrum is an SFT option of tools.train; a DPO recipe "
                          "trains LoRA (use_peft) or the full model.")
     extras = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
-    if extras.get("trainer", TRAINER) != TRAINER:
-        raise ValueError(f"trainer: '{extras['trainer']}' - tools.train_dpo runs `trainer: dpo` recipes only.")
+    extras.setdefault("trainer", TRAINER)
+    method = method_of(extras)
+    _check_rewards(method.name, extras, raw)
+    config_cls, _ = method.load()
     fd, tmp = tempfile.mkstemp(prefix=".recipe.", suffix=".yaml", dir=Path(config).resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(raw, fh, sort_keys=False)
-        parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig))
+        parser = TrlParser((ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig))
         parsed = parser.parse_args_and_config(args=["--config", tmp, *(overrides or [])])
     finally:
         os.unlink(tmp)
     raw.update(extras)
     return (*parsed, extras, raw)
+
+
+def _check_rewards(trainer: str, extras: dict, raw: dict) -> None:
+    from .rewards import check_specs
+    if "reward_funcs" in raw or "reward_model_name_or_path" in raw:
+        raise ValueError("reward_funcs / reward_model_name_or_path: list the rewards under `rewards:` "
+                         "(e.g. [{name: answer}, {file: rewards/mine.py, function: score}]).")
+    if trainer == "grpo":
+        check_specs(extras.get("rewards"))
+    elif "rewards" in extras:
+        raise ValueError(f"rewards: only GRPO recipes take rewards (this one is trainer: {trainer}).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,16 +130,30 @@ def adapter_base(path: str) -> Optional[str]:
     return base
 
 
-def _start(model_args, training_args) -> _Start:
+def _reference(trainer: str, training_args, peft: bool, sft_adapter: bool) -> str:
+    """What the method compares the policy with (each trainer's rule in TRL 1.16)."""
+    if trainer == "orpo":
+        return "none: ORPO needs no reference model"
+    if trainer == "grpo" and not training_args.beta:
+        return "none: beta 0 (no KL term), no reference model is loaded"
+    if sft_adapter:
+        if trainer == "grpo":
+            return "the base model with the adapter disabled (GRPO's KL is to the base, not the SFT adapter)"
+        return ("the SFT adapter as it starts (TRL keeps a frozen copy, the 'ref' adapter; no second model)")
+    if peft:
+        return "the model with the adapter disabled (no second copy)"
+    if getattr(training_args, "precompute_ref_log_probs", False):
+        return "log-probs precomputed once before training"
+    return "a second, frozen copy of the model"
+
+
+def _start(model_args, training_args, trainer: str = TRAINER) -> _Start:
     from trl import get_peft_config, get_quantization_config
     path = model_args.model_name_or_path
     base = adapter_base(path)
     if base is None:
         peft = get_peft_config(model_args)
-        ref = ("the model with the adapter disabled (no second copy)" if peft is not None else
-               "log-probs precomputed once before training" if training_args.precompute_ref_log_probs else
-               "a second, frozen copy of the model")
-        return _Start(path, peft, path, path, ref)
+        return _Start(path, peft, path, path, _reference(trainer, training_args, peft is not None, False))
     from peft import PeftModel
     from trl.trainer.utils import create_model_from_path
     kwargs = dict(training_args.model_init_kwargs or {})
@@ -128,8 +164,8 @@ def _start(model_args, training_args) -> _Start:
     tok_dir = path if any((Path(path) / n).is_file() for n in TOKENIZER_FILES) else base
     notes = ["lora_* recipe keys are ignored: the SFT adapter's own LoRA configuration is trained further."] \
         if model_args.use_peft else []
-    return _Start(model, None, tok_dir, base, "the SFT adapter as it starts (TRL keeps a frozen copy, "
-                  "the 'ref' adapter; no second model)", sft_adapter=path, notes=notes)
+    return _Start(model, None, tok_dir, base, _reference(trainer, training_args, True, True), sft_adapter=path,
+                  notes=notes)
 
 
 def _tokenizer(start: _Start, extras: dict):
@@ -190,12 +226,26 @@ def preference_accuracy(trainer, limit: int = HELDOUT_MAX_PAIRS) -> Optional[dic
             "policy_prefers_chosen": round(score(own), 4)}
 
 
-def _trainer(start: _Start, tok, training_args, model_args, train, test, callbacks):
-    from trl import DPOTrainer, get_quantization_config
+def _trainer(start: _Start, tok, training_args, model_args, train, test, callbacks, extras: dict):
+    """The method's TRL trainer (tools.preference_methods.METHODS names the class)."""
+    from trl import get_quantization_config
+
+    from .preference_methods import method_of
+    method = method_of(extras)
+    _, trainer_cls = method.load()
     quant = get_quantization_config(model_args) if isinstance(start.model, str) else None
-    return DPOTrainer(model=start.model, args=training_args, train_dataset=train, eval_dataset=test,
-                      processing_class=tok, peft_config=start.peft_config, quantization_config=quant,
-                      callbacks=callbacks)
+    kw = dict(model=start.model, args=training_args, train_dataset=train, eval_dataset=test, processing_class=tok,
+              peft_config=start.peft_config, callbacks=callbacks)
+    if method.name == "orpo":  # ORPOTrainer loads a model id itself, quantization through model_init_kwargs
+        if quant is not None:
+            training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "quantization_config": quant}
+        if training_args.use_cpu or not __import__("torch").cuda.is_available():
+            training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "device_map": None}
+        return trainer_cls(**kw)
+    if method.name == "grpo":
+        from .rewards import load_rewards
+        kw["reward_funcs"] = load_rewards(extras["rewards"])
+    return trainer_cls(**kw, quantization_config=quant)
 
 
 def _last(logs: list[dict], key: str):
@@ -233,10 +283,10 @@ def _begin(run: _Run):
     if run.rank0:
         run.output_dir.mkdir(parents=True, exist_ok=True)
     run.summary = {
-        "status": "running", "trainer": TRAINER, "method": method, "load_in_4bit": bool(model_args.load_in_4bit),
+        "status": "running", "trainer": extras["trainer"], "method": method, "load_in_4bit": bool(model_args.load_in_4bit),
         "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
         "output_dir": str(run.output_dir), "chat_template": extras.get("chat_template_path") or
-        "the model's own tokenizer template", "beta": training_args.beta, "loss_type": training_args.loss_type,
+        "the model's own tokenizer template", "beta": training_args.beta, "loss_type": getattr(training_args, "loss_type", None),
         "learning_rate": training_args.learning_rate, "started": time.time()}
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not (model_args.use_peft or is_adapter):
         raise ValueError("load_in_4bit/load_in_8bit needs use_peft: true (a quantized model trains through "
@@ -257,7 +307,7 @@ def _prepare(run: _Run, script_args, training_args, model_args, dataset_args, ex
                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     init.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = init
-    start = _start(model_args, training_args)
+    start = _start(model_args, training_args, extras["trainer"])
     tok = _tokenizer(start, extras)
     train, test = _splits(script_args, dataset_args, training_args)
     resume = training_args.resume_from_checkpoint
@@ -270,7 +320,7 @@ def _prepare(run: _Run, script_args, training_args, model_args, dataset_args, ex
     files = _make_callback(run.output_dir)
     if not isinstance(start.model, str):
         training_args.model_init_kwargs = None  # the SFT-adapter start is loaded: TRL warns on unused kwargs
-    trainer = _trainer(start, tok, training_args, model_args, train, test, [files])
+    trainer = _trainer(start, tok, training_args, model_args, train, test, [files], extras)
     return trainer, files, resume
 
 
@@ -292,11 +342,13 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
     """After trainer.train: save the policy, the held-out accuracy after, summary.json."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .preference_status import method_metrics
     from .train import _STOP, _peak_memory_gib
     state = trainer.state
     stopped = files.stopped_at is not None and state.global_step < state.max_steps
     last_ckpt = get_last_checkpoint(str(run.output_dir)) if run.output_dir.is_dir() else None
-    after = None if stopped else preference_accuracy(trainer)
+    dpo = run.summary["trainer"] == "dpo"  # the held-out accuracy reads DPOTrainer's own metrics
+    after = None if stopped or not dpo else preference_accuracy(trainer)
     if not stopped:
         _save_policy(trainer, run.output_dir)
     metrics, logs = dict(result.metrics or {}), state.log_history
@@ -309,6 +361,7 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
         final_loss=_last(logs, "loss"), reward_margin=_last(logs, "rewards/margins"),
         reward_accuracy=_last(logs, "rewards/accuracies"),
         eval_reward_accuracy=_last(logs, "eval_rewards/accuracies"),
+        method_metrics=method_metrics(run.summary["trainer"], logs),
         preference_eval={"before": before, "after": after} if before or after else None,
         peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
         adapter_path=str(run.output_dir) if (peft and not stopped) else None,
@@ -329,7 +382,7 @@ def train_dpo(config: str, overrides: list[str] | None = None) -> dict[str, Any]
         trainer, files, resume = _prepare(run, *parsed)
         _count_params(run, trainer, run.summary["method"])
         # Before any step the policy is the reference: measured only on a fresh start.
-        before = preference_accuracy(trainer) if resume is None else None
+        before = preference_accuracy(trainer) if resume is None and run.summary["trainer"] == "dpo" else None
         result = trainer.train(resume_from_checkpoint=resume)
         summary = _finish(run, trainer, files, result, before, parsed[2])
         import transformers
@@ -368,160 +421,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# --------------------------------------------------------------------------------------------
-# generate_dpo_recipe
-# --------------------------------------------------------------------------------------------
-# Sources: DPO paper (Rafailov et al. 2023) beta 0.1; TRL 1.16 DPOConfig defaults (beta 0.1,
-# loss sigmoid, max_length 1024, lr 1e-6) and trl/scripts/dpo.py's examples (full 5e-7, LoRA 5e-6);
-# alignment-handbook Zephyr DPO (5e-7, cosine, warm-up 0.1, 1 epoch). DPO's rate is 10-20x below
-# SFT's: the loss is steep (log-sigmoid of a sum over the reply's tokens) and overshooting the
-# reference collapses the chosen log-probs too (both rewards go negative).
-COMMON = {"trainer": TRAINER, "beta": 0.1, "loss_type": ["sigmoid"], "max_length": 1024,
-          "num_train_epochs": 1, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
-          "per_device_train_batch_size": 2, "gradient_accumulation_steps": 8, "gradient_checkpointing": True,
-          "bf16": True, "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
-          "save_total_limit": 2, "report_to": "none", "seed": 42}
-PER_METHOD = {
-    "full": {"learning_rate": 5e-7},
-    "lora": {"learning_rate": 5e-6, "use_peft": True, "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.05,
-             "lora_target_modules": "all-linear"},
-    "qlora": {"learning_rate": 5e-6, "use_peft": True, "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.05,
-              "lora_target_modules": "all-linear", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-              "use_bnb_nested_quant": True, "dtype": "bfloat16"},
-}
-WHY = {
-    "beta": "0.1: the DPO paper's and TRL's default; higher keeps the policy closer to the reference.",
-    "learning_rate": "full 5e-7 / LoRA 5e-6 (TRL's dpo.py examples, the alignment handbook): about 10x "
-                     "below SFT; raise LoRA toward 5e-5 if rewards/margins stay flat.",
-    "num_train_epochs": "1 (1-3): preference data overfits fast; watch eval rewards/accuracies.",
-    "max_length": "TRL's 1024, prompt + reply (keep_start): verify_preference says how many pairs it cuts.",
-    "lr_scheduler_type": "cosine with 10% warm-up, as the alignment handbook's DPO recipes.",
-    "per_device_train_batch_size": "2 x 8 accumulation = 16 pairs a step (TRL's dpo.py example).",
-}
-
-
-class DpoRecipe(BaseModel):
-    """A DPO recipe written to the workspace, with where it starts and why each default."""
-    recipe_path: str
-    recipe: dict[str, Any]
-    method: Literal["full", "lora", "qlora"]
-    starts_from: Literal["model", "sft_adapter"]
-    reference: str
-    why: dict[str, str]
-    notes: list[str]
-    next_steps: list[str]
-
-
-def _dpo_cfg(model: str, dataset: str, output_dir: str, method: str, adapter: bool, has_test: bool,
-             chat_template: Optional[str], max_length: int, cpu: bool) -> tuple[dict, list[str]]:
-    cfg: dict[str, Any] = {"trainer": TRAINER, "model_name_or_path": model, "dataset_name": dataset,
-                           "output_dir": output_dir}
-    cfg.update({k: v for k, v in COMMON.items() if k != "trainer"})
-    cfg.update(PER_METHOD[method])
-    cfg["max_length"] = max_length
-    notes = []
-    if adapter:  # the adapter's LoRA settings apply; lora_* would be ignored
-        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
-            cfg.pop(k, None)
-        notes.append("Starts from the SFT adapter: it is trained further, and the reference is a frozen copy "
-                     "of it (TRL's 'ref' adapter). The output is an adapter for the same base model.")
-    if has_test:
-        cfg.update(eval_strategy="steps", eval_steps=0.25,
-                   per_device_eval_batch_size=cfg["per_device_train_batch_size"])
-    else:
-        notes.append("No test split: the run reports no held-out preference accuracy (convert_preference "
-                     "test_size=0.05 makes one).")
-    if chat_template:
-        cfg["chat_template_path"] = chat_template
-    if cpu:
-        cfg.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
-    return cfg, notes
-
-
-def generate_dpo_recipe(
-    model: Annotated[str, Field(description="where DPO starts: an SFT model (merged), an SFT adapter "
-                                            "directory, or a base/Instruct model (workspace path or hub id).")],
-    dataset: Annotated[str, Field(description="convert_preference's output directory (workspace).")],
-    output_path: Annotated[str, Field(description="the recipe YAML to write (workspace).")],
-    output_dir: Annotated[str, Field(description="the run's output directory (workspace).")],
-    method: Annotated[Literal["lora", "qlora", "full"], Field(
-        description="lora (reference = adapter disabled), qlora (4-bit base, GPU), or full (a second, "
-                    "frozen copy is the reference).")] = "lora",
-    chat_template: Annotated[Optional[str], Field(description="the .jinja the SFT run used "
-                                                              "(chat_template_path).")] = None,
-    max_length: Annotated[int, Field(ge=16, description="prompt + reply tokens (DPOConfig.max_length).")] = 1024,
-    cpu: Annotated[bool, Field(description="a CPU run (use_cpu, no bf16, no checkpointing): tiny models "
-                                           "only.")] = False,
-    overrides: Annotated[Optional[dict[str, Any]], Field(
-        description="DPOConfig/ModelConfig keys to set (null removes one), e.g. {'beta': 0.05}.")] = None,
-    overwrite: Annotated[bool, Field(description="replace an existing output_path.")] = False,
-) -> DpoRecipe:
-    """Write a DPO recipe (the YAML `trl dpo --config` reads, plus `trainer: dpo` and
-    chat_template_path) with literature defaults: beta 0.1, sigmoid loss, learning rate 5e-7
-    full / 5e-6 LoRA, cosine with 10% warm-up, 1 epoch, 16 pairs a step, max_length 1024. The
-    recipe is parsed with TRL's own parser before it is written. Run it with launch_training
-    (it runs `python -m tools.train_dpo --config <recipe>`), after verify_preference."""
-    ws = get_workspace()
-    target = ws.resolve(output_path, field="output_path")
-    if target.exists() and not overwrite:
-        raise UserError(f"'{output_path}' exists.", field="output_path",
-                        fix="Choose another path or overwrite=true.")
-    d_path = ws.resolve(dataset, field="dataset", must_exist=True, kind="dir")
-    m_path = ws.resolve(model, field="model")
-    adapter = (m_path / "adapter_config.json").is_file()
-    if adapter and method == "full":
-        raise UserError("is an SFT adapter; a full DPO run needs a whole model.", field="method",
-                        fix="Merge it first (merge_adapter) and pass the merged directory, or use method lora.")
-    if cpu and method == "qlora":
-        raise UserError("qlora needs a CUDA GPU (bitsandbytes 4-bit).", field="method", fix="Use lora on CPU.")
-    cfg, notes = _dpo_cfg(ws.rel(m_path) if m_path.exists() else model, ws.rel(d_path),
-                          ws.rel(ws.resolve(output_dir, field="output_dir")), method, adapter,
-                          (d_path / "test.jsonl").is_file(), chat_template, max_length, cpu)
-    for k, v in (overrides or {}).items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    text = _checked_yaml(cfg)
-    ws.write_text(output_path, text, field="output_path")
-    ref = ("a frozen copy of the SFT adapter ('ref' adapter)" if adapter else
-           "the model with the adapter disabled" if cfg.get("use_peft") else "a second, frozen copy of the model")
-    return DpoRecipe(recipe_path=ws.rel(target), recipe=cfg, method=method,
-                     starts_from="sft_adapter" if adapter else "model", reference=ref, why=WHY, notes=notes,
-                     next_steps=[f"verify_preference(recipe='{ws.rel(target)}') before launching.",
-                                 f"launch_training(recipe='{ws.rel(target)}'), then training_status: watch "
-                                 "rewards/margins grow and rewards/accuracies approach 1 on eval."])
-
-
-def _checked_yaml(cfg: dict) -> str:
-    """The recipe as YAML, parsed first by TRL's parser (unknown keys and bad values refused)."""
-    import yaml
-
-    from .workspace import TMP_DIR
-    import contextlib
-    import io
-
-    import torch
-    err = io.StringIO()
-    text = yaml.safe_dump(cfg, sort_keys=False)
-    parse_cfg = dict(cfg)
-    if not torch.cuda.is_available() and not cfg.get("use_cpu"):
-        # TrainingArguments checks bf16 against this machine; the recipe is for the GPU it will run on.
-        parse_cfg.update(bf16=False, tf32=None)
-    fd, tmp = tempfile.mkstemp(prefix="dpo-recipe-", suffix=".yaml", dir=get_workspace().owned_dir(TMP_DIR))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(parse_cfg, fh, sort_keys=False)
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            parse_dpo_recipe(tmp)
-    except (ValueError, TypeError, SystemExit) as exc:  # argparse prints usage and exits on a bad value
-        said = [x for x in err.getvalue().splitlines() if x.strip()]
-        why = said[-1].split("error: ", 1)[-1] if isinstance(exc, SystemExit) and said else str(exc)
-        raise UserError(f"TRL refuses the recipe: {why[:600]}", field="overrides",
-                        fix="Use DPOConfig / ModelConfig / ScriptArguments keys (e.g. beta, loss_type, "
-                            "learning_rate, max_length, lora_r).") from exc
-    finally:
-        os.unlink(tmp)
-    return text
