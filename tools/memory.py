@@ -1,8 +1,9 @@
 """Per-GPU peak training memory of TRL SFT, from the architecture (formulas: references/memory.md).
 
-The model counts what PyTorch's caching allocator holds (torch.cuda.max_memory_allocated) at
-each phase of a training step and takes the largest, then adds the CUDA context and allocator
-slack for the total a GPU must have. Activation bytes come from what autograd saves per token
+The model counts what PyTorch's caching allocator holds (torch.cuda.max_memory_allocated) while
+the model loads (before ZeRO/FSDP shard it) and at each phase of a training step, and takes the
+largest; what the allocator reserves beyond that (torch.cuda.max_memory_reserved) plus the CUDA
+context is the total a GPU must have, and "fits" is decided on it. Activation bytes come from what autograd saves per token
 per decoder layer (frozen linears save nothing for their input; LoRA dropout saves a mask and
 its output), with TRL 1.16's fused LM head, which never materialises the logits.
 """
@@ -20,6 +21,11 @@ from .models import ModelFacts, get_model_facts
 GIB = 2 ** 30
 FITS_FRACTION = 0.9  # a plan fits when its total stays within 90% of the GPU's memory
 CONTEXT_GIB = 0.5     # CUDA context + cuBLAS/cuDNN handles, outside torch's allocator
+LOAD_PHASE = "load (from_pretrained, before sharding)"
+# Extra generations of the step's T x T attention-mask blocks that the caching allocator keeps
+# reserved (see _slack): fitted on the 3 measured runs of 16k tokens per micro-batch (gaps of
+# 3.5-19.6 GiB), where the mask is the largest block; a mechanism hypothesis, not a derivation.
+MASK_CHURN = 2
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile shape
 
 
@@ -92,7 +98,10 @@ class MemoryEstimate(BaseModel):
     peak_phase: str = Field(description="the step phase where memory peaks.")
     phases_gib: dict[str, float] = Field(description="allocated memory at each phase considered.")
     peak_allocated_gib: float = Field(description="what torch.cuda.max_memory_allocated() reports.")
-    total_gib: float = Field(description="peak allocated + CUDA context + allocator slack: what the GPU must hold.")
+    peak_reserved_gib: float = Field(description="what torch.cuda.max_memory_reserved() reports: peak "
+                                                 "allocated + the caching allocator's slack.")
+    total_gib: float = Field(description="peak reserved + CUDA context: what the GPU must hold ('fits' "
+                                         "is decided on it).")
     gpu: Optional[str] = None
     gpu_memory_gib: Optional[float] = None
     fits: Optional[bool] = Field(None, description=f"total_gib <= {FITS_FRACTION:.0%} of gpu_memory_gib; "
@@ -228,6 +237,7 @@ class _State:
     grads: float
     states: float
     ta: int                      # bytes of a trainable weight (and of its grad, Adam states)
+    upcast: float = 0.0          # FSDP2: trainable 16-bit parameters upcast to fp32 (the extra bytes)
     gathered: float = 0.0        # ZeRO-3/FSDP: layers gathered for compute
     ddp_buckets: float = 0.0
     foreach_tmp: float = 0.0
@@ -316,16 +326,32 @@ def _whole_model_state(e: _Est, p: _Params) -> _State:
         weights += p.trainable * (4 - a)
         e.assumptions.append("fp32 master weights: the trainable weights (and their gradients and Adam "
                              "states) are fp32; frozen ones stay 16-bit; matmuls run in bf16 (autocast).")
-    grads = extra_w if e.lora else p.trainable * ta
+    upcast = _fsdp_upcast(e, p)
+    if upcast:
+        ta = 4
+    grads = extra_w + upcast if e.lora else p.trainable * ta
     ob = _OPT_BYTES[s["optimizer"]]
     if s["sharding"] in ("zero2", "zero3") and ob is None:
         states = p.trainable * 12.0   # fp32 master weights + fp32 Adam moments (DeepSpeed bf16)
         e.assumptions.append("DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes/param).")
     elif ob is None:
-        states = 2 * extra_w if e.lora else 2 * p.trainable * ta
+        states = 2 * (extra_w + upcast) if e.lora else 2 * p.trainable * ta
     else:
         states = p.trainable * ob
-    return _State(weights=weights, extra_w=extra_w, grads=grads, states=states, ta=ta)
+    return _State(weights=weights, extra_w=extra_w, grads=grads, states=states, ta=ta, upcast=upcast)
+
+
+def _fsdp_upcast(e: _Est, p: _Params) -> float:
+    """FSDP2 (accelerate's fsdp2_prepare_model, mixed precision on) casts every trainable 16-bit
+    parameter to fp32 before sharding, so its gradient and Adam states are fp32 too; the compute
+    copy is gathered in bf16 (MixedPrecisionPolicy). Not with bitsandbytes 4-bit weights present
+    (QLoRA): accelerate skips the upcast then. LoRA adapters are fp32 already; modules_to_save
+    copies are not."""
+    if e.s["sharding"] != "fsdp" or e.s["method"] == "qlora" or e.a != 2:
+        return 0.0
+    e.assumptions.append("FSDP2: trainable parameters upcast to fp32 before sharding (accelerate, mixed "
+                         "precision), with fp32 gradients and Adam states; bf16 compute copies gathered.")
+    return (p.save if e.lora else p.trainable) * (4 - e.a)
 
 
 def _shard(e: _Est, p: _Params, st: _State) -> _State:
@@ -336,10 +362,10 @@ def _shard(e: _Est, p: _Params, st: _State) -> _State:
         layer_bytes = (st.weights - (p.emb + p.other) * a) / f.num_layers
         # the layer being computed plus the prefetched next one, and the full head for the loss
         st.gathered = 2 * layer_bytes + f.vocab_size * f.hidden_size * a
-        st.weights, st.extra_w = st.weights / N, st.extra_w / N
+        st.weights, st.extra_w, st.upcast = st.weights / N, st.extra_w / N, st.upcast / N
         st.grads, st.states = st.grads / N, st.states / N
         if s["cpu_offload"]:  # ZeRO-3 offload_param/offload_optimizer; FSDP CPUOffload(offload_params)
-            st.weights, st.states, st.grads = 0.0, 0.0, 0.0
+            st.weights, st.states, st.grads, st.upcast = 0.0, 0.0, 0.0, 0.0
             e.notes.append("CPU offload: optimizer states (and parameters) live in CPU RAM; "
                            "needs roughly the model's full training state in RAM, and is slower.")
     elif sharding == "zero2":
@@ -421,6 +447,8 @@ def _phases(e: _Est, st: _State, ac: _Acts) -> dict[str, dict[str, float]]:
     gc = e.s["gradient_checkpointing"]
     persistent = {"weights": st.weights, "trainable_copies": st.extra_w,
                   "optimizer_states": st.states, "gathered_shards": 0.0}
+    if st.upcast:
+        persistent["fsdp_fp32_upcast"] = st.upcast
     top_acts = (ac.act_all + ac.layer_live) if gc else (ac.act_all + ac.trans_T + ac.dequant)
     return {
         "loss backward (start of backward)": {
@@ -438,17 +466,35 @@ def _phases(e: _Est, st: _State, ac: _Acts) -> dict[str, dict[str, float]]:
     }
 
 
+def _slack(e: _Est, phase: str, allocated: float) -> float:
+    """What the caching allocator reserves beyond what is allocated (references/memory.md, 6): a
+    base (rounding, small-block segments, fragmentation: 0.25 GiB + 5%, from the measured
+    reserved-minus-allocated gap of 0.23-0.96 GiB on runs of up to 4096 tokens), plus, in training
+    phases, the T x T attention-mask blocks live at the peak counted twice more: their size follows
+    each step's packed token count, so a larger one cannot reuse the freed smaller block and new
+    segments are cut (measured: 17-20 GiB more reserved than allocated at 16k tokens unchecked)."""
+    slack = 0.05 * allocated + 0.25 * GIB
+    if phase != LOAD_PHASE:
+        _, mask = _attention_bytes(e)
+        layers = 1 if e.s["gradient_checkpointing"] else e.f.num_layers
+        slack += MASK_CHURN * layers * mask * e.T
+    return slack
+
+
 def _result(e: _Est, p: _Params, phases: dict[str, dict[str, float]]) -> MemoryEstimate:
-    """Peak phase, total with context and allocator slack, and whether it fits the GPU."""
+    """Peak phase, reserved memory, total with the CUDA context, and whether it fits the GPU
+    (decided on the reserved total: what the allocator takes from the GPU)."""
     s, spec, vram = e.s, e.spec, e.vram
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     peak = totals[peak_phase]
-    slack = 0.05 * peak + 0.25 * GIB
-    breakdown = {k: round(v / GIB, 3) for k, v in phases[peak_phase].items()}
+    reserved_by = {k: v + _slack(e, k, v) for k, v in totals.items()}
+    reserved_phase = max(reserved_by, key=reserved_by.get)
+    reserved = max(reserved_by.values())
+    breakdown = {k: round(v / GIB, 3) for k, v in phases[reserved_phase].items()}
     breakdown["cuda_context"] = CONTEXT_GIB
-    breakdown["allocator_slack"] = round(slack / GIB, 3)
-    total = peak / GIB + CONTEXT_GIB + slack / GIB
+    breakdown["allocator_slack"] = round((reserved - totals[reserved_phase]) / GIB, 3)
+    total = reserved / GIB + CONTEXT_GIB
     if s["packing"]:
         e.assumptions.append("Packing: TRL bfd packs micro_batch rows of seq_len into one padding-free row.")
     if not s["gradient_checkpointing"]:
@@ -463,11 +509,30 @@ def _result(e: _Est, p: _Params, phases: dict[str, dict[str, float]]) -> MemoryE
         head = round(FITS_FRACTION * vram - total, 2)
     return MemoryEstimate(
         model=e.f.name, method=s["method"], total_params=e.f.total_params, trainable_params=int(p.trainable),
-        breakdown_gib=breakdown, peak_phase=peak_phase,
+        breakdown_gib=breakdown, peak_phase=reserved_phase,
         phases_gib={k: round(v / GIB, 3) for k, v in totals.items()},
-        peak_allocated_gib=round(peak / GIB, 3), total_gib=round(total, 3),
+        peak_allocated_gib=round(peak / GIB, 3), peak_reserved_gib=round(reserved / GIB, 3),
+        total_gib=round(total, 3),
         gpu=spec.name if spec else None, gpu_memory_gib=vram, fits=fits, fits_threshold_gib=thr,
         headroom_gib=head, assumptions=e.assumptions, notes=e.notes)
+
+
+def _load(e: _Est, p: _Params, whole: _State) -> dict[str, float]:
+    """Bytes on one GPU while the model loads, before ZeRO/FSDP shard it. bitsandbytes quantizes on
+    the GPU: transformers puts the whole 4-bit model on every rank (device_map = this rank's GPU;
+    FSDP's rank-0-only loading and ZeRO-3's zero.Init skip quantized models), one 16-bit weight at a
+    time being quantized, and PEFT adds the adapters there before sharding. Other models load
+    sharded (ZeRO-3 zero.Init; FSDP2 cpu_ram_efficient_loading: rank 0 reads on CPU and broadcasts
+    one parameter at a time) or whole where they also train whole (single GPU, DDP, ZeRO-2)."""
+    f, s, a = e.f, e.s, e.a
+    if s["method"] == "qlora":
+        return {"weights": whole.weights, "trainable_copies": whole.extra_w,
+                "load_transient": f.intermediate_size * f.hidden_size * a}
+    if s["sharding"] in ("zero3", "fsdp"):
+        shard = 0.0 if s["cpu_offload"] else (whole.weights + whole.upcast) / s["num_gpus"]
+        biggest = f.vocab_size * f.hidden_size * (4 if whole.upcast else a)  # the embedding in flight
+        return {"weights": shard, "load_transient": biggest}
+    return {"weights": whole.weights - p.trainable * (whole.ta - a) if whole.ta > a else whole.weights}
 
 
 def _estimate(f: ModelFacts, **settings) -> MemoryEstimate:
@@ -476,8 +541,19 @@ def _estimate(f: ModelFacts, **settings) -> MemoryEstimate:
     settings.setdefault("fp32_master_weights", None)
     e = _start(f, settings)
     p = _params(e)
-    st = _shard(e, p, _whole_model_state(e, p))
-    return _result(e, p, _phases(e, st, _activations(e, p, st)))
+    whole = _whole_model_state(e, p)
+    load = _load(e, p, whole)           # before _shard divides the state over the GPUs
+    st = _shard(e, p, whole)
+    phases = {LOAD_PHASE: load, **_phases(e, st, _activations(e, p, st))}
+    if settings["sharding"] != "none" and max(phases, key=lambda k: sum(phases[k].values())) == LOAD_PHASE:
+        e.notes.append(_load_note(e, sum(load.values())))
+    return _result(e, p, phases)
+
+
+def _load_note(e: _Est, load: float) -> str:
+    return (f"Load-time peak: {load / GIB:.1f} GiB per GPU while from_pretrained runs, before "
+            f"{e.s['sharding'].upper()} shards the model: bitsandbytes loads the whole 4-bit model on every "
+            "GPU. Sharding and CPU offload do not lower it; only GPUs that hold it do.")
 
 
 def estimate_for(facts: ModelFacts, **kw) -> MemoryEstimate:

@@ -17,7 +17,7 @@ from typing import Annotated, Literal, NamedTuple, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
-from .memory import FITS_FRACTION, GIB, GPUSpec, MemoryEstimate, estimate_for, find_gpu, require_gpu
+from .memory import FITS_FRACTION, GIB, LOAD_PHASE, GPUSpec, MemoryEstimate, estimate_for, find_gpu, require_gpu
 from .models import ModelFacts, catalog_facts, catalog_lookup, get_model_facts, smaller_siblings
 
 H100_TFLOPS = 989.0
@@ -431,6 +431,8 @@ class _Search:
     chosen: Optional[_Pick] = None
     alternatives: list[Candidate] = field(default_factory=list)
     too_slow: list[tuple[float, str]] = field(default_factory=list)  # (hours, method) that fit
+    # (total GiB per GPU while loading, method, sharding) of layouts that cannot even load
+    cannot_load: list[tuple[float, str, str]] = field(default_factory=list)
 
 
 def _layouts(method: str, num_gpus: int):
@@ -479,11 +481,15 @@ def _layout_pick(f, hw: _Hardware, ask: _Ask, method, sh, off, opt, target: Sche
     best = _fastest(f, hw, ask, method, sh, off, opt, mbs)
     if best is None:
         small = _estimate(f, hw, ask, method, sh, off, opt, ask.micro_batch or 1, True)
+        when = f"at micro-batch {ask.micro_batch or 1} with checkpointing"
+        if small.peak_phase == LOAD_PHASE:
+            res.cannot_load.append((small.total_gib, method, sh))
+            when = "while the model loads (before sharding: no micro-batch or offload lowers it)"
         res.alternatives.append(Candidate(
             method=method, sharding=sh, cpu_offload=off, optimizer=opt, micro_batch=ask.micro_batch or 1,
             gradient_checkpointing=True, total_gib=small.total_gib, fits=False,
-            why_not=f"needs {small.total_gib:.1f} GiB per GPU at micro-batch {ask.micro_batch or 1} with "
-                    f"checkpointing; limit {FITS_FRACTION:.0%} of {hw.vram:.1f} = {FITS_FRACTION * hw.vram:.1f} GiB"))
+            why_not=f"needs {small.total_gib:.1f} GiB per GPU {when}; limit {FITS_FRACTION:.0%} of "
+                    f"{hw.vram:.1f} = {FITS_FRACTION * hw.vram:.1f} GiB"))
         return None
     tps, mb, gc, est = best
     sched = schedule_for(target, ask.data, ask.seq_len, True, mb, hw.num_gpus)
@@ -642,8 +648,15 @@ def _refuse(f: ModelFacts, hw: _Hardware, ask: _Ask, res: _Search) -> None:
                         f"the fastest, {fastest}, is estimated {hours:.1f} h.", field="max_hours",
                         fix="Raise max_hours, train on fewer tokens (dataset_tokens / epochs), or use "
                             "more or faster GPUs.")
-    raise UserError(f"no method fits {f.name} on {hw.device} ({hw.vram:.1f} GiB per GPU) with seq_len {ask.seq_len}.",
-                    field="model", fix="Use a smaller model, shorter seq_len, more or larger GPUs.")
+    why, fix = "", "Use a smaller model, shorter seq_len, more or larger GPUs."
+    if res.cannot_load:
+        need, method, sh = min(res.cannot_load)
+        why = (f" {method} with {sh.upper()} cannot even load: {need:.1f} GiB per GPU while from_pretrained runs, "
+               "because bitsandbytes puts the whole 4-bit model on every GPU before the model is sharded.")
+        fix = (f"Use GPUs with at least {need / FITS_FRACTION:.0f} GiB each (more GPUs of this size do not "
+               "lower the load-time peak), or a smaller model.")
+    raise UserError(f"no method fits {f.name} on {hw.device} ({hw.vram:.1f} GiB per GPU) with seq_len "
+                    f"{ask.seq_len}.{why}", field="model", fix=fix)
 
 
 def _reasons(p: _Pick, hw: _Hardware, ask: _Ask, order: list[str]) -> list[str]:
