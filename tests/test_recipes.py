@@ -343,7 +343,7 @@ SHARDING = {"deepspeed_zero2": "zero2", "deepspeed_zero3": "zero3", "deepspeed_z
 @pytest.mark.parametrize("path", ACCEL, ids=lambda p: p.name)
 def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
-    from tools.recipe_migrate import read_accelerate_config
+    from tools.accelerate_config import read_accelerate_config
     raw = yaml.safe_load(path.read_text())
     for key in ("compute_environment", "distributed_type", "mixed_precision", "num_processes", "num_machines",
                 "machine_rank", "use_cpu"):

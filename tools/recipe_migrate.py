@@ -1,32 +1,20 @@
-"""Recipe internals: the installed TRL's schema, key migrations, the TRL parse, consistency checks
-and the YAML writer. `tools.recipes` builds the MCP tools on top of these.
+"""Recipe key migrations: 2024-era keys (TRL 0.x, transformers 4, the guide's run_sft.py, the
+alignment-handbook) to the installed TRL's, each with the reason a reader needs.
 
-Everything here was checked against the installed sources (trl 1.16, transformers 5.23,
-accelerate 1.15, peft 0.21); each migration says why in its `reason`.
+`migrate` runs MIGRATIONS in order, each a named step over one _Migration. Every step was checked
+against the installed sources (trl 1.16, transformers 5.23, accelerate 1.15, peft 0.21). The
+schema, the YAML writer, template and accelerate helpers live in tools.recipe_schema,
+tools.recipe_yaml, tools.recipe_templates and tools.accelerate_config.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-import difflib
-import functools
-import importlib.util
-import io
-import os
 import re
-import tempfile
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable
 
 from pydantic import BaseModel
-
-from .workspace import is_inside
-
-SPECTRUM_KEY = "spectrum_config_path"
-EXTRA_KEYS = {SPECTRUM_KEY, "env"}  # accepted besides the TRL dataclass fields
-FLASH_ATTN = {"flash_attention_2", "flash_attention_3"}
 
 
 class Change(BaseModel):
@@ -37,51 +25,6 @@ class Change(BaseModel):
     reason: str
 
 
-class UnknownKey(BaseModel):
-    key: str
-    suggestions: list[str] = []
-
-
-# ----------------------------------------------------------------------------- schema
-@functools.lru_cache(maxsize=1)
-def trl_fields() -> dict[str, tuple[str, Any]]:
-    """{field name: (dataclass name, dataclasses.Field)} of the four classes `trl sft` parses."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
-    out: dict[str, tuple[str, Any]] = {}
-    for cls in (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig):
-        for f in dataclasses.fields(cls):
-            out.setdefault(f.name, (cls.__name__, f))
-    return out
-
-
-def versions() -> dict[str, Optional[str]]:
-    import importlib.metadata as md
-    out = {}
-    for p in ("trl", "transformers", "peft", "accelerate"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def suggest(key: str, n: int = 3) -> list[str]:
-    names = list(trl_fields()) + [SPECTRUM_KEY]
-    hits = difflib.get_close_matches(key, names, n=n, cutoff=0.6)
-    if not hits:  # shared stems: 'lora_rank' -> lora_r, 'seq_len' -> max_length
-        stem = key.split("_")[0]
-        hits = [k for k in names if k.startswith(stem + "_")][:n]
-    return hits
-
-
-def has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-# ----------------------------------------------------------------------------- migrations
 # Keys that no longer exist and simply go, with the reason (all absent from the installed
 # ScriptArguments/SFTConfig/ModelConfig/DatasetMixtureConfig and from TrainingArguments).
 REMOVED = {
@@ -143,135 +86,165 @@ def _is_dataset_file(value: str) -> bool:
     return bool(re.search(r"\.(jsonl?|csv|parquet|arrow|txt)$", str(value), re.I))
 
 
-def migrate(cfg: dict) -> tuple[dict, list[Change], list[str]]:
-    """Apply every migration to a recipe mapping; returns (new mapping, changes, warnings)."""
-    cfg = copy.deepcopy(cfg)
-    changes: list[Change] = []
-    warns: list[str] = []
+@dataclass
+class _Migration:
+    """The recipe being migrated and what was changed (steps may replace cfg: renames keep order)."""
+    cfg: dict
+    changes: list[Change] = field(default_factory=list)
+    warns: list[str] = field(default_factory=list)
 
+    def change(self, key: str, old: Any, new: Any, reason: str) -> None:
+        self.changes.append(Change(key=key, old=old, new=new, reason=reason))
+
+
+def _renamed_keys(m: _Migration) -> None:
+    cfg = m.cfg
     for old, (new, reason) in RENAMED.items():
         if old not in cfg:
             continue
         raw = val = cfg[old]
         if new in cfg and cfg[new] != val:
-            changes.append(Change(key=old, old=val, new=None,
-                                  reason=f"{reason} Both {old} and {new} were set; kept {new}={cfg[new]!r}."))
+            m.change(old, val, None, f"{reason} Both {old} and {new} were set; kept {new}={cfg[new]!r}.")
             cfg.pop(old)
             continue
         if old == "torch_dtype" and isinstance(val, str):
             val = val.replace("torch.", "")
-        cfg = _rename(cfg, old, new, val)
-        changes.append(Change(key=old, old=raw, new={new: val}, reason=reason))
+        cfg = m.cfg = _rename(cfg, old, new, val)
+        m.change(old, raw, {new: val}, reason)
 
+
+def _warmup_ratio(m: _Migration) -> None:
+    cfg = m.cfg
     if "warmup_ratio" in cfg:
         ratio = cfg["warmup_ratio"]
         if cfg.get("warmup_steps"):
             cfg.pop("warmup_ratio")
-            changes.append(Change(key="warmup_ratio", old=ratio, new=None,
-                                  reason="transformers 5 removed warmup_ratio; warmup_steps is already set, so "
-                                         "the ratio was dropped."))
+            m.change("warmup_ratio", ratio, None, "transformers 5 removed warmup_ratio; warmup_steps is already "
+                                                  "set, so the ratio was dropped.")
         elif isinstance(ratio, (int, float)) and 0 <= ratio < 1:
-            cfg = _rename(cfg, "warmup_ratio", "warmup_steps", ratio)
-            changes.append(Change(key="warmup_ratio", old=ratio, new={"warmup_steps": ratio},
-                                  reason="transformers 5 removed warmup_ratio; a float warmup_steps < 1 is read "
-                                         "as a ratio of the total steps (TrainingArguments.get_warmup_steps)."))
+            m.cfg = _rename(cfg, "warmup_ratio", "warmup_steps", ratio)
+            m.change("warmup_ratio", ratio, {"warmup_steps": ratio},
+                     "transformers 5 removed warmup_ratio; a float warmup_steps < 1 is read as a ratio of the "
+                     "total steps (TrainingArguments.get_warmup_steps).")
         else:
             cfg.pop("warmup_ratio")
-            warns.append(f"warmup_ratio={ratio!r} is not a ratio in [0, 1): dropped; set warmup_steps yourself.")
-            changes.append(Change(key="warmup_ratio", old=ratio, new=None, reason="not a ratio in [0, 1)."))
+            m.warns.append(f"warmup_ratio={ratio!r} is not a ratio in [0, 1): dropped; set warmup_steps yourself.")
+            m.change("warmup_ratio", ratio, None, "not a ratio in [0, 1).")
 
-    sched = str(cfg.get("lr_scheduler_type", "linear"))
-    if sched == "constant" and cfg.get("warmup_steps"):
-        cfg["lr_scheduler_type"] = "constant_with_warmup"
-        changes.append(Change(key="lr_scheduler_type", old="constant", new="constant_with_warmup",
-                              reason="transformers' 'constant' schedule ignores warm-up (get_scheduler returns "
-                                     "before reading num_warmup_steps), so the recipe's warm-up never ran; "
-                                     "'constant_with_warmup' does what it asks. Set 'constant' and drop "
-                                     "warmup_steps to reproduce the old run exactly."))
 
-    if "tokenizer_name_or_path" in cfg:
-        tok = cfg["tokenizer_name_or_path"]
-        model = cfg.get("model_name_or_path")
-        if tok and tok != model and "chat_template_path" not in cfg:
-            cfg = _rename(cfg, "tokenizer_name_or_path", "chat_template_path", tok)
-            changes.append(Change(key="tokenizer_name_or_path", old=tok, new={"chat_template_path": tok},
-                                  reason="TRL's ModelConfig has no tokenizer field: SFTTrainer loads the tokenizer "
-                                         "of model_name_or_path. A separate (Instruct) tokenizer was used for its "
-                                         "chat template; chat_template_path takes a tokenizer dir or hub id and "
-                                         "clones its template and special tokens (trl clone_chat_template)."))
-        else:
-            cfg.pop("tokenizer_name_or_path")
-            changes.append(Change(key="tokenizer_name_or_path", old=tok, new=None,
-                                  reason="TRL loads the tokenizer of model_name_or_path; the key no longer exists."))
+def _constant_schedule_warmup(m: _Migration) -> None:
+    sched = str(m.cfg.get("lr_scheduler_type", "linear"))
+    if sched == "constant" and m.cfg.get("warmup_steps"):
+        m.cfg["lr_scheduler_type"] = "constant_with_warmup"
+        m.change("lr_scheduler_type", "constant", "constant_with_warmup",
+                 "transformers' 'constant' schedule ignores warm-up (get_scheduler returns before reading "
+                 "num_warmup_steps), so the recipe's warm-up never ran; 'constant_with_warmup' does what it "
+                 "asks. Set 'constant' and drop warmup_steps to reproduce the old run exactly.")
 
+
+def _tokenizer_key(m: _Migration) -> None:
+    cfg = m.cfg
+    if "tokenizer_name_or_path" not in cfg:
+        return
+    tok = cfg["tokenizer_name_or_path"]
+    model = cfg.get("model_name_or_path")
+    if tok and tok != model and "chat_template_path" not in cfg:
+        m.cfg = _rename(cfg, "tokenizer_name_or_path", "chat_template_path", tok)
+        m.change("tokenizer_name_or_path", tok, {"chat_template_path": tok},
+                 "TRL's ModelConfig has no tokenizer field: SFTTrainer loads the tokenizer of "
+                 "model_name_or_path. A separate (Instruct) tokenizer was used for its chat template; "
+                 "chat_template_path takes a tokenizer dir or hub id and clones its template and special "
+                 "tokens (trl clone_chat_template).")
+    else:
+        cfg.pop("tokenizer_name_or_path")
+        m.change("tokenizer_name_or_path", tok, None,
+                 "TRL loads the tokenizer of model_name_or_path; the key no longer exists.")
+
+
+def _attention_and_compute_dtype(m: _Migration) -> None:
+    cfg = m.cfg
     if "use_flash_attention_2" in cfg:
         val = cfg.pop("use_flash_attention_2")
         if val and "attn_implementation" not in cfg:
             cfg["attn_implementation"] = "flash_attention_2"
-        changes.append(Change(key="use_flash_attention_2", old=val,
-                              new={"attn_implementation": "flash_attention_2"} if val else None,
-                              reason="replaced by attn_implementation."))
-
+        m.change("use_flash_attention_2", val, {"attn_implementation": "flash_attention_2"} if val else None,
+                 "replaced by attn_implementation.")
     if "bnb_4bit_compute_dtype" in cfg:
         val = cfg.pop("bnb_4bit_compute_dtype")
         new = None
         if "dtype" not in cfg and isinstance(val, str):
             cfg["dtype"] = new = val.replace("torch.", "")
-        changes.append(Change(key="bnb_4bit_compute_dtype", old=val, new={"dtype": new} if new else None,
-                              reason="TRL's get_quantization_config uses dtype as the 4-bit compute dtype; "
-                                     "ModelConfig has no bnb_4bit_compute_dtype."))
+        m.change("bnb_4bit_compute_dtype", val, {"dtype": new} if new else None,
+                 "TRL's get_quantization_config uses dtype as the 4-bit compute dtype; ModelConfig has no "
+                 "bnb_4bit_compute_dtype.")
 
-    # The 2024 guide's run_sft.py and the alignment-handbook had their own dataset keys.
-    if "dataset_id_or_path" in cfg:
-        val = cfg.pop("dataset_id_or_path")
-        if _is_dataset_file(val):
-            ext = Path(val).suffix.lower().lstrip(".")
-            builder = {"jsonl": "json", "json": "json", "txt": "text"}.get(ext, ext)
-            new = {"datasets": [{"path": builder, "data_files": val, "split": "train"}]}
-            reason = ("the guide's run_sft.py key; `trl sft` reads a local file through a dataset mixture "
-                      f"(datasets: path={builder}, data_files=<file>), which yields a 'train' split.")
-        else:
-            new = {"dataset_name": val}
-            reason = "the guide's run_sft.py key; `trl sft` loads a hub id or a local directory from dataset_name."
-        cfg.update(new)
-        changes.append(Change(key="dataset_id_or_path", old=val, new=new, reason=reason))
+
+def _guide_dataset_key(m: _Migration) -> None:
+    """The 2024 guide's run_sft.py had its own dataset key."""
+    if "dataset_id_or_path" not in m.cfg:
+        return
+    val = m.cfg.pop("dataset_id_or_path")
+    if _is_dataset_file(val):
+        ext = Path(val).suffix.lower().lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "txt": "text"}.get(ext, ext)
+        new = {"datasets": [{"path": builder, "data_files": val, "split": "train"}]}
+        reason = ("the guide's run_sft.py key; `trl sft` reads a local file through a dataset mixture "
+                  f"(datasets: path={builder}, data_files=<file>), which yields a 'train' split.")
+    else:
+        new = {"dataset_name": val}
+        reason = "the guide's run_sft.py key; `trl sft` loads a hub id or a local directory from dataset_name."
+    m.cfg.update(new)
+    m.change("dataset_id_or_path", val, new, reason)
+
+
+def _handbook_dataset_keys(m: _Migration) -> None:
+    """The alignment-handbook's dataset_mixer and dataset_splits."""
+    cfg = m.cfg
     if "dataset_mixer" in cfg and isinstance(cfg["dataset_mixer"], dict):
         val = cfg.pop("dataset_mixer")
         cfg["datasets"] = [{"path": k, "fraction": float(v)} for k, v in val.items()]
-        changes.append(Change(key="dataset_mixer", old=val, new={"datasets": cfg["datasets"]},
-                              reason="alignment-handbook key; TRL's DatasetMixtureConfig takes a datasets list "
-                                     "with per-dataset fraction."))
+        m.change("dataset_mixer", val, {"datasets": cfg["datasets"]},
+                 "alignment-handbook key; TRL's DatasetMixtureConfig takes a datasets list with per-dataset "
+                 "fraction.")
     if "dataset_splits" in cfg and isinstance(cfg["dataset_splits"], list):
         val = cfg.pop("dataset_splits")
         if val:
             cfg["dataset_train_split"] = val[0]
         if len(val) > 1:
             cfg["dataset_test_split"] = val[1]
-        changes.append(Change(key="dataset_splits", old=val,
-                              new={k: cfg[k] for k in ("dataset_train_split", "dataset_test_split") if k in cfg},
-                              reason="alignment-handbook key; ScriptArguments has dataset_train_split/test_split."))
+        m.change("dataset_splits", val,
+                 {k: cfg[k] for k in ("dataset_train_split", "dataset_test_split") if k in cfg},
+                 "alignment-handbook key; ScriptArguments has dataset_train_split/test_split.")
 
-    if "logging_dir" in cfg:
-        val = cfg.pop("logging_dir")
-        env = dict(cfg.get("env") or {})
-        env["TENSORBOARD_LOGGING_DIR"] = str(val)
-        cfg["env"] = env
-        changes.append(Change(key="logging_dir", old=val, new={"env": {"TENSORBOARD_LOGGING_DIR": str(val)}},
-                              reason="transformers 5 removed logging_dir; the TensorBoard callback reads "
-                                     "TENSORBOARD_LOGGING_DIR (default <output_dir>/runs/...), and the TRL parser "
-                                     "exports the recipe's env: mapping."))
 
+def _logging_dir(m: _Migration) -> None:
+    if "logging_dir" not in m.cfg:
+        return
+    val = m.cfg.pop("logging_dir")
+    env = dict(m.cfg.get("env") or {})
+    env["TENSORBOARD_LOGGING_DIR"] = str(val)
+    m.cfg["env"] = env
+    m.change("logging_dir", val, {"env": {"TENSORBOARD_LOGGING_DIR": str(val)}},
+             "transformers 5 removed logging_dir; the TensorBoard callback reads TENSORBOARD_LOGGING_DIR "
+             "(default <output_dir>/runs/...), and the TRL parser exports the recipe's env: mapping.")
+
+
+def _removed_keys(m: _Migration) -> None:
     for key, reason in REMOVED.items():
-        if key in cfg:
-            changes.append(Change(key=key, old=cfg.pop(key), new=None, reason=reason))
+        if key in m.cfg:
+            m.change(key, m.cfg.pop(key), None, reason)
 
+
+def _nested_kwargs(m: _Migration) -> None:
+    """model_init_kwargs.torch_dtype, and dataset_kwargs of the old packing path."""
+    cfg = m.cfg
     if isinstance(cfg.get("model_init_kwargs"), dict) and "torch_dtype" in cfg["model_init_kwargs"]:
         mik = dict(cfg["model_init_kwargs"])
         val = mik.pop("torch_dtype")
         mik = {**mik, "dtype": val} if "dtype" not in mik else mik
         cfg["model_init_kwargs"] = mik
-        changes.append(Change(key="model_init_kwargs.torch_dtype", old=val, new={"model_init_kwargs.dtype": val},
-                              reason="from_pretrained takes dtype in transformers 5."))
+        m.change("model_init_kwargs.torch_dtype", val, {"model_init_kwargs.dtype": val},
+                 "from_pretrained takes dtype in transformers 5.")
     if isinstance(cfg.get("dataset_kwargs"), dict):
         dk = cfg["dataset_kwargs"]
         extra = {k: v for k, v in dk.items() if k != "skip_prepare_dataset"}
@@ -281,279 +254,54 @@ def migrate(cfg: dict) -> tuple[dict, list[Change], list[str]]:
                 cfg["dataset_kwargs"] = kept
             else:
                 cfg.pop("dataset_kwargs")
-            changes.append(Change(key="dataset_kwargs", old=dk, new=kept or None,
-                                  reason="SFTConfig.dataset_kwargs supports only skip_prepare_dataset now "
-                                         f"({', '.join(extra)} came from the old ConstantLengthDataset path)."))
+            m.change("dataset_kwargs", dk, kept or None,
+                     "SFTConfig.dataset_kwargs supports only skip_prepare_dataset now "
+                     f"({', '.join(extra)} came from the old ConstantLengthDataset path).")
+
+
+def _renamed_values(m: _Migration) -> None:
+    """Deprecated aliases among the values."""
+    cfg = m.cfg
     if cfg.get("packing_strategy") == "bfd-requeue":
         cfg["packing_strategy"] = "bfd_split"
-        changes.append(Change(key="packing_strategy", old="bfd-requeue", new="bfd_split",
-                              reason="renamed in TRL 1.x (bfd-requeue is a deprecated alias)."))
+        m.change("packing_strategy", "bfd-requeue", "bfd_split",
+                 "renamed in TRL 1.x (bfd-requeue is a deprecated alias).")
     if cfg.get("loss_type") == "chunked_nll":
         cfg["loss_type"] = "nll"
-        changes.append(Change(key="loss_type", old="chunked_nll", new="nll",
-                              reason="deprecated alias: nll already computes the loss in chunks."))
+        m.change("loss_type", "chunked_nll", "nll", "deprecated alias: nll already computes the loss in chunks.")
     if isinstance(cfg.get("lora_target_modules"), list) and cfg["lora_target_modules"] == ["all-linear"]:
         cfg["lora_target_modules"] = "all-linear"
-    return cfg, changes, warns
 
 
-# ----------------------------------------------------------------------------- TRL parse
-def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[str], list[str]]:
-    """Parse `cfg` exactly as `trl sft --config` does (TrlParser over ScriptArguments, SFTConfig,
-    ModelConfig, DatasetMixtureConfig; unknown keys rejected). Returns (dataclasses, error, warnings).
-
-    `env:` is not exported (validation has no side effects) and the process environment is
-    restored afterwards; relative deepspeed/accelerator config paths are taken from `base_dir`.
-    """
-    import yaml
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
-
-    cfg = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
-    for key in ("deepspeed", "accelerator_config"):
-        v = cfg.get(key)
-        if isinstance(v, str) and not v.lstrip().startswith("{") and not os.path.isabs(v):
-            cfg[key] = str(base_dir / v)
-    env_before = dict(os.environ)
-    err = io.StringIO()
-    caught: list[str] = []
-    out = None
-    error = None
-    from .workspace import TMP_DIR, get_workspace
-    with tempfile.TemporaryDirectory(prefix="llmft-recipe-", dir=get_workspace().owned_dir(TMP_DIR)) as d:
-        path = Path(d) / "recipe.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
-        try:
-            with warnings.catch_warnings(record=True) as rec, contextlib.redirect_stderr(err), \
-                    contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("always")
-                out = parser.parse_args_and_config(args=["--config", str(path)])
-            caught = [str(w.message) for w in rec]
-        except SystemExit:
-            lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
-            error = lines[-1].split("error:", 1)[1].strip() if lines else err.getvalue().strip()[-500:]
-        except Exception as exc:  # noqa: BLE001 - reported to the caller as the parse error
-            error = f"{type(exc).__name__}: {exc}"
-        finally:
-            os.environ.clear()
-            os.environ.update(env_before)
-            with contextlib.suppress(Exception):
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-                unset_hf_deepspeed_config()
-    seen: list[str] = []
-    for w in caught:
-        w = " ".join(w.split())
-        if w not in seen:
-            seen.append(w)
-    return out, error, seen
+# Every migration, in the order they apply (a rename runs before the checks of the new key).
+MIGRATIONS: tuple[Callable[[_Migration], None], ...] = (
+    _renamed_keys, _warmup_ratio, _constant_schedule_warmup, _tokenizer_key, _attention_and_compute_dtype,
+    _guide_dataset_key, _handbook_dataset_keys, _logging_dir, _removed_keys, _nested_kwargs, _renamed_values)
 
 
-# ----------------------------------------------------------------------------- YAML writer
-SECTIONS: list[tuple[str, list[str]]] = [
-    ("Model", ["model_name_or_path", "model_revision", "dtype", "attn_implementation", "trust_remote_code",
-               "model_init_kwargs"]),
-    ("Method", [SPECTRUM_KEY, "use_peft", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
-                "use_bnb_nested_quant", "bnb_4bit_quant_storage", "lora_r", "lora_alpha", "lora_dropout",
-                "lora_target_modules", "lora_target_parameters", "lora_modules_to_save", "lora_task_type",
-                "use_rslora", "use_dora"]),
-    ("Data", ["dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "dataset_streaming",
-              "datasets", "streaming", "test_split_size", "chat_template_path", "eos_token", "dataset_text_field",
-              "dataset_kwargs", "dataset_num_proc", "max_length", "truncation_mode", "packing", "packing_strategy",
-              "padding_free", "eval_packing", "completion_only_loss", "assistant_only_loss", "shuffle_dataset"]),
-    ("Training", ["num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                  "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
-                  "gradient_checkpointing_kwargs", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
-                  "warmup_steps", "max_grad_norm", "weight_decay", "optim", "bf16", "fp16", "tf32", "use_cpu",
-                  "use_liger_kernel", "liger_kernel_config", "torch_compile", "seed"]),
-    ("Evaluation, logging, saving", ["eval_strategy", "eval_steps", "per_device_eval_batch_size",
-                                     "logging_strategy", "logging_steps", "report_to", "save_strategy",
-                                     "save_steps", "save_total_limit", "output_dir", "push_to_hub",
-                                     "hub_model_id", "hub_strategy", "hub_private_repo"]),
-]
+def migrate(cfg: dict) -> tuple[dict, list[Change], list[str]]:
+    """Apply every migration to a recipe mapping; returns (new mapping, changes, warnings)."""
+    m = _Migration(copy.deepcopy(cfg))
+    for step in MIGRATIONS:
+        step(m)
+    return m.cfg, m.changes, m.warns
 
 
-def dump_yaml(cfg: dict, *, header: list[str] | None = None, comments: dict[str, str] | None = None) -> str:
-    """A flat recipe as YAML, grouped in commented sections; `comments` go above their key."""
-    import yaml
-    comments = comments or {}
-    lines = [f"# {h}" if h else "#" for h in (header or [])]
-    placed: set[str] = set()
-
-    def emit(key):
-        for c in comments.get(key, "").splitlines():
-            lines.append(f"# {c}")
-        text = yaml.safe_dump({key: cfg[key]}, sort_keys=False, default_flow_style=False,
-                              allow_unicode=True, width=100)
-        lines.extend(text.rstrip("\n").splitlines())
-        placed.add(key)
-
-    for title, keys in SECTIONS:
-        present = [k for k in keys if k in cfg]
-        if not present:
-            continue
-        lines.append("")
-        lines.append(f"# --- {title}")
-        for k in present:
-            emit(k)
-    rest = [k for k in cfg if k not in placed and k != "env"]
-    if rest:
-        lines.append("")
-        lines.append("# --- Other")
-        for k in rest:
-            emit(k)
-    if "env" in cfg:
-        lines.append("")
-        lines.append("# --- Environment (exported by the TRL parser)")
-        emit("env")
-    return "\n".join(lines).lstrip("\n") + "\n"
+# Names this module held before the split (issue 14), forwarded to their one home so code written
+# against `tools.recipe_migrate` keeps working.
+_MOVED = {
+    **dict.fromkeys(("SPECTRUM_KEY", "EXTRA_KEYS", "FLASH_ATTN", "UnknownKey", "trl_fields", "versions",
+                     "suggest", "has_module", "trl_parse", "infer_method"), "recipe_schema"),
+    **dict.fromkeys(("SECTIONS", "dump_yaml"), "recipe_yaml"),
+    **dict.fromkeys(("template_text", "has_generation_markers", "trl_known_templates", "end_of_turn_token"),
+                    "recipe_templates"),
+    **dict.fromkeys(("AccelerateSummary", "accelerate_launch_dests", "read_accelerate_config"),
+                    "accelerate_config"),
+}
 
 
-# ----------------------------------------------------------------------------- chat templates
-def template_text(ref: str, root: Path) -> tuple[Optional[str], str]:
-    """The chat template a recipe points at: a .jinja file or a tokenizer dir; (text, where)."""
-    import json
-    p = Path(ref)
-    p = (p if p.is_absolute() else root / p).resolve()
-    if not is_inside(p, root):  # only files inside the workspace are read
-        return None, str(ref)
-    if p.is_file():
-        if p.suffix in (".jinja", ".j2"):
-            return p.read_text(encoding="utf-8"), str(ref)
-        if p.name == "tokenizer_config.json":
-            p = p.parent
-    if p.is_dir():
-        for name in ("chat_template.jinja",):
-            if (p / name).is_file():
-                return (p / name).read_text(encoding="utf-8"), f"{ref}/{name}"
-        tc = p / "tokenizer_config.json"
-        if tc.is_file():
-            with contextlib.suppress(Exception):
-                t = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
-                if isinstance(t, list):  # named variants
-                    t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-                if isinstance(t, str):
-                    return t, f"{ref}/tokenizer_config.json"
-    return None, str(ref)
-
-
-def has_generation_markers(template: str) -> bool:
-    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
-
-
-@functools.lru_cache(maxsize=1)
-def trl_known_templates() -> dict[str, str]:
-    """Templates TRL swaps for a training variant with {% generation %} markers: {text: name}."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    d = Path(list(spec.submodule_search_locations)[0]) / "chat_templates"
-    out = {}
-    for f in d.glob("*.jinja"):
-        if not f.stem.endswith("_training") and (d / f"{f.stem}_training.jinja").exists():
-            out[f.read_text(encoding="utf-8")] = f.stem
-    return out
-
-
-def end_of_turn_token(template: str) -> Optional[str]:
-    """The end-of-turn token a known template family writes after each message."""
-    for tok in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
-        if tok in template:
-            return tok
-    return None
-
-
-# ----------------------------------------------------------------------------- accelerate configs
-class AccelerateSummary(BaseModel):
-    """What an accelerate config file sets up, as the planner needs it."""
-    path: str
-    distributed_type: str
-    num_processes: int
-    num_machines: int
-    mixed_precision: Optional[str]
-    use_cpu: bool
-    sharding: str
-    cpu_offload: bool
-    problems: list[str] = []
-
-
-@functools.lru_cache(maxsize=1)
-def accelerate_launch_dests() -> frozenset[str]:
-    from accelerate.commands.launch import launch_command_parser
-    return frozenset(a.dest for a in launch_command_parser()._actions)
-
-
-# Anywhere: <...>, CHANGE_ME, TODO. In the keys that name machines: an ALL_CAPS name (MAIN_NODE_IP);
-# elsewhere ALL_CAPS values are accelerate's enums (LOCAL_MACHINE, FULL_STATE_DICT).
-_PLACEHOLDER = re.compile(r"^(<[^>]*>|.*(CHANGE_?ME|REPLACE_?ME|TODO).*)$")
-_CAPS_NAME = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")
-_MACHINE_KEYS = {"main_process_ip", "main_process_port", "machine_rank", "num_machines", "num_processes",
-                 "deepspeed_hostfile", "rdzv_endpoint"}
-
-
-def _placeholders(path: Path) -> list[str]:
-    """Values a template left for the user to fill (MAIN_NODE_IP, <port>, CHANGE_ME): a launch
-    with them hangs at the rendezvous or fails far from the cause."""
-    import yaml
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    out = []
-
-    def walk(obj, where: str) -> None:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{where}.{k}" if where else str(k))
-        elif isinstance(obj, str) and (_PLACEHOLDER.match(obj.strip()) or (
-                where.split(".")[-1] in _MACHINE_KEYS and _CAPS_NAME.match(obj.strip()))):
-            out.append(f"{where} is still the placeholder {obj!r}: replace it (references/distributed.md, "
-                       "multi-node) before launching.")
-    walk(raw, "")
-    return out
-
-
-def read_accelerate_config(path: Path, shown: str) -> AccelerateSummary:
-    """Load an accelerate YAML/JSON with accelerate's own loader; nested deepspeed/fsdp keys are
-    checked against `accelerate launch`'s arguments (unknown ones are silently ignored there)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-    problems: list[str] = []
-    try:
-        c = load_config_from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - reported
-        return AccelerateSummary(path=shown, distributed_type="?", num_processes=0, num_machines=0,
-                                 mixed_precision=None, use_cpu=False, sharding="none", cpu_offload=False,
-                                 problems=[f"accelerate cannot load it: {type(exc).__name__}: {exc}"])
-    dests = accelerate_launch_dests()
-    for section, prefix in (("deepspeed_config", ""), ("fsdp_config", "fsdp_")):
-        for k in (getattr(c, section, None) or {}):
-            dest = k if (not prefix or k.startswith(prefix)) else prefix + k
-            if dest not in dests:
-                close = difflib.get_close_matches(dest, sorted(dests), n=2, cutoff=0.6)
-                problems.append(f"{section}.{k} is not an accelerate launch option (ignored by accelerate)"
-                                + (f"; did you mean {', '.join(close)}?" if close else "."))
-    problems.extend(_placeholders(path))
-    ds_file = (getattr(c, "deepspeed_config", None) or {}).get("deepspeed_config_file")
-    if isinstance(ds_file, str) and ds_file.strip() and ds_file.lower() != "none":
-        from .workspace import get_workspace
-        p = Path(ds_file) if Path(ds_file).is_absolute() else path.parent / ds_file
-        r = p.resolve()
-        if not is_inside(r, get_workspace().root):
-            problems.append(f"deepspeed_config.deepspeed_config_file '{ds_file}' resolves to {r}, outside the "
-                            "workspace: keep the DeepSpeed JSON inside it.")
-    dt = str(getattr(c.distributed_type, "value", c.distributed_type))
-    ds = c.deepspeed_config or {}
-    fs = c.fsdp_config or {}
-    sharding, offload = "none", False
-    if dt == "DEEPSPEED":
-        stage = int(ds.get("zero_stage", 2) or 0)
-        sharding = {2: "zero2", 3: "zero3"}.get(stage, "none")
-        offload = ds.get("offload_optimizer_device", "none") not in (None, "none") or \
-            ds.get("offload_param_device", "none") not in (None, "none")
-    elif dt == "FSDP":
-        sharding = "fsdp"
-        offload = str(fs.get("fsdp_offload_params", False)).lower() == "true"
-    mp = c.mixed_precision
-    mp = "no" if mp is False else (str(getattr(mp, "value", mp)) if mp is not None else None)
-    return AccelerateSummary(path=shown, distributed_type=dt, num_processes=int(c.num_processes or 1),
-                             num_machines=int(c.num_machines or 1), mixed_precision=mp, use_cpu=bool(c.use_cpu),
-                             sharding=sharding, cpu_offload=bool(offload), problems=problems)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f"tools.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,14 +18,15 @@ from typing import Annotated, Any, Callable, Literal, Optional
 from pydantic import BaseModel, Field
 
 from . import chat_templates
+from .accelerate_config import AccelerateSummary, read_accelerate_config
 from .errors import UserError
 from .memory import MemoryEstimate
+from .recipe_migrate import Change, migrate
+from .recipe_schema import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, UnknownKey, has_module, infer_method, suggest,
+                            trl_fields, trl_parse, versions)
+from .recipe_templates import end_of_turn_token, has_generation_markers, template_text, trl_known_templates
+from .recipe_yaml import dump_yaml
 from .recommend import DataSize, Recommendation, Schedule, data_size, plan_schedule, schedule_from
-from .recipe_migrate import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, AccelerateSummary, Change, UnknownKey,
-                             dump_yaml, end_of_turn_token, has_generation_markers, has_module, migrate,
-                             read_accelerate_config, suggest, template_text, trl_fields, trl_known_templates,
-                             trl_parse, versions)
-from .train import infer_method
 from .workspace import TMP_DIR, check_path_text, get_workspace, is_inside, short
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .recipe_schema import infer_method  # the method rule; runs and train_dpo import it from here too
 from .workspace import write_json_atomic
 
 GIB = 2 ** 30
@@ -44,16 +45,6 @@ def _on_signal(signum, _frame) -> None:
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def infer_method(recipe: dict[str, Any]) -> str:
-    """spectrum | qlora | lora | full, from recipe keys: spectrum_config_path -> spectrum; use_peft +
-    load_in_4bit -> qlora; use_peft -> lora; else full (the rule the whole project uses)."""
-    if recipe.get("spectrum_config_path"):
-        return "spectrum"
-    if recipe.get("use_peft"):
-        return "qlora" if recipe.get("load_in_4bit") else "lora"
-    return "full"
 
 
 def read_spectrum_patterns(path: str | os.PathLike) -> list[str]:
