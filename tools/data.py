@@ -29,7 +29,9 @@ from .data_io import HUB_ID, open_source
 from .hub import hub_offline, hub_unreachable
 from .errors import UserError
 from .template_guard import check_template
-from .workspace import get_workspace
+from .params import Tokenizer
+from .results import SUMMARY_MAX_CHARS, ToolResult
+from .workspace import get_workspace, short
 
 MAX_LINES = 20          # line numbers kept per problem kind
 TOKEN_BATCH = 256       # rows rendered, then tokenized together
@@ -98,7 +100,7 @@ class SuggestedConversion(BaseModel):
     arguments: dict[str, Any]
 
 
-class DatasetReport(BaseModel):
+class DatasetReport(ToolResult):
     """What inspect_dataset found in the dataset (or its first sample_size rows)."""
     dataset: str
     source: str = Field(description="jsonl | json | csv | parquet | disk (a datasets.save_to_disk "
@@ -154,7 +156,7 @@ class ConvertCounts(BaseModel):
     trailing_turns_dropped: int = Field(0, description="rows that lost turns after the last assistant turn.")
 
 
-class ConvertReport(BaseModel):
+class ConvertReport(ToolResult):
     """What convert_dataset wrote, what it dropped and why."""
     output_dir: str
     files: dict[str, str] = Field(description="split -> JSONL file (workspace-relative).")
@@ -176,7 +178,6 @@ class ConvertReport(BaseModel):
                              "delimiter, array-in-JSONL, save_to_disk) and stale temporary folders "
                              "of interrupted earlier calls that were removed.")
     elapsed_s: float
-    next_steps: list[str]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -417,16 +418,6 @@ def _jtype(v: Any) -> str:
 
 # ---- inspect ---------------------------------------------------------------------------------
 
-MAPPING_DOC = ("format key -> column name, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}; "
-               "a text key (prompt, completion, instruction, input, output, system) may also take a "
-               "template of columns, e.g. {\"prompt\": \"Subject: {subject}\\n\\n{message}\", "
-               "\"completion\": \"reply\"} (literal braces doubled).")
-DROP_MEDIA_DOC = ("drop image/audio/video/file content parts (the models trained here are text-only) "
-                  "and keep the text parts; without it such rows are skipped as media_content.")
-MERGE_DOC = ("join two (or more) assistant turns in a row into one turn (texts separated by a blank "
-             "line); without it such rows are skipped as consecutive_assistant.")
-
-
 def _prepare(row: dict, det: Detection, drop_media: bool,
              merge_assistant_turns: bool) -> tuple[list[dict], list | None, dict[str, int]]:
     """One source row -> (messages, tools, changes made), the same for inspect and convert: the
@@ -556,36 +547,52 @@ def _sample_lengths(tokenizer: str, det: Detection, rows, usable, tally: _Tally,
     return _token_stats(tokenizer, lengths, locs, max_length, errors)
 
 
+DATASET_DOC = "File, folder or hub id."
+MAPPING_SHORT = 'Format key -> column, e.g. {"prompt": "q", "completion": "a"}.'
+
+
 def inspect_dataset(
-    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them or "
-                                              "a datasets.save_to_disk directory in the workspace, "
-                                              "or a hub dataset id (when online).")],
-    split: Annotated[str, Field(description="split to read (hub datasets and directories).")] = "train",
-    sample_size: Annotated[int, Field(ge=1, le=200_000, description="rows to analyse (from the start).")] = 1000,
-    tokenizer: Annotated[Optional[str], Field(
-        description="model or tokenizer directory: adds token-length statistics using its chat template.")] = None,
-    max_length: Annotated[Optional[int], Field(
-        ge=1, description="with tokenizer: count rows longer than this (your SFTConfig max_length).")] = None,
-    system_prompt: Annotated[Optional[str], Field(
-        description="system prompt you will add on conversion (counted in token lengths).")] = None,
-    source_format: Annotated[Optional[SourceFormat], Field(
-        description="override format detection.")] = None,
-    column_mapping: Annotated[Optional[dict[str, str]], Field(
-        description=MAPPING_DOC + " Checks a mapping before converting.")] = None,
-    subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
-    drop_media: Annotated[bool, Field(description=DROP_MEDIA_DOC)] = False,
-    merge_assistant_turns: Annotated[bool, Field(description=MERGE_DOC)] = False,
+    dataset: Annotated[str, Field(description=DATASET_DOC)],
+    split: str = "train",
+    sample_size: Annotated[int, Field(ge=1, le=200_000)] = 1000,
+    tokenizer: Tokenizer = None,
+    max_length: Annotated[Optional[int], Field(ge=1)] = None,
+    system_prompt: Optional[str] = None,
+    source_format: Optional[SourceFormat] = None,
+    column_mapping: Annotated[Optional[dict[str, str]], Field(description=MAPPING_SHORT)] = None,
+    subset: Optional[str] = None,
+    drop_media: bool = False,
+    merge_assistant_turns: bool = False,
 ) -> DatasetReport:
-    """Inspect a dataset before fine-tuning: detect its format (OpenAI/TRL messages incl. tool
-    calls and legacy function_call, ShareGPT incl. glaive function_call/observation, Alpaca,
-    prompt/completion, question/answer-like column pairs, raw text), and find what would break or
-    weaken training: role-order problems (assistant first, two user turns in a row, empty content,
-    unknown roles, tool results without a call, image parts) with line numbers, empty and
-    duplicate rows (whole rows, and conversations after mapping), and, given a tokenizer, token
-    lengths (p50/p95/max, rows over max_length) rendered with its chat template as TRL does, with
-    the template's own error for rows it rejects. Call it first on any dataset. Returns a
-    DatasetReport whose `suggested_conversion.arguments` can be passed to convert_dataset as is
-    (add output_dir, system_prompt, test_size)."""
+    """Inspect a dataset before fine-tuning: format, role-order problems, empty and duplicate rows
+    (with line numbers), token lengths with a tokenizer; suggests convert_dataset's arguments.
+
+    Detects OpenAI/TRL messages (incl. tool calls and legacy function_call), ShareGPT (incl.
+    glaive function_call/observation), Alpaca, prompt/completion, question/answer-like column
+    pairs and raw text. Problems: assistant first, two user turns in a row, empty content, unknown
+    roles, tool results without a call, image parts. Duplicates: whole rows, and conversations
+    after mapping. With a tokenizer: p50/p95/max token lengths rendered with its chat template as
+    TRL does, rows over max_length, and the template's own error for rows it rejects.
+    `suggested_conversion.arguments` can be passed to convert_dataset as is (add output_dir,
+    system_prompt, test_size).
+
+    Parameters:
+    - dataset: JSONL/JSON/CSV/Parquet file, a directory of them, a datasets.save_to_disk
+      directory in the workspace, or a hub dataset id (when online).
+    - split / subset: split and config (subset) of hub datasets and directories.
+    - sample_size: rows analysed, from the start. max_length (with tokenizer): rows longer than
+      this are counted (your SFTConfig max_length).
+    - system_prompt: the system prompt you will add on conversion (counted in token lengths).
+    - source_format: overrides format detection.
+    - column_mapping: format key -> column name, e.g. {"prompt": "question", "completion":
+      "answer"}; a text key (prompt, completion, instruction, input, output, system) may take a
+      template of columns, e.g. {"prompt": "Subject: {subject}\\n\\n{message}", "completion":
+      "reply"} (literal braces doubled). Checks a mapping before converting.
+    - drop_media: drop image/audio/video/file parts (the models trained here are text-only) and
+      keep the text; without it such rows are skipped as media_content.
+    - merge_assistant_turns: join assistant turns in a row into one (blank line between); without
+      it such rows are skipped as consecutive_assistant.
+    """
     src = open_source(dataset, split=split, subset=subset)
     changes = _Tally(CHANGE_HELP)
     rows = list(src.rows(limit=sample_size, on_change=changes.add))
@@ -612,7 +619,7 @@ def inspect_dataset(
     if total is not None and total > len(rows):
         notes.append(f"Analysed the first {len(rows)} of {total} rows; raise sample_size for more.")
     ts = sorted(run.turns)
-    return DatasetReport(
+    report = DatasetReport(
         dataset=dataset, source=src.kind, split=split, location_unit=src.unit, rows=total,
         rows_sampled=len(rows), columns=_column_infos(plain), detected_format=det.format,
         format_evidence=det.evidence, conversational=det.conversational, column_mapping=det.mapping,
@@ -624,6 +631,33 @@ def inspect_dataset(
         duplicate_rows=whole.count, duplicate_row_lines=whole.lines,
         duplicate_conversations=run.dupes.count, duplicate_conversation_lines=run.dupes.lines,
         token_lengths=tstats, suggested_conversion=suggestion, samples=run.samples, notes=notes)
+    report.summary, report.next_steps = _inspect_summary(report), _inspect_next(report)
+    return report
+
+
+def _inspect_summary(r: DatasetReport) -> str:
+    """'Detected sharegpt in 1,000 rows (1,000 analysed): 990 usable, 7 with problems, 3
+    duplicates; p95 812 tokens, 4 over max_length 1024.'"""
+    fmt = r.detected_format or "no known format"
+    rows = f"{r.rows:,} rows" if r.rows is not None else "the rows"
+    text = (f"Detected {fmt} in {rows} ({r.rows_sampled:,} analysed): {r.usable_rows:,} usable, "
+            f"{sum(p.count for p in r.problems):,} with problems, "
+            # a whole-row duplicate is also a duplicate conversation: count each row once
+            f"{max(r.duplicate_rows, r.duplicate_conversations):,} duplicates")
+    t = r.token_lengths
+    if t:
+        text += f"; p95 {t.p95:,} tokens" + (f", {t.over_max_length:,} over max_length {t.max_length}"
+                                              if t.over_max_length else "")
+    return short(text + ".", SUMMARY_MAX_CHARS)
+
+
+def _inspect_next(r: DatasetReport) -> list[str]:
+    if not r.suggested_conversion:
+        return ["inspect_dataset(dataset=..., column_mapping={...}) naming the prompt and reply "
+                "columns (see notes)."]
+    args = dict(r.suggested_conversion.arguments, output_dir="data/<name>")
+    return ["convert_dataset(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
+                                           for k, v in args.items()) + ")"]
 
 
 def _suggestion(dataset: str, det: Detection, split: str, subset: str | None, drop_media: bool,
@@ -914,7 +948,7 @@ def _write_splits(tmp: Path, scratch: Path, offsets: array, n_test: int, shuffle
 
 def _next_steps(rel: str, n_test: int, target_format: str, n_skipped: int) -> list[str]:
     steps = [
-        f"verify_masking on {rel}/train.jsonl with the model's tokenizer before training.",
+        f"verify_masking(dataset='{rel}', tokenizer=<the model you will train>) before training.",
         f"Recipe: dataset_name: {rel} (dataset_train_split: train"
         + (", dataset_test_split: test)" if n_test else ")")
         + (" — prompt/completion: TRL masks the prompt (completion_only_loss)." if target_format ==
@@ -930,58 +964,58 @@ PROGRESS_EVERY_ROWS = 1000  # a report per thousand rows; the server throttles f
 
 
 def convert_dataset(
-    dataset: Annotated[str, Field(description="JSONL/JSON/CSV/Parquet file, a directory of them or "
-                                              "a datasets.save_to_disk directory in the workspace, "
-                                              "or a hub dataset id (when online).")],
-    output_dir: Annotated[str, Field(description="directory to create (workspace-relative); gets "
-                                                 "train.jsonl and, with test_size, test.jsonl.")],
+    dataset: Annotated[str, Field(description=DATASET_DOC)],
+    output_dir: str,
     target_format: Annotated[Literal["messages", "prompt_completion"], Field(
-        description="prompt_completion (conversational; completion-only loss, recommended) or "
-                    "messages (whole conversation; needs assistant_only_loss to mask prompts).")] = "prompt_completion",
-    system_prompt: Annotated[Optional[str], Field(
-        description="system message added to rows that have none.")] = None,
-    column_mapping: Annotated[Optional[dict[str, str]], Field(
-        description=MAPPING_DOC + " Default: the detected mapping (see inspect_dataset).")] = None,
-    source_format: Annotated[Optional[SourceFormat], Field(
-        description="source format; default: auto-detect.")] = None,
-    test_size: Annotated[float, Field(ge=0, description="test split: a fraction (<1) or a row count "
-                                                        "(>=1); 0 = no test split.")] = 0,
-    seed: Annotated[int, Field(description="seed for shuffle and split.")] = 42,
-    dedupe: Annotated[Literal["none", "exact", "normalized"], Field(
-        description="drop duplicate output rows, compared after mapping (conversation + tools, not "
-                    "unmapped columns): exact, or normalized (case, Unicode, whitespace).")] = "exact",
-    tokenizer: Annotated[Optional[str], Field(
-        description="model or tokenizer directory: render every row with its chat template (rows it "
-                    "rejects or renders without their tool calls are skipped, with the template's "
-                    "error) and measure token lengths.")] = None,
-    max_length: Annotated[Optional[int], Field(
-        ge=1, description="with tokenizer: skip rows longer than this many tokens.")] = None,
-    shuffle: Annotated[bool, Field(description="shuffle rows before splitting and writing.")] = True,
-    strict: Annotated[bool, Field(description="fail on the first bad row instead of skipping it.")] = False,
-    overwrite: Annotated[bool, Field(description="replace a non-empty output_dir.")] = False,
-    limit: Annotated[Optional[int], Field(ge=1, description="read at most this many source rows.")] = None,
-    split: Annotated[str, Field(description="source split (hub datasets and directories).")] = "train",
-    subset: Annotated[Optional[str], Field(description="hub dataset config (subset) name.")] = None,
-    drop_media: Annotated[bool, Field(description=DROP_MEDIA_DOC)] = False,
-    merge_assistant_turns: Annotated[bool, Field(description=MERGE_DOC)] = False,
+        description="prompt_completion (recommended) or messages.")] = "prompt_completion",
+    system_prompt: Optional[str] = None,
+    column_mapping: Optional[dict[str, str]] = None,
+    source_format: Optional[SourceFormat] = None,
+    test_size: Annotated[float, Field(ge=0, description="Fraction (<1) or row count; 0: none.")] = 0,
+    seed: int = 42,
+    dedupe: Literal["none", "exact", "normalized"] = "exact",
+    tokenizer: Tokenizer = None,
+    max_length: Annotated[Optional[int], Field(ge=1, description="With tokenizer: skip longer rows.")] = None,
+    shuffle: bool = True,
+    strict: bool = False,
+    overwrite: bool = False,
+    limit: Annotated[Optional[int], Field(ge=1)] = None,
+    split: str = "train",
+    subset: Optional[str] = None,
+    drop_media: bool = False,
+    merge_assistant_turns: bool = False,
     chat_template_kwargs: Annotated[Optional[dict[str, Any]], Field(
-        description="written on every row as the chat_template_kwargs column TRL passes to the "
-                    "template, e.g. {\"enable_thinking\": false} for a non-thinking Qwen3 "
-                    "fine-tune.")] = None,
+        description='Column TRL passes to the template, e.g. {"enable_thinking": false}.')] = None,
 ) -> ConvertReport:
-    """Convert a dataset into the JSONL TRL's SFTTrainer trains on, and report what happened.
-    Writes the directory output_dir with train.jsonl (and test.jsonl when test_size > 0), one JSON
-    object per line; `load_dataset(output_dir)` and a recipe's `dataset_name: output_dir` read it.
-    prompt_completion (default) rows are {"prompt": [system?, user, ...], "completion":
-    [last assistant turn]}: every turn before the last assistant turn (tool calls and tool results
+    """Convert a dataset to the JSONL TRL trains on (output_dir/train.jsonl, test.jsonl), skipping
+    bad rows with their line numbers; written atomically. Then verify_masking on output_dir.
+
+    prompt_completion (default) rows are {"prompt": [system?, user, ...], "completion": [last
+    assistant turn]}: every turn before the last assistant turn (tool calls and tool results
     included) is prompt, so TRL trains on the final answer only. messages rows are {"messages":
-    [...]}. Tools travel in a `tools` column; tool-call turns get "content": "" and object
-    arguments, legacy function_call turns become tool_calls. Rows with problems (role order,
-    empty content, image parts, ...) are skipped with their line numbers; duplicates and rows
-    over max_length tokens are dropped; what was changed is in `changes`. Streams: large files
-    convert in constant memory. Written atomically: a failure leaves nothing, and temporary
-    folders of interrupted earlier calls are removed. Call inspect_dataset first; then
-    verify_masking on the output. Returns a ConvertReport."""
+    [...]} (needs assistant_only_loss to mask prompts). Tools travel in a `tools` column; tool-call
+    turns get "content": "" and object arguments; legacy function_call turns become tool_calls.
+    Rows with problems (role order, empty content, image parts, ...) are skipped with their line
+    numbers; duplicates and rows over max_length tokens are dropped; what was changed is in
+    `changes`. Streams: large files convert in constant memory. A failure leaves nothing, and
+    temporary folders of interrupted earlier calls are removed. `load_dataset(output_dir)` and a
+    recipe's `dataset_name: output_dir` read the result.
+
+    Parameters:
+    - dataset, split, subset, source_format, column_mapping, drop_media, merge_assistant_turns:
+      as in inspect_dataset (its suggested_conversion.arguments fill them).
+    - output_dir: the folder to create. system_prompt: added to rows that have none.
+    - test_size: a fraction (<1) or a row count (>=1) for test.jsonl; 0 = no test split.
+    - seed, shuffle: rows are shuffled (with seed) before splitting and writing.
+    - dedupe: drop duplicate output rows, compared after mapping (conversation + tools, not
+      unmapped columns): exact, or normalized (case, Unicode, whitespace).
+    - tokenizer: render every row with its chat template (rows it rejects or renders without their
+      tool calls are skipped, with the template's error) and measure token lengths.
+    - strict: fail on the first bad row instead of skipping it. overwrite: replace a non-empty
+      output_dir. limit: read at most this many source rows.
+    - chat_template_kwargs: written on every row as the chat_template_kwargs column TRL passes to
+      the template, e.g. {"enable_thinking": false} for a non-thinking Qwen3 fine-tune.
+    """
     t0 = time.monotonic()
     _check_convert_args(target_format, dedupe, test_size, tokenizer, max_length)
     ws = get_workspace()
@@ -1022,7 +1056,11 @@ def convert_dataset(
                      f"'{dedupe}'): rows that differ only in unmapped columns count as duplicates "
                      "here, unlike inspect_dataset's whole-row duplicate_rows.")
     c = conv.counts
+    split_line = f"{n - n_test:,} train" + (f" + {n_test:,} test" if n_test else "")
+    summary = (f"Wrote {split_line} rows ({target_format}, from {det.format}) to {rel}; "
+               f"{n_skipped:,} skipped, {conv.dupes.count:,} duplicates dropped.")
     return ConvertReport(
+        summary=short(summary, SUMMARY_MAX_CHARS),
         output_dir=rel, files={k: ws.rel(out_path / v.name) for k, v in files.items()},
         target_format=target_format, source_format=det.format, column_mapping=det.mapping,
         location_unit=src.unit,

@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .params import (AssistantOnlyLoss, ChatTemplate, CompletionOnlyLoss, MaxLength, Packing,
+                     Tokenizer)
+from .results import SUMMARY_MAX_CHARS, ToolResult
 from .template_guard import check_template
 from .workspace import get_workspace, short
 
@@ -84,7 +87,7 @@ class MaskingSettings(BaseModel):
                                     "{% generation %} template for assistant_only_loss.")
 
 
-class MaskingReport(BaseModel):
+class MaskingReport(ToolResult):
     """What SFTTrainer will train on, with a verdict and the evidence behind it."""
     verdict: Literal["pass", "warn", "fail"]
     reasons: list[Reason]
@@ -318,46 +321,43 @@ def _stop_ids(tok, tok_dir: Path) -> set[int]:
 # The tool
 # --------------------------------------------------------------------------------------------
 def verify_masking(
-    dataset: Annotated[Optional[str], Field(description="Converted dataset directory "
-                                                        "(train.jsonl/test.jsonl) or a .jsonl/.json "
-                                                        "file, in the workspace; from the recipe "
-                                                        "when recipe is given.")] = None,
-    tokenizer: Annotated[Optional[str], Field(description="Model or tokenizer directory in the "
-                                                          "workspace; from the recipe when "
-                                                          "given.")] = None,
-    completion_only_loss: Annotated[Optional[bool], Field(
-        description="SFTConfig.completion_only_loss; None = TRL default (on for prompt/completion "
-                    "data).")] = None,
-    assistant_only_loss: Annotated[bool, Field(
-        description="SFTConfig.assistant_only_loss (needs {% generation %} markers).")] = False,
-    packing: Annotated[bool, Field(description="SFTConfig.packing (BFD, padding-free).")] = False,
-    max_length: Annotated[Optional[int], Field(ge=1, description="SFTConfig.max_length; None = no "
-                                                                 "truncation.")] = 1024,
-    chat_template: Annotated[Optional[str], Field(
-        description="A .jinja file in the workspace, 'trl:<name>' (a template TRL ships, e.g. "
-                    "trl:qwen3_training.jinja, copied to chat_templates/), or template text; it "
-                    "replaces the tokenizer's template as chat_template_path does.")] = None,
-    split: Annotated[str, Field(description="Split file of a dataset directory.")] = "train",
-    sample_size: Annotated[int, Field(ge=1, le=2000, description="Rows checked, spread over "
-                                                                 "the split.")] = 64,
-    show_examples: Annotated[int, Field(ge=0, le=20, description="Decoded examples in the "
-                                                                 "report.")] = 3,
+    dataset: Optional[str] = None,
+    tokenizer: Tokenizer = None,
+    completion_only_loss: CompletionOnlyLoss = None,
+    assistant_only_loss: AssistantOnlyLoss = False,
+    packing: Packing = False,
+    max_length: MaxLength = 1024,
+    chat_template: ChatTemplate = None,
+    split: str = "train",
+    sample_size: Annotated[int, Field(ge=1, le=2000)] = 64,
+    show_examples: Annotated[int, Field(ge=0, le=20)] = 3,
     recipe: Annotated[Optional[str], Field(
-        description="A recipe YAML: its dataset, model (tokenizer), chat_template_path and masking "
-                    "settings are used (they replace the masking arguments), so the report is "
-                    "the one launch_training looks for.")] = None,
+        description="Recipe YAML: its dataset, model and masking settings.")] = None,
 ) -> MaskingReport:
-    """Prove which tokens SFTTrainer will train on, before training. Call it after
-    convert_dataset and before launch_training (which requires a passing report), with the
-    recipe's masking settings.
+    """Prove which tokens SFTTrainer will train on, with TRL's own preparation: pass/warn/fail
+    with fixes. Call after convert_dataset; launch_training needs a passing report.
 
     Runs TRL's own SFT dataset preparation and collator on a sample (tokenisation, chat
     template, completion/assistant-only masks, truncation, packing), then attributes every
     token to system/user/assistant/tool/template. Returns verdict pass/warn/fail with reasons
     and fixes (e.g. messages data trains user turns, EOS never trained, template differs from
-    inference, truncation cuts replies, missing {% generation %} markers), the share of tokens
-    trained, trained tokens per role, decoded examples with trained spans in [[...]], and the
-    path of the saved JSON report.
+    inference, truncation cuts replies, missing {% generation %} markers, reasoning stripped by
+    the template), the share of tokens trained, trained tokens per role, decoded examples with
+    trained spans in [[...]], and the path of the saved JSON report.
+
+    Parameters:
+    - dataset: converted dataset directory (train.jsonl/test.jsonl) or a .jsonl/.json file in the
+      workspace; split picks the file of a directory. tokenizer: model or tokenizer directory.
+    - completion_only_loss: None = TRL's default (on for prompt/completion data).
+      assistant_only_loss needs {% generation %} markers (TRL swaps in its training variant of a
+      shipped template). packing: BFD, padding-free. max_length: None = no truncation.
+    - chat_template: a .jinja file in the workspace, 'trl:<name>' (a template TRL ships, e.g.
+      trl:qwen3_training.jinja, copied to chat_templates/), or template text; it replaces the
+      tokenizer's template as chat_template_path does.
+    - sample_size: rows whose masking is checked, spread over the split (lengths and truncation
+      are counted on every row). show_examples: decoded examples in the report.
+    - recipe: a recipe YAML whose dataset, model (tokenizer), chat_template_path and masking
+      settings replace the arguments, so the report is the one launch_training looks for.
     """
     from .progress import report
     if recipe is not None:
@@ -632,6 +632,7 @@ def _finish(fields: dict, reasons: list[Reason], zero: int = 0) -> MaskingReport
     sev = {r.severity for r in reasons}
     verdict = "fail" if "fail" in sev else "warn" if "warn" in sev else "pass"
     report = MaskingReport(verdict=verdict, reasons=reasons, **fields)
+    report.summary, report.next_steps = _summary(report), _next(report)
     ws = get_workspace()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     ws.owned_dir(REPORT_DIR)  # a real folder: a symlink out is refused
@@ -639,6 +640,34 @@ def _finish(fields: dict, reasons: list[Reason], zero: int = 0) -> MaskingReport
     report.report_path = str(ws.resolve(rel, field="report_path"))
     ws.write_text(rel, report.model_dump_json(indent=2), field="report_path")
     return report
+
+
+def _summary(r: MaskingReport) -> str:
+    """'Masking passes: 48 of 48 replies fully trained, 31% of tokens trained, no prompt token
+    trained.' then the most harmful reason."""
+    word = {"pass": "passes", "warn": "passes with warnings", "fail": "fails"}[r.verdict]
+    parts = []
+    if r.assistant_turns:
+        parts.append(f"{r.assistant_turns_fully_trained} of {r.assistant_turns} replies fully trained")
+    if r.trained_share:
+        parts.append(f"{r.trained_share.mean:.0%} of tokens trained")
+    parts.append("no prompt token trained" if not r.prompt_tokens_trained
+                 else f"{r.prompt_tokens_trained} prompt tokens trained")
+    text = f"Masking {word} on {r.examples_checked} rows: " + ", ".join(parts) + "."
+    worst = next((x for x in r.reasons if x.severity != "info"), None)
+    if worst:
+        text += f" {worst.severity.upper()} {worst.code}: {worst.message}"
+    return short(text, SUMMARY_MAX_CHARS)
+
+
+def _next(r: MaskingReport) -> list[str]:
+    s = r.settings
+    if r.verdict == "fail":
+        fixes = [f"{x.code}: {x.fix}" for x in r.reasons if x.severity == "fail" and x.fix]
+        return fixes[:2] + [f"verify_masking(dataset='{s.dataset}', tokenizer='{s.tokenizer}', ...) "
+                            "again after the fix."]
+    return [f"generate_recipe(model='{s.tokenizer}', dataset='{s.dataset}', ...) with these masking "
+            "settings (or launch_training on a recipe that has them)."]
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ GpuIds = Annotated[Optional[list[int]], Field(description="GPU indices to use (C
 
 # Sequence and masking settings (SFTConfig names)
 SeqLen = Annotated[Optional[int], Field(ge=16, description="max_length: tokens per sequence or packed block.")]
-MaxLength = Annotated[Optional[int], Field(ge=1, description="SFTConfig.max_length; rows beyond it are cut.")]
-Tokenizer = Annotated[Optional[str], Field(description="Model or tokenizer dir (or hub id).")]
+# TRL's own names (SFTConfig fields) need no words; the help resource explains them.
+MaxLength = Annotated[Optional[int], Field(ge=1)]
+Tokenizer = Annotated[Optional[str], Field(description="Model or tokenizer dir.")]
 ChatTemplate = Annotated[Optional[str], Field(
-    description="Template file, 'trl:<name>' (TRL's shipped ones), or omit for the tokenizer's.")]
-Packing = Annotated[bool, Field(description="SFTConfig.packing (BFD, padding-free).")]
-AssistantOnlyLoss = Annotated[bool, Field(description="SFTConfig.assistant_only_loss.")]
-CompletionOnlyLoss = Annotated[Optional[bool], Field(description="SFTConfig.completion_only_loss; "
-                                                                 "omit to let TRL decide.")]
+    description="File, 'trl:<name>', or omit: the tokenizer's.")]
+Packing = bool
+AssistantOnlyLoss = bool
+CompletionOnlyLoss = Optional[bool]  # None: TRL decides (on for prompt/completion data)
 
 # Paths (all inside the workspace)
 OutputDir = Annotated[Optional[str], Field(description="Where to write (default: a new dir under "

@@ -23,6 +23,7 @@ from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describ
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
 from .launch_plan import plan_launch
+from .params import GpuIds
 from .train import infer_method
 from .workspace import exclusive, get_workspace, short
 
@@ -350,41 +351,42 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
 
 
 def launch_training(
-    recipe: Annotated[str, Field(description="Recipe YAML in the workspace (from generate_recipe; "
-                                             "validated again here).")],
-    num_processes: Annotated[Optional[int], Field(ge=1, le=1024, description="Processes in all (default: one "
-                                                                             "per gpu_ids, else the accelerate "
-                                                                             "config's, else 1).")] = None,
-    gpu_ids: Annotated[Optional[list[int]], Field(description="GPUs this run uses (CUDA_VISIBLE_DEVICES); "
-                                                              "other runs may use the others.")] = None,
-    accelerate_config: Annotated[Optional[str], Field(
-        description="accelerate config YAML (DeepSpeed ZeRO / FSDP / multi-GPU) in the workspace; "
-                    "implies accelerate launch.")] = None,
-    require_masking_report: Annotated[bool, Field(
-        description="Refuse to start without a verify_masking report (pass or warn) for exactly this "
-                    "dataset, tokenizer and masking settings.")] = True,
-    require_memory_fit: Annotated[bool, Field(
-        description="Refuse to start when the memory estimate says it does not fit the GPU.")] = True,
-    force: Annotated[bool, Field(description="Start even if another run is using the same GPUs "
-                                             "(or the CPU).")] = False,
-    name: Annotated[Optional[str], Field(max_length=60, description="A label for the run (default: the "
-                                                                    "output_dir name).")] = None,
-    allow_remote_code: Annotated[bool, Field(
-        description="Allow a recipe with trust_remote_code: true (runs the model repo's Python code in "
-                    "the training process). Off by default.")] = False,
-    dry_run: Annotated[bool, Field(description="Run every check and return the exact command and "
-                                               "environment, without starting anything.")] = False,
+    recipe: Annotated[str, Field(description="Recipe YAML (from generate_recipe).")],
+    num_processes: Annotated[Optional[int], Field(ge=1, le=1024)] = None,
+    gpu_ids: GpuIds = None,
+    accelerate_config: Optional[str] = None,
+    require_masking_report: bool = True,
+    require_memory_fit: bool = True,
+    force: bool = False,
+    name: Annotated[Optional[str], Field(max_length=60)] = None,
+    allow_remote_code: bool = False,
+    dry_run: bool = False,
     overrides: Annotated[Optional[dict[str, Any]], Field(
-        description="Recipe keys to change for this launch (null removes one), e.g. training_status's "
-                    "suggested_overrides after an OOM; written to <recipe>.override.yaml first.")] = None,
+        description="Recipe keys to change (null removes).")] = None,
 ) -> LaunchResult:
-    """Start training in the background and return its run id at once. Checks first: the recipe is
-    valid (validate_recipe), the memory estimate fits, a passing verify_masking report exists for
-    its dataset/tokenizer/settings, and no other run holds the GPUs. Runs `python -m tools.train
-    --config <recipe>` (or `accelerate launch --num_processes N [--config_file F] -m tools.train`)
-    with the workspace as cwd; output in <workspace>/runs/<run_id>/log.txt. If output_dir already
-    holds a checkpoint-* the run resumes from the last one. Then poll training_status every
-    30-60 s; stop_training stops it with a checkpoint."""
+    """Start training in the background after its checks (valid recipe, memory fit, passing
+    masking report, free GPUs); returns a run id at once. Poll training_status every 30-60 s.
+
+    Runs `python -m tools.train --config <recipe>` (or `accelerate launch --num_processes N
+    [--config_file F] -m tools.train`; `trainer: dpo` recipes run tools.train_dpo) with the
+    workspace as cwd; output in <workspace>/runs/<run_id>/log.txt. If output_dir already holds a
+    checkpoint-* the run resumes from the last one. stop_training stops it with a checkpoint.
+
+    Parameters:
+    - num_processes: processes in all (default: one per gpu_ids, else the accelerate config's,
+      else 1). gpu_ids: the GPUs this run uses (CUDA_VISIBLE_DEVICES); other runs may use others.
+    - accelerate_config: an accelerate config YAML: DeepSpeed ZeRO / FSDP / multi-GPU config in the workspace; implies
+      accelerate launch.
+    - require_masking_report: refuse to start without a verify_masking report (pass or warn) for
+      exactly this dataset, tokenizer and masking settings. require_memory_fit: refuse when the
+      memory estimate says it does not fit. force: start even if another run uses the same GPUs.
+    - name: a label for the run (default: the output_dir name).
+    - allow_remote_code: allow a recipe with trust_remote_code: true (runs the model repo's Python
+      code in the training process). Off by default.
+    - dry_run: run every check and return the exact command and environment; start nothing.
+    - overrides: recipe keys to change for this launch (null removes one), e.g. training_status's
+      suggested_overrides after an OOM; written to <recipe>.override.yaml first.
+    """
     ws = get_workspace()
     rpath = ws.resolve(recipe, field="recipe", must_exist=True, kind="file")
     cfg = _load_recipe_yaml(rpath)
@@ -590,14 +592,16 @@ def _ts(iso: Optional[str]) -> Optional[float]:
 
 
 def training_status(
-    run_id: Annotated[str, Field(description="Run id from launch_training or list_runs.")],
-    log_lines: Annotated[int, Field(ge=0, le=500, description="Last log lines to include.")] = 20,
-    plot: Annotated[bool, Field(description="Render the loss curve PNG (returned as an image).")] = True,
+    run_id: str,
+    log_lines: Annotated[int, Field(ge=0, le=500)] = 20,
+    plot: Annotated[bool, Field(description="Add the loss-curve image.")] = True,
 ) -> TrainingStatus:
-    """State of a run (queued/running/completed/failed/stopped) with step/total, epoch, latest
-    loss, learning rate, tokens/s, ETA, peak memory, the last log lines, the exit code and, when
-    failed, the exception from the log; plus a loss-curve image. Works for any run in the
-    workspace, including those started before a server restart."""
+    """State of a training or evaluation run: step/total, loss, learning rate, tokens/s, ETA, peak
+    memory, log tail, the error when failed (with overrides after an OOM), a loss-curve image.
+
+    Works for any run in the workspace, including those started before a server restart.
+    Evaluation runs (evaluate background=true) show their metrics table in run_summary.
+    log_lines: the last log lines included."""
     rdir = run_dir_for(run_id)
     d = describe(rdir)
     meta = d.get("meta") or {}
@@ -862,13 +866,15 @@ class StopResult(ToolResult):
 
 
 def stop_training(
-    run_id: Annotated[str, Field(description="Run id to stop.")],
-    timeout_s: Annotated[int, Field(ge=0, le=3600, description="Seconds to wait for the graceful stop "
-                                                               "(checkpoint save) before SIGKILL.")] = 60,
+    run_id: str,
+    timeout_s: Annotated[int, Field(ge=0, le=3600, description="Wait for the checkpoint before "
+                                                               "SIGKILL.")] = 60,
 ) -> StopResult:
-    """Stop a run: SIGTERM to its process group (tools.train saves a checkpoint at the end of the
-    current step and exits), wait up to timeout_s, then SIGKILL everything left. The run's state
-    becomes stopped; relaunching the same recipe resumes from the checkpoint."""
+    """Stop a run, saving a checkpoint (SIGTERM, then SIGKILL after timeout_s); relaunching the
+    same recipe resumes from it.
+
+    tools.train saves a checkpoint at the end of the current step and exits on SIGTERM; whatever
+    is left of its process group after timeout_s is killed. The run's state becomes stopped."""
     rdir = run_dir_for(run_id)
     d = describe(rdir)
     prev = d["state"]
@@ -942,7 +948,7 @@ class RunList(ToolResult):
 
 def list_runs() -> RunList:
     """Every run in the workspace (oldest first) with its state, kind, name, creation time and
-    output_dir; read from disk, so runs from before a server restart are included."""
+    output_dir, including runs from before a server restart."""
     from .run_registry import runs_root
     runs = []
     skipped: list[str] = []
