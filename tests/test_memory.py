@@ -187,7 +187,18 @@ def test_mcp_estimate_memory(ws):
                                                       "packing": True, "liger": True, "gpu": "H100",
                                                       "optimizer": "adamw_torch_fused"})
             assert not r.is_error
-            assert 3.2 < r.structured_content["peak_allocated_gib"] < 4.0 and r.structured_content["fits"] is True
+            got = r.structured_content
+            assert 3.2 < got["peak_allocated_gib"] < 4.0 and got["fits"] is True
+            # the text an agent reads: the summary with the total, then the next call with real arguments
+            assert got["summary"] in r.content[0].text and f"{got['total_gib']:.1f} GiB per GPU" in got["summary"]
+            assert "Fits H100 80GB" in got["summary"]
+            assert got["next_steps"] == ["generate_recipe(model='Llama-3.2-1B', dataset='<converted dataset dir>', "
+                                         "method='lora', gpu='H100')"]
+            no = await c.call_tool("estimate_memory", {"model": "Llama-3.1-70B", "method": "qlora", "num_gpus": 2,
+                                                       "sharding": "fsdp", "cpu_offload": True, "gpu": "RTX 4090"})
+            assert "while the model loads" in no.structured_content["summary"] and "Does not fit" in no.content[0].text
+            assert no.structured_content["next_steps"] == ["recommend_method(model='Llama-3.1-70B', gpu='RTX 4090', "
+                                                           "num_gpus=2)"]
             bad = await c.call_tool("estimate_memory", {"model": "Llama-3.2-1B", "micro_batch": 0})
             assert bad.is_error and "micro_batch" in bad.content[0].text
             long_ = await c.call_tool("estimate_memory", {"model": "Llama-3.2-1B", "seq_len": 10**6})

@@ -9,6 +9,7 @@ its output), with TRL 1.16's fused LM head, which never materialises the logits.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Union
@@ -17,6 +18,8 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .models import ModelFacts, get_model_facts
+from .params import Gpu, GpuMemoryGib, NumGpus, Packing, SeqLen
+from .results import ToolResult
 
 GIB = 2 ** 30
 FITS_FRACTION = 0.9  # a plan fits when its total stays within 90% of the GPU's memory
@@ -88,7 +91,7 @@ def find_gpu(name: str) -> GPUSpec | None:
     return None
 
 
-class MemoryEstimate(BaseModel):
+class MemoryEstimate(ToolResult):
     """Estimated per-GPU training memory, with the breakdown at the peak phase."""
     model: str
     method: str
@@ -104,8 +107,8 @@ class MemoryEstimate(BaseModel):
                                          "is decided on it).")
     gpu: Optional[str] = None
     gpu_memory_gib: Optional[float] = None
-    fits: Optional[bool] = Field(None, description=f"total_gib <= {FITS_FRACTION:.0%} of gpu_memory_gib; "
-                                                   "null when no GPU size is known.")
+    fits: Optional[bool] = Field(None, description=f"total_gib <= {FITS_FRACTION:.0%} of gpu_memory_gib "
+                                                   "(FITS_FRACTION); null when no GPU size is known.")
     fits_threshold_gib: Optional[float] = None
     headroom_gib: Optional[float] = None
     assumptions: list[str] = []
@@ -143,42 +146,73 @@ _OPT_BYTES = {  # optimizer state bytes per trainable parameter; None = 2 x the 
 
 
 def estimate_memory(
-    model: Annotated[str, Field(description="Model directory in the workspace, hub id, or catalog name.")],
-    method: Annotated[Literal["full", "lora", "qlora", "spectrum"], Field(description="Training method.")] = "qlora",
-    seq_len: Annotated[int, Field(ge=1, description="max_length: tokens per sequence.")] = 1024,
-    micro_batch: Annotated[int, Field(ge=1, description="per_device_train_batch_size.")] = 1,
-    gradient_checkpointing: Annotated[bool, Field(description="Recompute each layer in backward.")] = True,
-    packing: Annotated[bool, Field(description="TRL packing (bfd, padding-free).")] = False,
-    optimizer: Annotated[str, Field(description="TRL/transformers optim name, e.g. adamw_torch, "
-                                                "adamw_torch_fused, adamw_8bit, paged_adamw_8bit.")] = "adamw_torch",
-    dtype: Annotated[Literal["bf16", "fp16", "fp32"], Field(description="Weight/compute dtype.")] = "bf16",
-    liger: Annotated[bool, Field(description="use_liger_kernel (fused RMSNorm, RoPE, SwiGLU).")] = False,
-    lora_r: Annotated[int, Field(ge=1, description="LoRA rank.")] = 16,
-    lora_target_modules: Annotated[Union[str, list[str]], Field(
-        description="'all-linear' or module names such as ['q_proj','v_proj'].")] = "all-linear",
-    modules_to_save: Annotated[Optional[list[str]], Field(
-        description="Fully trained modules next to LoRA, e.g. ['lm_head','embed_tokens'].")] = None,
-    spectrum_fraction: Annotated[float, Field(gt=0, le=1, description="Spectrum: share of linear layers trained.")] = 0.3,
-    num_gpus: Annotated[int, Field(ge=1, description="GPUs the run uses.")] = 1,
-    sharding: Annotated[Literal["none", "zero2", "zero3", "fsdp"], Field(
-        description="none (single GPU or DDP), DeepSpeed ZeRO-2/3, or FSDP full shard.")] = "none",
-    cpu_offload: Annotated[bool, Field(description="Offload optimizer states (and ZeRO-3/FSDP parameters) to CPU.")] = False,
-    gpu: Annotated[Optional[str], Field(description="GPU model, e.g. 'H100', 'RTX 4090', 'A100 40GB', 'L4'.")] = None,
-    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="GPU memory in GiB (overrides gpu).")] = None,
-    attn_implementation: Annotated[Literal["sdpa", "flash_attention_2", "eager"], Field(
-        description="Attention kernel.")] = "sdpa",
-    lora_dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.05,
-    fp32_master_weights: Annotated[Optional[bool], Field(
-        description="Trainable weights kept in fp32 (full/Spectrum, 16-bit, no ZeRO/FSDP). Default: "
-                    "what tools.train does, i.e. on for those runs.")] = None,
+    model: Annotated[str, Field(description="Workspace dir, hub id or catalog name.")],
+    method: Literal["full", "lora", "qlora", "spectrum"] = "qlora",
+    seq_len: SeqLen = 1024,
+    micro_batch: Annotated[int, Field(ge=1)] = 1,
+    gradient_checkpointing: bool = True,
+    packing: Packing = True,
+    optimizer: Annotated[str, Field(description="transformers optim name.")] = "adamw_torch_fused",
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+    liger: bool = False,
+    lora_r: Annotated[int, Field(ge=1)] = 16,
+    lora_target_modules: Union[str, list[str]] = "all-linear",
+    modules_to_save: Optional[list[str]] = None,
+    spectrum_fraction: Annotated[float, Field(gt=0, le=1)] = 0.3,
+    num_gpus: NumGpus = 1,
+    sharding: Literal["none", "zero2", "zero3", "fsdp"] = "none",
+    cpu_offload: bool = False,
+    gpu: Gpu = None,
+    gpu_memory_gib: GpuMemoryGib = None,
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa",
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05,
+    fp32_master_weights: Optional[bool] = None,
 ) -> MemoryEstimate:
-    """Estimate per-GPU peak memory of a TRL SFT run before launching it: weights, trainable
-    parameters, gradients, optimizer states, activations, loss buffers, CUDA context and
-    allocator slack, the step phase where the peak happens, and whether it fits the GPU (total
-    within 90% of its memory). Accurate to about +-10% of torch's peak allocated memory on
-    measured H100 runs. Use it for what-ifs (batch, sequence length, checkpointing, method)."""
+    """Estimate per-GPU memory of a TRL SFT run (load, each step phase, allocator reserve) and
+    whether it fits a GPU; for what-ifs on batch, length, method and layout.
+
+    Counts weights, trainable parameters, gradients, optimizer states, activations, loss buffers,
+    the load-time peak (bitsandbytes puts the whole 4-bit model on every GPU before ZeRO/FSDP
+    shard it), the caching allocator's reserve and the CUDA context; `fits` is decided on that
+    total against FITS_FRACTION of the GPU's memory. Measured accuracy on 15 H100 runs:
+    references/memory.md. The defaults are the plan's (recommend_method, generate_recipe):
+    packing, fused AdamW, SDPA, LoRA r 16 on all linear layers.
+
+    Parameters:
+    - method: full, lora, qlora (4-bit NF4 base) or spectrum (a share of the layers trained).
+    - seq_len: max_length, tokens per sequence or packed block; micro_batch:
+      per_device_train_batch_size.
+    - gradient_checkpointing: recompute each layer in backward; packing: TRL bfd, padding-free.
+    - optimizer: a transformers `optim` name (adamw_torch, adamw_torch_fused, adamw_8bit,
+      paged_adamw_8bit, adafactor, ...); liger: use_liger_kernel (fused RMSNorm, RoPE, SwiGLU).
+    - lora_target_modules: 'all-linear' or module names; modules_to_save: fully trained modules
+      next to LoRA (['lm_head', 'embed_tokens']).
+    - spectrum_fraction: Spectrum's share of each linear type trained.
+    - num_gpus, sharding (none = one GPU or DDP; zero2, zero3, fsdp = FSDP2 full shard),
+      cpu_offload (ZeRO/FSDP only).
+    - gpu or gpu_memory_gib: the GPU to check `fits` against; omitted: no fit decision.
+    - fp32_master_weights: trainable weights kept in fp32 (default: what tools.train does, on for
+      full/Spectrum 16-bit runs without ZeRO/FSDP)."""
     f = get_model_facts(model) if isinstance(model, str) else model
-    return _estimate(f, **{k: v for k, v in locals().items() if k not in ("model", "f")})
+    settings = {k: v for k, v in locals().items() if k not in ("model", "f")}
+    settings["seq_len"] = seq_len or 1024
+    settings["num_gpus"] = num_gpus or 1
+    est = _estimate(f, **settings)
+    est.next_steps = _next_steps(est, model if isinstance(model, str) else f.name, settings)
+    return est
+
+
+def _next_steps(est: MemoryEstimate, model: str, s: dict) -> list[str]:
+    """What to call after an estimate: write the recipe when it fits, search when it does not."""
+    where = f"gpu='{s['gpu']}'" if s["gpu"] else (f"gpu_memory_gib={s['gpu_memory_gib']:g}"
+                                                 if s["gpu_memory_gib"] else "gpu='<your GPU>'")
+    gpus = f", num_gpus={s['num_gpus']}" if s["num_gpus"] > 1 else ""
+    if est.fits is None:
+        return ["detect_hardware()", f"estimate_memory(model='{model}', method='{s['method']}', {where}{gpus})"]
+    if est.fits:
+        return [f"generate_recipe(model='{model}', dataset='<converted dataset dir>', method='{s['method']}', "
+                f"{where}{gpus})"]
+    return [f"recommend_method(model='{model}', {where}{gpus})"]
 
 
 def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r):
@@ -508,13 +542,28 @@ def _result(e: _Est, p: _Params, phases: dict[str, dict[str, float]]) -> MemoryE
         fits = total <= FITS_FRACTION * vram
         head = round(FITS_FRACTION * vram - total, 2)
     return MemoryEstimate(
-        model=e.f.name, method=s["method"], total_params=e.f.total_params, trainable_params=int(p.trainable),
+        summary=_summary(e, reserved_phase, total, totals[reserved_phase], fits, thr), model=e.f.name, method=s["method"],
+        total_params=e.f.total_params, trainable_params=int(p.trainable),
         breakdown_gib=breakdown, peak_phase=reserved_phase,
         phases_gib={k: round(v / GIB, 3) for k, v in totals.items()},
         peak_allocated_gib=round(peak / GIB, 3), peak_reserved_gib=round(reserved / GIB, 3),
         total_gib=round(total, 3),
         gpu=spec.name if spec else None, gpu_memory_gib=vram, fits=fits, fits_threshold_gib=thr,
         headroom_gib=head, assumptions=e.assumptions, notes=e.notes)
+
+
+def _summary(e: _Est, phase: str, total: float, peak: float, fits: Optional[bool], thr: Optional[float]) -> str:
+    s = e.s
+    what = f"{e.f.name} {s['method']}" + (f" ({s['sharding']}, {s['num_gpus']} GPUs)" if s["sharding"] != "none"
+                                           else f" ({s['num_gpus']} GPUs)" if s["num_gpus"] > 1 else "")
+    when = "while the model loads" if phase == LOAD_PHASE else phase
+    text = (f"{what} needs {total:.1f} GiB per GPU ({peak / GIB:.1f} GiB allocated at the peak, {when}, "
+            "plus allocator reserve and CUDA context).")
+    if fits is None:
+        return text + " No GPU given, so no fit decision."
+    gpu = e.spec.name if e.spec and not s["gpu_memory_gib"] else f"a {e.vram:g} GiB GPU"
+    return text + (f" Fits {gpu}" if fits else f" Does not fit {gpu}") + \
+        f" (limit {thr:.1f} GiB = {FITS_FRACTION:.0%})."
 
 
 def _load(e: _Est, p: _Params, whole: _State) -> dict[str, float]:
@@ -557,11 +606,10 @@ def _load_note(e: _Est, load: float) -> str:
 
 
 def estimate_for(facts: ModelFacts, **kw) -> MemoryEstimate:
-    """estimate_memory on ModelFacts already loaded (the recommender calls this in a loop)."""
-    base = dict(method="qlora", seq_len=1024, micro_batch=1, gradient_checkpointing=True,
-                packing=False, optimizer="adamw_torch", dtype="bf16", liger=False, lora_r=16,
-                lora_target_modules="all-linear", modules_to_save=None, spectrum_fraction=0.3,
-                num_gpus=1, sharding="none", cpu_offload=False, gpu=None, gpu_memory_gib=None,
-                attn_implementation="sdpa", lora_dropout=0.05)
-    base.update(kw)
-    return _estimate(facts, **base)
+    """estimate_memory on ModelFacts already loaded (the recommender calls this in a loop), with
+    estimate_memory's own defaults for what is not given (one place for them: its signature)."""
+    return _estimate(facts, **{**_DEFAULTS, **kw})
+
+
+_DEFAULTS = {name: p.default for name, p in inspect.signature(estimate_memory).parameters.items()
+             if name != "model"}
