@@ -57,4 +57,18 @@ def test_mcp_detect_hardware(ws):
             r = await c.call_tool("detect_hardware", {})
             assert not r.is_error and r.structured_content["cpu_cores"] >= 1
             assert "transformers" in r.structured_content["packages"]
+            got = r.structured_content
+            assert f"{got['cpu_cores']} CPU cores" in got["summary"] and got["summary"] in r.content[0].text
+            assert got["next_steps"] and all(s.startswith("recommend_method(model=") for s in got["next_steps"])
     asyncio.run(go())
+
+
+def test_summary_names_the_gpus_and_what_is_missing(ws, monkeypatch):
+    gpus = [hardware.GPUInfo(index=i, name="Tesla T4", total_memory_gib=14.58, compute_capability="7.5",
+                             bf16_supported=False) for i in range(2)]
+    monkeypatch.setattr(hardware, "_gpus", lambda: (True, True, gpus, []))
+    monkeypatch.setattr(hardware, "_version", lambda p: None if p in ("flash-attn", "liger-kernel") else "1.0")
+    r = hardware.detect_hardware()
+    assert r.summary.startswith("2x Tesla T4 (15 GiB each, no bf16: fp16)")
+    assert "not installed: flash-attn, liger-kernel" in r.summary
+    assert r.next_steps == ["recommend_method(model='<hub id, catalog name or model dir>')"]

@@ -151,6 +151,9 @@ def test_mcp_get_model_facts(ws):
         async with Client(create_server()) as c:
             r = await c.call_tool("get_model_facts", {"model": "Qwen2.5-7B"})
             assert not r.is_error and r.structured_content["total_params"] == 7_615_616_512
+            got = r.structured_content  # the summary carries the count; the next call plans this model
+            assert "7.62B parameters" in got["summary"] and got["summary"] in r.content[0].text
+            assert got["next_steps"][0] == "recommend_method(model='Qwen2.5-7B')"
             bad = await c.call_tool("get_model_facts", {"model": "no-such-model-xyz"})
             assert bad.is_error and "model:" in bad.content[0].text
             again = await c.call_tool("get_model_facts", {"model": "Llama-3.2-1B"})

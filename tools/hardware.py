@@ -12,6 +12,7 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 from .memory import GIB
+from .results import ToolResult
 from .workspace import get_workspace
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "accelerate",
@@ -27,7 +28,7 @@ class GPUInfo(BaseModel):
     bf16_supported: bool
 
 
-class HardwareReport(BaseModel):
+class HardwareReport(ToolResult):
     """The machine as the planner sees it."""
     cuda_available: bool
     torch_installed: bool
@@ -99,10 +100,13 @@ def _gpus() -> tuple[bool, bool, list[GPUInfo], list[str]]:
 
 
 def detect_hardware() -> HardwareReport:
-    """Detect this machine: GPUs (name, VRAM total/free, compute capability, bf16), CUDA, CPU
-    cores, RAM, free disk at the workspace, and versions of torch, transformers, trl, peft,
-    bitsandbytes, accelerate, deepspeed, liger-kernel, flash-attn, lm-eval (null = not
-    installed). Call it first; recommend_method uses it when no hardware is described."""
+    """Detect this machine's GPUs (VRAM, bf16), CPU, RAM, free disk and training libraries. Call it
+    first; recommend_method uses it when no hardware is described.
+
+    GPUs: name, VRAM total and free, compute capability, bf16 support; CUDA availability; CPU
+    cores; RAM total and available; free disk at the workspace; versions of torch, transformers,
+    trl, peft, datasets, bitsandbytes, accelerate, deepspeed, liger-kernel, flash-attn, lm-eval
+    and mcp (null = not installed)."""
     torch_ok, cuda, gpus, warnings = _gpus()
     ram_total, ram_avail = _ram()
     ws = get_workspace()
@@ -116,10 +120,29 @@ def detect_hardware() -> HardwareReport:
         warnings.append("flash-attn is not installed: attention uses PyTorch SDPA.")
     if gpus and packages["liger-kernel"] is None:
         warnings.append("liger-kernel is not installed: install the 'gpu' extra for fused kernels.")
-    return HardwareReport(
+    report = HardwareReport(
         cuda_available=cuda, torch_installed=torch_ok, gpu_count=len(gpus), gpus=gpus,
         bf16_supported=bf16, cpu_cores=os.cpu_count() or 1,
         ram_total_gib=None if ram_total is None else round(ram_total, 2),
         ram_available_gib=None if ram_avail is None else round(ram_avail, 2),
         disk_free_gib=round(shutil.disk_usage(ws.root).free / GIB, 2), workspace=str(ws.root),
         packages=packages, warnings=warnings)
+    report.summary = _summary(report)
+    model = "<hub id, catalog name or model dir>"
+    report.next_steps = [f"recommend_method(model='{model}')"] if gpus else [
+        f"recommend_method(model='{model}', gpu='<the GPU you will train on>')",
+        "recommend_method(model='<a tiny model dir>')"]
+    return report
+
+
+def _summary(r: HardwareReport) -> str:
+    ram = f", {r.ram_available_gib:.0f} GiB RAM free" if r.ram_available_gib is not None else ""
+    host = f"{r.cpu_cores} CPU cores{ram}, {r.disk_free_gib:.0f} GiB free disk"
+    if not r.gpus:
+        why = "Torch is not installed" if not r.torch_installed else "No CUDA GPU"
+        return f"{why}: CPU only ({host}); only tiny models train in reasonable time."
+    names = sorted({g.name for g in r.gpus})
+    gpus = f"{r.gpu_count}x {' / '.join(names)} ({r.gpus[0].total_memory_gib:.0f} GiB each" + \
+        (", bf16)" if r.bf16_supported else ", no bf16: fp16)")
+    missing = [p for p in ("flash-attn", "liger-kernel") if r.packages.get(p) is None]
+    return f"{gpus}; {host}" + (f"; not installed: {', '.join(missing)}." if missing else ".")

@@ -15,10 +15,11 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .hub import hub_unreachable
+from .results import ToolResult
 from .workspace import check_path_text, get_workspace
 
 
-class ModelFacts(BaseModel):
+class ModelFacts(ToolResult):
     """Architecture numbers of a decoder-only transformer, and its computed parameter counts."""
     name: str
     source: Literal["local", "hub", "catalog"]
@@ -283,14 +284,36 @@ def _looks_local(model: str) -> bool:
 
 
 def get_model_facts(
-    model: Annotated[str, Field(description="A local model directory in the workspace (with "
-                                            "config.json), a hub id such as 'meta-llama/Llama-3.1-8B', "
-                                            "or a catalog name such as 'Qwen2.5-7B' (case-insensitive).")],
+    model: Annotated[str, Field(description="Workspace dir, hub id or catalog name.")],
 ) -> ModelFacts:
-    """Architecture facts of a model: vocab, hidden size, layers, heads (GQA), experts, context
-    length, and parameter counts computed from the architecture (total, embeddings, linear layers,
-    active per token). Reads a local config.json first, then the hub (when online), then a built-in
-    catalog of popular models. Call it before planning memory or choosing a method."""
+    """Architecture facts of a model (layers, heads, experts, context) and its parameter counts
+    computed from the architecture. Call it before planning memory or choosing a method.
+
+    Reads a local config.json first, then the hub (when online), then a built-in catalog of popular
+    models. Counts: total, embeddings, linear layers (what 4-bit quantization and LoRA act on),
+    active per token (MoE).
+
+    Parameters:
+    - model: a model directory in the workspace (with config.json), a hub id such as
+      'meta-llama/Llama-3.1-8B', or a catalog name such as 'Qwen2.5-7B' (case-insensitive)."""
+    facts = _model_facts(model)
+    return _described(facts, model.strip())
+
+
+def _described(f: ModelFacts, model: str) -> ModelFacts:
+    """The facts with the summary an agent relays and the planning calls that follow."""
+    moe = f" ({f.num_experts} experts, {f.num_experts_per_tok} active)" if f.num_experts > 1 else ""
+    where = {"local": "config.json", "hub": "the hub", "catalog": "the built-in catalog"}[f.source]
+    f.summary = (f"{f.name} ({f.architecture}{', ' + f.variant if f.variant else ''}): "
+                 f"{f.total_params / 1e9:.2f}B parameters{moe}, {f.num_layers} layers, hidden {f.hidden_size}, "
+                 f"{f.num_attention_heads} heads / {f.num_kv_heads} KV heads, context "
+                 f"{f.max_position_embeddings:,}; read from {where}.")
+    f.next_steps = [f"recommend_method(model='{model}')",
+                    f"estimate_memory(model='{model}', method='qlora', gpu='<your GPU>')"]
+    return f
+
+
+def _model_facts(model: str) -> ModelFacts:
     if not model or not model.strip():
         raise UserError("is empty.", field="model", fix="Give a model directory, hub id or catalog name.")
     model = model.strip()
