@@ -415,7 +415,7 @@ def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
             signal_run(st, __import__("signal").SIGKILL)
     assert s.state == "completed", (s.error, s.log_tail)
     assert s.step == s.max_steps == 32 and s.progress_pct == 100.0 and s.loss is not None
-    summ = s.summary
+    summ = s.run_summary
     assert summ["trainer"] == "dpo" and summ["reference"].startswith("the model with the adapter disabled")
     before, after = summ["preference_eval"]["before"], summ["preference_eval"]["after"]
     assert before["implicit_reward_accuracy"] == 0.5 and before["mean_margin"] == 0.0
