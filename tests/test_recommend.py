@@ -115,6 +115,12 @@ def test_mcp_recommend_method(ws):
         async with Client(create_server()) as c:
             r = await c.call_tool("recommend_method", {"model": "Llama-3.1-8B", "gpu": "RTX 4090"})
             assert not r.is_error and r.structured_content["method"] == "qlora"
+            got = r.structured_content  # the summary has the plan's figures; the next call writes it
+            assert got["summary"].startswith("qlora for Llama-3.1-8B on 1x RTX 4090")
+            assert f"{got['memory']['total_gib']:.1f} of 24.0 GiB per GPU" in got["summary"]
+            assert got["summary"] in r.content[0].text
+            assert got["next_steps"] == ["generate_recipe(model='Llama-3.1-8B', dataset='<converted dataset dir>', "
+                                         "method='qlora', gpu='RTX 4090')"]
             assert r.structured_content["memory"]["fits"] is True
             for args, field in (({"model": "nope-7b", "gpu": "H100"}, "model"),
                                 ({"model": "Llama-3.1-8B", "gpu": "H100", "micro_batch": 0}, "micro_batch"),
@@ -219,15 +225,16 @@ def test_epochs_follow_one_rule_for_the_plan_and_its_time(ws):
 
 # ----------------------------------------------------------------------------- plans that agree with themselves
 def test_the_goal_description_and_the_printed_order_agree(ws):
-    """The order each goal tries methods in is described once: the tool's `goal` description and
-    the order recommend_method prints (and uses) must say the same, on every kind of hardware."""
+    """The order each goal tries methods in is described once: the tool's `goal` documentation (its
+    help resource) and the order recommend_method prints (and uses) must say the same, on every
+    kind of hardware."""
     from mcp import Client
     from server.app import create_server
 
-    async def schema():
+    async def help_page():
         async with Client(create_server()) as c:
-            return {t.name: t for t in (await c.list_tools()).tools}["recommend_method"].input_schema
-    desc = asyncio.run(schema())["properties"]["goal"]["description"]
+            return (await c.read_resource("tool-help://recommend_method")).contents[0].text
+    desc = next(line for line in asyncio.run(help_page()).splitlines() if line.startswith("- goal: "))
     quality = re.search(r"quality: [^:;]*: ([a-z >]+);", desc).group(1).split(" > ")
     cost = re.search(r"cost: [^:;]*: ([a-z >]+)\.", desc).group(1).split(" > ")
     tree = {when: first.split(" > ") for when, first in re.findall(

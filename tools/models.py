@@ -286,8 +286,8 @@ def _looks_local(model: str) -> bool:
 def get_model_facts(
     model: Annotated[str, Field(description="Workspace dir, hub id or catalog name.")],
 ) -> ModelFacts:
-    """Architecture facts of a model (layers, heads, experts, context) and its parameter counts
-    computed from the architecture. Call it before planning memory or choosing a method.
+    """Architecture facts of a model (layers, heads, experts, context) and its parameter counts.
+    Call it before planning memory or a method.
 
     Reads a local config.json first, then the hub (when online), then a built-in catalog of popular
     models. Counts: total, embeddings, linear layers (what 4-bit quantization and LoRA act on),

@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field
 from .errors import UserError
 from .memory import FITS_FRACTION, GIB, LOAD_PHASE, GPUSpec, MemoryEstimate, estimate_for, find_gpu, require_gpu
 from .models import ModelFacts, catalog_facts, catalog_lookup, get_model_facts, smaller_siblings
+from .params import Gpu, GpuMemoryGib, NumGpus, SeqLen
+from .results import ToolResult
 
 H100_TFLOPS = 989.0
 # Measured on one H100 (tests/fixtures/calibration/h100_sft_runs.jsonl, packed 4 x 1024, liger,
@@ -295,7 +297,7 @@ class ModelSuggestion(BaseModel):
     why: str
 
 
-class Recommendation(BaseModel):
+class Recommendation(ToolResult):
     """The plan: method, parallelism, batch layout, schedule, memory evidence, time estimate,
     alternatives."""
     model: str
@@ -551,37 +553,24 @@ def _search(f: ModelFacts, hw: _Hardware, order: list[str], ask: _Ask) -> _Searc
 
 # ----------------------------------------------------------------------------- the tool
 def recommend_method(
-    model: Annotated[str, Field(description="Model directory in the workspace, hub id or catalog name.")],
-    gpu: Annotated[Optional[str], Field(description="GPU model, e.g. 'RTX 4090', 'H100'. Omit to detect this machine.")] = None,
-    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="VRAM per GPU in GiB (instead of or with gpu).")] = None,
-    num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs to use (default: detected, or 1).")] = None,
-    dataset_rows: Annotated[Optional[int], Field(ge=1, description="Training rows.")] = None,
-    dataset_tokens: Annotated[Optional[int], Field(ge=1, description="Training tokens per epoch (overrides rows x avg_tokens_per_row).")] = None,
-    avg_tokens_per_row: Annotated[int, Field(ge=1, description="Average tokens per row, with dataset_rows.")] = 512,
-    epochs: Annotated[Optional[float], Field(gt=0, description=(
-        "num_train_epochs (default: 3 under 1k rows, 2 under 10k, else 1, full at most 2; raised for "
-        f"small data up to {RULES.max_epochs:g}, full {RULES.max_epochs_full:g}, to reach "
-        f"{RULES.min_optimizer_steps} optimizer steps)."))] = None,
-    seq_len: Annotated[int, Field(ge=1, description="max_length.")] = 1024,
-    micro_batch: Annotated[Optional[int], Field(ge=1, description="Fix the micro-batch instead of searching.")] = None,
-    goal: Annotated[Literal["quality", "balanced", "cost"], Field(description=GOAL_HELP)] = "balanced",
-    allow_methods: Annotated[Optional[list[Method]], Field(description="Restrict the methods considered.")] = None,
-    max_hours: Annotated[Optional[float], Field(gt=0, description="Reject plans estimated slower than this.")] = None,
-    global_batch: Annotated[Optional[int], Field(ge=1, description=(
-        f"Target sequences per optimizer step (default {RULES.global_batch}, lowered for small data down to "
-        f"{RULES.min_global_batch} to reach {RULES.min_optimizer_steps} optimizer steps)."))] = None,
-    modules_to_save: Annotated[Optional[list[str]], Field(
-        description="LoRA/QLoRA: fully trained modules too, e.g. ['lm_head','embed_tokens'] when training "
-                    "a base model with a new chat template (their copies, grads and states count).")] = None,
+    model: Annotated[str, Field(description="Workspace dir, hub id or catalog name.")],
+    gpu: Gpu = None,
+    gpu_memory_gib: GpuMemoryGib = None,
+    num_gpus: NumGpus = None,
+    dataset_rows: Annotated[Optional[int], Field(ge=1)] = None,
+    dataset_tokens: Annotated[Optional[int], Field(ge=1)] = None,
+    avg_tokens_per_row: Annotated[int, Field(ge=1)] = 512,
+    epochs: Annotated[Optional[float], Field(gt=0)] = None,
+    seq_len: SeqLen = 1024,
+    micro_batch: Annotated[Optional[int], Field(ge=1)] = None,
+    goal: Literal["quality", "balanced", "cost"] = "balanced",
+    allow_methods: Optional[list[Method]] = None,
+    max_hours: Annotated[Optional[float], Field(gt=0)] = None,
+    global_batch: Annotated[Optional[int], Field(ge=1)] = None,
+    modules_to_save: Optional[list[str]] = None,
 ) -> Recommendation:
-    """Recommend how to fine-tune `model` on this machine (detected) or on described hardware: the
-    method (full, Spectrum, LoRA, QLoRA) in the goal's order, multi-GPU sharding and CPU offload,
-    micro-batch, gradient accumulation and checkpointing, each decided with estimate_memory (within
-    90% of VRAM, preferring plans that stay within it if the estimate is 9% low) and ranked by an
-    estimated throughput; the schedule (epochs, global batch, optimizer steps; adjusted for small
-    data) generate_recipe writes, the training time for it, a smaller model of the same family when
-    the data is small for this one, the alternatives with their memory and why they were not chosen,
-    and warnings (few optimizer steps, no bf16, CPU only, missing flash-attn/liger)."""
+    # the docstring is _RECOMMEND_DOC, formatted with the rules it describes (below)
+    seq_len = seq_len or 1024
     f = get_model_facts(model)
     _check_inputs(f, seq_len=seq_len, micro_batch=micro_batch, num_gpus=num_gpus,
                   dataset_rows=dataset_rows, dataset_tokens=dataset_tokens)
@@ -590,7 +579,7 @@ def recommend_method(
                global_batch=global_batch, max_hours=max_hours, goal=goal)
     hw = _hardware(gpu, gpu_memory_gib, num_gpus)
     if not isinstance(hw, _Hardware):  # no GPU on this machine: its HardwareReport
-        return _cpu_plan(f, hw, ask, allow_methods)
+        return _described(_cpu_plan(f, hw, ask, allow_methods), model.strip(), gpu, gpu_memory_gib)
     branch, order = method_order(goal, hw.vram, hw.num_gpus)
     order = [m for m in order if not allow_methods or m in allow_methods]
     if not order:
@@ -598,7 +587,57 @@ def recommend_method(
     res = _search(f, hw, order, ask)
     if res.chosen is None:
         _refuse(f, hw, ask, res)
-    return _recommendation(f, hw, ask, branch, order, res, _smaller_model(f, hw, ask, order, res.chosen))
+    rec = _recommendation(f, hw, ask, branch, order, res, _smaller_model(f, hw, ask, order, res.chosen))
+    return _described(rec, model.strip(), gpu, gpu_memory_gib)
+
+
+_RECOMMEND_DOC = """Plan a fine-tune on this machine or described GPUs: method, layout, batch, schedule and
+time, with memory evidence and alternatives.
+
+The method (full, Spectrum, LoRA, QLoRA) is the first in the goal's order that fits: estimate_memory
+(load-time and reserved memory included) within {fits:.0%} of VRAM (FITS_FRACTION), preferring plans
+that still fit if the estimate is {err:.0%} low (ESTIMATE_ERROR); then multi-GPU sharding and CPU
+offload, micro-batch, gradient accumulation and checkpointing ranked by estimated throughput; the
+schedule (epochs, global batch, optimizer steps; adjusted for small data) that generate_recipe
+writes, the training time, a smaller model of the same family when the data is small for this one,
+the alternatives with their memory and why they were not chosen, and warnings.
+
+Parameters:
+- gpu / gpu_memory_gib / num_gpus: the target; omitted: this machine's (detected).
+- dataset_rows, or dataset_tokens (tokens per epoch, overrides rows x avg_tokens_per_row).
+- epochs: num_train_epochs (default: 3 under 1k rows, 2 under 10k, else 1, full at most 2; raised
+  for small data up to {max_epochs:g}, full {max_epochs_full:g}, to reach {min_steps} optimizer steps).
+- seq_len: max_length; micro_batch: fix it instead of searching.
+- goal: {goal_help}
+- allow_methods: restrict the methods considered; max_hours: reject slower plans.
+- global_batch: target sequences per optimizer step (default {global_batch}, lowered for small data
+  down to {min_global_batch} to reach {min_steps} optimizer steps).
+- modules_to_save: LoRA/QLoRA also fully train these, e.g. ['lm_head', 'embed_tokens'] when training
+  a base model with a new chat template (their copies, gradients and states count)."""
+recommend_method.__doc__ = _RECOMMEND_DOC.format(
+    fits=FITS_FRACTION, err=ESTIMATE_ERROR, max_epochs=RULES.max_epochs, max_epochs_full=RULES.max_epochs_full,
+    min_steps=RULES.min_optimizer_steps, goal_help=GOAL_HELP, global_batch=RULES.global_batch,
+    min_global_batch=RULES.min_global_batch)
+
+
+def _described(rec: Recommendation, model: str, gpu: Optional[str], gpu_memory_gib: Optional[float]) -> Recommendation:
+    """The plan with the summary an agent relays and the call that writes it."""
+    per_step = (f"micro-batch {rec.micro_batch} x {rec.gradient_accumulation_steps} accumulation"
+                + (f" x {rec.num_gpus} GPUs" if rec.num_gpus > 1 else "") + f" = {rec.global_batch_sequences} per step")
+    where = rec.device if len(rec.device) <= 60 else rec.device[:57] + "..."
+    mem = (f"{rec.memory.total_gib:.1f} of {rec.gpu_memory_gib:.1f} GiB per GPU" if rec.gpu_memory_gib
+           else f"{rec.memory.total_gib:.1f} GiB of RAM")
+    layout = f", {rec.sharding}" + (" + CPU offload" if rec.cpu_offload else "") if rec.sharding != "none" else ""
+    speed = f"; ~{rec.tokens_per_second:,.0f} tokens/s" if rec.tokens_per_second else ""
+    hours = f", ~{rec.training_hours:.1f} h" if rec.training_hours is not None else ""
+    rec.summary = f"{rec.method}{layout} for {rec.model} on {where}: {mem}, {per_step}{speed}{hours}."
+    target = (f", gpu='{gpu}'" if gpu else "") + (f", gpu_memory_gib={gpu_memory_gib:g}" if gpu_memory_gib else "") \
+        + (f", num_gpus={rec.num_gpus}" if (gpu or gpu_memory_gib) and rec.num_gpus > 1 else "")
+    rec.next_steps = [f"generate_recipe(model='{model}', dataset='<converted dataset dir>', method='{rec.method}'"
+                      f"{target})"]
+    if rec.smaller_model:
+        rec.next_steps.append(f"recommend_method(model='{rec.smaller_model.model}'{target})")
+    return rec
 
 
 def _check_inputs(f: ModelFacts, seq_len: int, **positive) -> None:
