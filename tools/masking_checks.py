@@ -385,100 +385,128 @@ def render(tokenizer, messages, *, template, tools, kwargs, add_generation_promp
         add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def conversation_view(tokenizer, messages: list[dict], *, first_trained_turn: int,
-                      train_template: str | None, infer_template: str | None, tools,
-                      kwargs: dict) -> Conversation:
-    """Render `messages` with the training template; attribute every character."""
-    full = render(tokenizer, messages, template=train_template, tools=tools, kwargs=kwargs)
-    n = len(full)
-    char_role = [TEMPLATE] * n
-    char_turn = [0] * n
-    # Turn boundaries: the longest common prefix of each partial rendering with the full one.
+@dataclass
+class _Chat:
+    """One conversation being attributed: how it renders and what each character is."""
+    tokenizer: Any
+    messages: list[dict]
+    template: str | None
+    tools: Any
+    kwargs: dict
+    full: str = ""
+    char_role: list[str] = field(default_factory=list)
+    claimed: list[bool] = field(default_factory=list)
+    bounds: list[int] = field(default_factory=list)
+    spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def render(self, k: int, *, template: Any = "training", gen: bool = False) -> str:
+        """The first k messages rendered with the training template, or with `template` (None:
+        the tokenizer's own)."""
+        return render(self.tokenizer, self.messages[:k],
+                      template=self.template if template == "training" else template,
+                      tools=self.tools, kwargs=self.kwargs, add_generation_prompt=gen)
+
+
+def _turn_bounds(chat: _Chat) -> list[int]:
+    """Turn boundaries: the longest common prefix of each partial rendering with the full one."""
     bounds = [0]
-    for k in range(1, len(messages) + 1):
-        if k == len(messages):
-            b = n
+    for k in range(1, len(chat.messages) + 1):
+        if k == len(chat.messages):
+            b = len(chat.full)
         else:
             try:
-                part = render(tokenizer, messages[:k], template=train_template, tools=tools,
-                              kwargs=kwargs)
-                b = _common_prefix(part, full)
+                b = _common_prefix(chat.render(k), chat.full)
             except Exception:  # noqa: BLE001 - some templates refuse partial chats
                 b = bounds[-1]
         bounds.append(max(b, bounds[-1]))
-    for k in range(len(messages)):
-        for c in range(bounds[k], bounds[k + 1]):
-            char_turn[c] = k
+    return bounds
 
-    claimed = [False] * n
-    spans: dict[int, list[tuple[int, int]]] = {}
+
+def _attribute_pieces(chat: _Chat, first_trained_turn: int):
+    """Each message's pieces located in the rendering; their characters get the message's role.
+    Returns the pieces per turn and the turns none of whose pieces were rendered."""
     missing: list[tuple[int, str]] = []
     pieces: dict[int, list[Piece]] = {}
-    for k, msg in enumerate(messages):
+    for k, msg in enumerate(chat.messages):
         role = norm_role(msg.get("role"))
         if role == "assistant" and k < first_trained_turn:
             role = CONTEXT  # an earlier reply given in the prompt: context, not trained
         found_any = False
         for piece in message_pieces(msg):
-            loc = _locate(full, claimed, piece.text, bounds[k], bounds[k + 1])
+            loc = _locate(chat.full, chat.claimed, piece.text, chat.bounds[k], chat.bounds[k + 1])
             piece.rendered = loc is not None
             pieces.setdefault(k, []).append(piece)
             if loc is None:
                 continue
             found_any = True
-            a, b = loc
-            for c in range(a, b):
-                char_role[c] = role
-                claimed[c] = True
-            spans.setdefault(k, []).append((a, b))
+            for c in range(*loc):
+                chat.char_role[c] = role
+                chat.claimed[c] = True
+            chat.spans.setdefault(k, []).append(loc)
         if pieces.get(k) and not found_any:
             missing.append((k, str(msg.get("role"))))
+    return pieces, missing
+
+
+def _output_start(chat: _Chat, k: int) -> int:
+    """Where the model's own output of turn k starts: after the generation prompt."""
+    lo, hi = chat.bounds[k], chat.bounds[k + 1]
+    try:
+        gp = chat.render(k, gen=True) if k else ""
+        if k and chat.full.startswith(gp) and lo <= len(gp) <= hi:
+            return len(gp)
+    except Exception:  # noqa: BLE001 - a template may refuse the partial chat
+        pass
+    return lo
+
+
+def _content_end(chat: _Chat, k: int, out_start: int, added: set[str]) -> int:
+    """End of turn k's content; a reply of tool calls only runs up to its last special marker
+    (its characters are the assistant's)."""
+    if k in chat.spans:
+        return max(b for _, b in chat.spans[k])
+    hi = chat.bounds[k + 1]
+    region = chat.full[out_start:hi]
+    best = max((region.rfind(tok) for tok in added if tok and tok.strip()), default=-1)
+    end = out_start + best if best > 0 else hi
+    for c in range(out_start, end):
+        if not chat.claimed[c]:
+            chat.char_role[c] = "assistant"
+    return end
+
+
+def conversation_view(tokenizer, messages: list[dict], *, first_trained_turn: int,
+                      train_template: str | None, infer_template: str | None, tools,
+                      kwargs: dict) -> Conversation:
+    """Render `messages` with the training template; attribute every character."""
+    chat = _Chat(tokenizer, messages, train_template, tools, kwargs)
+    chat.full = chat.render(len(messages))
+    n = len(chat.full)
+    chat.char_role, chat.claimed = [TEMPLATE] * n, [False] * n
+    chat.bounds = _turn_bounds(chat)
+    char_turn = [0] * n
+    for k in range(len(messages)):
+        for c in range(chat.bounds[k], chat.bounds[k + 1]):
+            char_turn[c] = k
+    pieces, missing = _attribute_pieces(chat, first_trained_turn)
 
     added = set(tokenizer.get_added_vocab().keys()) | set(tokenizer.all_special_tokens)
-    assistant_turns = []
-    gen_prompts = []
+    assistant_turns, gen_prompts = [], []
     for k, msg in enumerate(messages):
         if norm_role(msg.get("role")) != "assistant":
             continue
-        lo, hi = bounds[k], bounds[k + 1]
-        out_start = lo
-        try:  # where the model's own output starts: after the generation prompt
-            gp = render(tokenizer, messages[:k], template=train_template, tools=tools,
-                        kwargs=kwargs, add_generation_prompt=True) if k else ""
-            if k and full.startswith(gp) and lo <= len(gp) <= hi:
-                out_start = len(gp)
-        except Exception:  # noqa: BLE001
-            pass
+        out_start = _output_start(chat, k)
         if k >= first_trained_turn and k:
-            try:
-                gen_prompts.append((k, render(tokenizer, messages[:k], template=infer_template,
-                                              tools=tools, kwargs=kwargs,
-                                              add_generation_prompt=True)))
-            except Exception:  # noqa: BLE001
-                pass
-        if k in spans:
-            content_end = max(b for _, b in spans[k])
-        else:  # tool calls, no content: the output runs up to its last special marker
-            region = full[out_start:hi]
-            content_end = hi
-            best = -1
-            for tok in added:
-                if tok and tok.strip():
-                    j = region.rfind(tok)
-                    if j > best:
-                        best = j
-            if best > 0:
-                content_end = out_start + best
-            for c in range(out_start, content_end):
-                if not claimed[c]:
-                    char_role[c] = "assistant"
+            with contextlib.suppress(Exception):  # the inference template may refuse it
+                gen_prompts.append((k, chat.render(k, template=infer_template, gen=True)))
+        content_end = _content_end(chat, k, out_start, added)
         calls = tool_call_names(msg)
+        rendered = chat.full[chat.bounds[k]:chat.bounds[k + 1]]
         assistant_turns.append({"turn": k, "out_start": out_start, "content_end": content_end,
-                                "trained_expected": k >= first_trained_turn,
-                                "tool_calls": calls,
-                                "tool_calls_missing": [c for c in calls if c not in full[lo:hi]]})
-    return Conversation(full, char_role, char_turn, assistant_turns, gen_prompts,
-                        missing=missing, pieces=pieces, bounds=bounds)
+                                "trained_expected": k >= first_trained_turn, "tool_calls": calls,
+                                "tool_calls_missing": [c for c in calls if c not in rendered]})
+    return Conversation(chat.full, chat.char_role, char_turn, assistant_turns, gen_prompts,
+                        missing=missing, pieces=pieces, bounds=chat.bounds)
 
 
 def text_view(prompt: str | None, completion: str | None, text: str | None,
