@@ -179,9 +179,13 @@ def test_names_from_before_the_split_still_import():
     gets the one definition in the new home."""
     import tools.recipe_migrate as old
     from tools import accelerate_config, recipe_schema, recipe_templates, recipe_yaml
-    for mod in (recipe_schema, recipe_yaml, recipe_templates, accelerate_config):
-        for name in [n for n, home in old._MOVED.items() if home == mod.__name__.rsplit(".", 1)[1]]:
-            assert getattr(old, name) is getattr(mod, name), name
-    from tools.recipe_migrate import infer_method, read_accelerate_config, trl_fields  # noqa: F401
+    homes = {m.__name__.rsplit(".", 1)[1]: m for m in (recipe_schema, recipe_yaml, recipe_templates,
+                                                        accelerate_config)}
+    for name, home in old._MOVED.items():
+        module, _, new = home.partition(":")
+        assert getattr(old, name) is getattr(homes[module], new or name), name
+    assert old.EXTRA_KEYS == {"spectrum_config_path", "env"}  # its meaning then: accepted besides the fields
+    from tools.recipe_migrate import (dump_yaml, end_of_turn_token, infer_method,  # noqa: F401
+                                      read_accelerate_config, template_text, trl_fields)
     with pytest.raises(AttributeError):
         old.no_such_name

@@ -127,3 +127,31 @@ def test_bad_inputs(ws, tiny_model):
         spectrum_scan("models/tiny-llama", top_percent=0)
     with pytest.raises(UserError, match="hf download"):
         spectrum_scan("some-org/not-downloaded-model")
+
+
+def test_one_reader_for_the_spectrum_yaml(ws):
+    """validate_recipe and python -m tools.train read a Spectrum YAML with the same function and
+    say the same problem (issue 14: one home for each helper)."""
+    from tools.recipes import validate_recipe
+    from tools.spectrum import read_spectrum_patterns
+    (ws.root / "spectrum").mkdir()
+    bad = ws.root / "spectrum" / "bad.yaml"
+    bad.write_text("unfrozen_parameters:\n- ^model.layers.(0\n")
+    with pytest.raises(ValueError, match="not a valid regex") as ei:
+        read_spectrum_patterns(bad)
+    problem = str(ei.value).split(f"{bad} ", 1)[1]
+    r = validate_recipe("model_name_or_path: Qwen2.5-0.5B\ndataset_name: Org/data\n"
+                        "spectrum_config_path: spectrum/bad.yaml\n", gpu="H100")
+    assert any(problem in e for e in r.errors), r.errors
+    good = ws.root / "spectrum" / "good.yaml"
+    good.write_text("unfrozen_parameters:\n- ^lm_head.weight$\n")
+    assert read_spectrum_patterns(good) == ["^lm_head.weight$"]
+
+
+def test_model_names_for_paths():
+    from tools.naming import label_slug, model_slug
+    assert model_slug("Qwen/Qwen2.5-0.5B-Instruct") == "qwen2.5-0.5b-instruct"
+    assert model_slug("models/tiny-llama/") == "tiny-llama"
+    assert model_slug("///") == "model"
+    assert label_slug("my run/gsm8k") == "my-run-gsm8k"
+    assert label_slug("x" * 100) == "x" * 60 and label_slug("%%") == "model"

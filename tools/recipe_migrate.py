@@ -288,13 +288,14 @@ def migrate(cfg: dict) -> tuple[dict, list[Change], list[str]]:
 
 
 # Names this module held before the split (issue 14), forwarded to their one home so code written
-# against `tools.recipe_migrate` keeps working.
+# against `tools.recipe_migrate` keeps working: old name -> "module" or "module:new name".
 _MOVED = {
-    **dict.fromkeys(("SPECTRUM_KEY", "EXTRA_KEYS", "FLASH_ATTN", "UnknownKey", "trl_fields", "versions",
-                     "suggest", "has_module", "trl_parse", "infer_method"), "recipe_schema"),
+    **dict.fromkeys(("SPECTRUM_KEY", "FLASH_ATTN", "UnknownKey", "trl_fields", "versions", "suggest",
+                     "has_module", "trl_parse", "infer_method"), "recipe_schema"),
+    "EXTRA_KEYS": "recipe_schema:NON_FIELD_KEYS",
     **dict.fromkeys(("SECTIONS", "dump_yaml"), "recipe_yaml"),
-    **dict.fromkeys(("template_text", "has_generation_markers", "trl_known_templates", "end_of_turn_token"),
-                    "recipe_templates"),
+    **dict.fromkeys(("template_text", "has_generation_markers", "trl_known_templates"), "recipe_templates"),
+    "end_of_turn_token": "recipe_templates:template_end_of_turn",
     **dict.fromkeys(("AccelerateSummary", "accelerate_launch_dests", "read_accelerate_config"),
                     "accelerate_config"),
 }
@@ -303,5 +304,6 @@ _MOVED = {
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
         import importlib
-        return getattr(importlib.import_module(f"tools.{_MOVED[name]}"), name)
+        module, _, new = _MOVED[name].partition(":")
+        return getattr(importlib.import_module(f"tools.{module}"), new or name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,12 @@ from typing import Any, Optional
 from pydantic import BaseModel
 
 SPECTRUM_KEY = "spectrum_config_path"
-EXTRA_KEYS = {SPECTRUM_KEY, "env"}  # accepted besides the TRL dataclass fields
+# Keys of ours: tools.train reads and removes them before the TRL parse (`trl sft` rejects them).
+TOOLS_TRAIN_KEYS = (SPECTRUM_KEY,)
+# Keys TrlParser reads itself (it exports `env:` to the environment): no dataclass has them.
+TRL_PARSER_KEYS = ("env",)
+# What a recipe may hold besides the dataclass fields.
+NON_FIELD_KEYS = frozenset(TOOLS_TRAIN_KEYS + TRL_PARSER_KEYS)
 FLASH_ATTN = {"flash_attention_2", "flash_attention_3"}
 
 
@@ -63,7 +68,7 @@ def versions() -> dict[str, Optional[str]]:
 
 
 def suggest(key: str, n: int = 3) -> list[str]:
-    names = list(trl_fields()) + [SPECTRUM_KEY]
+    names = list(trl_fields()) + list(TOOLS_TRAIN_KEYS)
     hits = difflib.get_close_matches(key, names, n=n, cutoff=0.6)
     if not hits:  # shared stems: 'lora_rank' -> lora_r, 'seq_len' -> max_length
         stem = key.split("_")[0]
@@ -88,7 +93,7 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
     import yaml
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    cfg = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
+    cfg = {k: v for k, v in cfg.items() if k not in NON_FIELD_KEYS}
     for key in ("deepspeed", "accelerator_config"):
         v = cfg.get(key)
         if isinstance(v, str) and not v.lstrip().startswith("{") and not os.path.isabs(v):

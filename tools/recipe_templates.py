@@ -56,8 +56,10 @@ def trl_known_templates() -> dict[str, str]:
     return out
 
 
-def end_of_turn_token(template: str) -> Optional[str]:
-    """The end-of-turn token a known template family writes after each message."""
+def template_end_of_turn(template: str) -> Optional[str]:
+    """The end-of-turn token a known template family writes after each message, read from the
+    template's text alone (a recipe's .jinja file). With a loaded tokenizer, use
+    tools.merge.end_of_turn_token(tokenizer): it renders a chat and reads the token itself."""
     for tok in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
         if tok in template:
             return tok

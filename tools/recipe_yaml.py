@@ -1,7 +1,36 @@
-"""Recipe YAML I/O: the writer that groups a flat recipe in commented sections."""
+"""Recipe YAML I/O: the one reader of a recipe mapping (text or file; bad YAML is a UserError
+naming the line) and the writer that groups a flat recipe in commented sections."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from .errors import UserError
 from .recipe_schema import SPECTRUM_KEY
+
+
+def parse_yaml_mapping(text: str, field: str = "recipe") -> dict:
+    """The mapping of recipe keys a YAML text holds; UserError (the line, the fix) otherwise."""
+    import yaml
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else field
+        raise UserError(f"is not valid YAML: {getattr(exc, 'problem', None) or exc}.", field=where,
+                        fix="Fix the YAML syntax (indentation, a missing ':' or quote).") from None
+    if not isinstance(data, dict):
+        raise UserError("must be a YAML mapping of recipe keys (key: value per line).", field=field,
+                        fix="Write one `key: value` per line, e.g. `model_name_or_path: Qwen/Qwen2.5-0.5B`.")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"keys must be names, got {bad[:3]!r}.", field=field,
+                        fix="Use TRL field names as keys (e.g. learning_rate).")
+    return data
+
+
+def load_yaml_mapping(path: Path, field: str = "recipe") -> dict:
+    """parse_yaml_mapping of a file's text."""
+    return parse_yaml_mapping(Path(path).read_text(encoding="utf-8"), field=field)
 
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Model", ["model_name_or_path", "model_revision", "dtype", "attn_implementation", "trust_remote_code",

@@ -21,12 +21,14 @@ from . import chat_templates
 from .accelerate_config import AccelerateSummary, read_accelerate_config
 from .errors import UserError
 from .memory import MemoryEstimate
+from .naming import model_slug
 from .recipe_migrate import Change, migrate
-from .recipe_schema import (EXTRA_KEYS, FLASH_ATTN, SPECTRUM_KEY, UnknownKey, has_module, infer_method, suggest,
-                            trl_fields, trl_parse, versions)
-from .recipe_templates import end_of_turn_token, has_generation_markers, template_text, trl_known_templates
-from .recipe_yaml import dump_yaml
+from .recipe_schema import (FLASH_ATTN, NON_FIELD_KEYS, SPECTRUM_KEY, UnknownKey, has_module, infer_method,
+                            suggest, trl_fields, trl_parse, versions)
+from .recipe_templates import has_generation_markers, template_end_of_turn, template_text, trl_known_templates
+from .recipe_yaml import dump_yaml, parse_yaml_mapping
 from .recommend import DataSize, Recommendation, Schedule, data_size, plan_schedule, schedule_from
+from .spectrum import spectrum_patterns
 from .workspace import TMP_DIR, check_path_text, get_workspace, is_inside, short
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,23 +222,6 @@ def _looks_like_path(value: str) -> bool:
     return v.startswith((".", "/", "~")) or v.count("/") > 1 or bool(re.search(r"\.(jsonl?|csv|parquet|jinja)$", v))
 
 
-def _spectrum_patterns(path: Path) -> tuple[Optional[list[str]], Optional[str]]:
-    import yaml
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception as exc:  # noqa: BLE001
-        return None, f"cannot read it as YAML: {exc}"
-    pats = data.get("unfrozen_parameters") if isinstance(data, dict) else None
-    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
-        return None, "has no 'unfrozen_parameters:' list of regexes (write it with spectrum_scan)."
-    for p in pats:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            return None, f"pattern {p!r} is not a valid regex: {exc}"
-    return pats, None
-
-
 def _spectrum_fraction(patterns: list[str], num_layers: int) -> float:
     layered = [p for p in patterns if re.search(r"layers\.\d+\.", p)]
     total = max(1, num_layers * 7)
@@ -295,7 +280,7 @@ def _check_keys(r: _Recipe, a: _Analysis) -> None:
     """Keys TRL rejects, with the closest valid names."""
     fields = trl_fields()
     for k in r.cfg:
-        if k not in fields and k not in EXTRA_KEYS:
+        if k not in fields and k not in NON_FIELD_KEYS:
             a.unknown.append(UnknownKey(key=k, suggestions=suggest(k)))
     for u in a.unknown:
         a.error(f"unknown key '{u.key}': TRL rejects it" + (f" (did you mean {', '.join(u.suggestions)}?)"
@@ -582,7 +567,7 @@ def _check_chat_template(r: _Recipe, a: _Analysis) -> None:
     """chat_template_path exists, and a .jinja one comes with the EOS it ends turns with."""
     ct, root = r.cfg.get("chat_template_path"), r.root
     if ct and str(ct).endswith((".jinja", ".j2")) and _is_local_ref(ct, root) and not r.cfg.get("eos_token"):
-        eot = end_of_turn_token(template_text(str(ct), root)[0] or "")
+        eot = template_end_of_turn(template_text(str(ct), root)[0] or "")
         if eot:
             a.warn(f"chat_template_path is a .jinja file: TRL sets only the template, so the tokenizer keeps its "
                    f"own EOS. Set eos_token: '{eot}' (the template's end of turn) so the model learns to stop.")
@@ -604,7 +589,7 @@ def _check_config_files(r: _Recipe, a: _Analysis) -> None:
         if local is None or not local.is_file():
             a.error(f"spectrum_config_path '{sp}' does not exist under {r.root}: run spectrum_scan first.")
         else:
-            _, problem = _spectrum_patterns(local)
+            _, problem = spectrum_patterns(local)
             if problem:
                 a.error(f"spectrum_config_path '{sp}' {problem}")
 
@@ -679,7 +664,7 @@ def _spectrum_share(r: _Recipe, num_layers: int) -> float:
     """The share of the decoder Spectrum trains: from the recipe's YAML, else Spectrum's 30%."""
     if r.method == "spectrum":
         local = _is_local_ref(str(r.cfg.get(SPECTRUM_KEY)), r.root)
-        pats = _spectrum_patterns(local)[0] if local and local.is_file() else None
+        pats = spectrum_patterns(local)[0] if local and local.is_file() else None
         if pats:
             return _spectrum_fraction(pats, num_layers)
     return 0.3
@@ -742,25 +727,6 @@ def _load_recipe(recipe: str) -> tuple[str, Optional[Path]]:
     return path.read_text(encoding="utf-8"), path
 
 
-def parse_yaml_mapping(text: str, field: str = "recipe") -> dict:
-    import yaml
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else field
-        raise UserError(f"is not valid YAML: {getattr(exc, 'problem', None) or exc}.", field=where,
-                        fix="Fix the YAML syntax (indentation, a missing ':' or quote).") from None
-    if not isinstance(data, dict):
-        raise UserError("must be a YAML mapping of recipe keys (key: value per line).", field=field,
-                        fix="Write one `key: value` per line, e.g. `model_name_or_path: Qwen/Qwen2.5-0.5B`.")
-    bad = [k for k in data if not isinstance(k, str)]
-    if bad:
-        raise UserError(f"keys must be names, got {bad[:3]!r}.", field=field,
-                        fix="Use TRL field names as keys (e.g. learning_rate).")
-    return data
-
-
 def validate_recipe(
     recipe: Annotated[str, Field(description="Recipe path in the workspace, or the YAML text itself.")],
     write_migrated: Annotated[Optional[str], Field(
@@ -821,11 +787,6 @@ def validate_recipe(
 
 
 # ----------------------------------------------------------------------------- generate_recipe
-def _slug(s: str) -> str:
-    s = s.rstrip("/").split("/")[-1]
-    return re.sub(r"[^a-z0-9.]+", "-", s.lower()).strip("-") or "model"
-
-
 def _count_rows(path: Path) -> Optional[int]:
     if path.suffix.lower() != ".jsonl":
         return None
@@ -1235,7 +1196,7 @@ def _render(req: _Request, method: str, chat_template: Optional[str], spectrum_c
                       "packing so completion/assistant masks survive.")
     _chat_template_keys(cfg, why, warns, notes, chat_template, lay.method, req.tied_embeddings)
     _training_keys(cfg, why, notes, t, lay, epochs, req.ds.use_test)
-    name = f"{_slug(req.model_ref)}-{lay.method}"
+    name = f"{model_slug(req.model_ref)}-{lay.method}"
     if output_dir:
         get_workspace().resolve(output_dir, field="output_dir")  # refuses a path outside the workspace
     cfg["output_dir"] = output_dir or f"runs-out/{name}"
@@ -1399,7 +1360,7 @@ def _chat_template_keys(cfg: dict, why: dict, warns: list[str], notes: list[str]
     else:
         raise UserError(f"'{chat_template}' does not exist in the workspace.", field="chat_template",
                         fix="Give a .jinja file or a tokenizer directory in the workspace.")
-    eot = end_of_turn_token(text) if text else None
+    eot = template_end_of_turn(text) if text else None
     if eot:
         cfg["eos_token"] = eot
         why["eos_token"] = f"the template ends each turn with {eot}: it must be the EOS the model learns."
@@ -1582,7 +1543,7 @@ def apply_overrides(cfg: dict, overrides: dict, notes: list[str]) -> dict:
     migrated, changes, _ = migrate({k: v for k, v in overrides.items()})
     for c in changes:
         notes.append(f"override {c.key} migrated: {c.reason}")
-    bad = [k for k in migrated if k not in fields and k not in EXTRA_KEYS]
+    bad = [k for k in migrated if k not in fields and k not in NON_FIELD_KEYS]
     if bad:
         hints = "; ".join(f"{k} -> {', '.join(suggest(k)) or '?'}" for k in bad)
         raise UserError(f"unknown recipe keys {', '.join(bad)} (closest: {hints}).", field="overrides",
@@ -1601,7 +1562,7 @@ def _spectrum_file(model: str, spectrum_config: Optional[str], notes: list[str],
     ws = get_workspace()
     if spectrum_config:
         p = ws.resolve(spectrum_config, field="spectrum_config", must_exist=True, kind="file")
-        _, problem = _spectrum_patterns(p)
+        _, problem = spectrum_patterns(p)
         if problem:
             raise UserError(problem, field="spectrum_config", fix="Write it with spectrum_scan.")
         return ws.rel(p)

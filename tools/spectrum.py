@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .naming import model_slug
 from .workspace import check_path_text, get_workspace
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -57,8 +59,35 @@ class SpectrumResult(BaseModel):
     notes: list[str] = []
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", s.rstrip("/").split("/")[-1].lower()).strip("-") or "model"
+def spectrum_patterns(path: Path) -> tuple[Optional[list[str]], Optional[str]]:
+    """The `unfrozen_parameters` regexes of a Spectrum YAML, or (None, what is wrong with it)."""
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - said to the caller
+        return None, f"cannot be read as YAML: {exc}"
+    pats = data.get("unfrozen_parameters") if isinstance(data, dict) else None
+    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+        return None, "has no 'unfrozen_parameters:' list of regexes (write it with spectrum_scan)."
+    for p in pats:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            return None, f"has pattern {p!r}, which is not a valid regex: {exc}"
+    return pats, None
+
+
+def read_spectrum_patterns(path: str | os.PathLike) -> list[str]:
+    """The `unfrozen_parameters` regexes of a Spectrum YAML (tools.train); FileNotFoundError or
+    ValueError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"spectrum_config_path: {p} does not exist (paths are taken from the cwd, "
+                                "the workspace root for runs started by launch_training).")
+    pats, problem = spectrum_patterns(p)
+    if problem:
+        raise ValueError(f"spectrum_config_path: {p} {problem}")
+    return pats
 
 
 def _weights(model: str) -> tuple[list[Path], str]:
@@ -88,7 +117,7 @@ def _weights(model: str) -> tuple[list[Path], str]:
     raise UserError(f"no local weights for '{model}' (not a workspace directory, not in the hub cache).",
                     field="model",
                     fix=f"Download it first, e.g. `hf download {repo} --include '*.safetensors' '*.json' "
-                        f"--local-dir models/{_slug(repo)}`, then pass models/{_slug(repo)}.")
+                        f"--local-dir models/{model_slug(repo)}`, then pass models/{model_slug(repo)}.")
 
 
 def _layer_split(name: str) -> Optional[tuple[str, int, str]]:
@@ -157,7 +186,7 @@ def spectrum_scan(
     trainable = sum(scan.numel[n] for n in scan.extra) + \
         sum(scan.numel[n] for _, names in selected for n in names)
 
-    out = ws.resolve(output_path or f"recipes/spectrum/{_slug(shown)}_top{top_percent:g}.yaml",
+    out = ws.resolve(output_path or f"recipes/spectrum/{model_slug(shown)}_top{top_percent:g}.yaml",
                      field="output_path")
     snr_out = out.with_name(out.stem + ".snr.json")
     ws.write_text(out, "\n".join(lines) + "\n", field="output_path")

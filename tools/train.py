@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .recipe_schema import infer_method  # the method rule; runs and train_dpo import it from here too
+from .memory import GIB
+from .recipe_schema import TOOLS_TRAIN_KEYS, infer_method  # runs and train_dpo import infer_method from here too
+from .recipe_yaml import load_yaml_mapping
+from .spectrum import read_spectrum_patterns
 from .workspace import write_json_atomic
 
-GIB = 2 ** 30
-EXTRA_KEYS = ("spectrum_config_path",)  # recipe keys only this entrypoint accepts
 
 _STOP = {"requested": False, "signal": None}
 
@@ -45,23 +46,6 @@ def _on_signal(signum, _frame) -> None:
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def read_spectrum_patterns(path: str | os.PathLike) -> list[str]:
-    """The `unfrozen_parameters` regexes of a Spectrum YAML."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"spectrum_config_path: {p} does not exist (paths are taken from the cwd, "
-                                "the workspace root for runs started by launch_training).")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    pats = data.get("unfrozen_parameters") if isinstance(data, dict) else None
-    if not isinstance(pats, list) or not pats or not all(isinstance(x, str) for x in pats):
-        raise ValueError(f"spectrum_config_path: {p} has no `unfrozen_parameters:` list of regex strings.")
-    for pat in pats:
-        re.compile(pat)
-    return pats
 
 
 def apply_spectrum(model, patterns: list[str]) -> tuple[int, int, list[str]]:
@@ -303,23 +287,28 @@ def parse_recipe(config: str, overrides: list[str] | None = None):
     """Parse a recipe YAML (plus `--key value` overrides) like `trl sft --config` does.
 
     Returns (script_args, training_args, model_args, dataset_args, extras, raw_recipe)."""
-    import yaml
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
-    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config} must contain a YAML mapping of recipe keys.")
-    extras = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
+    raw = load_yaml_mapping(Path(config), field=str(config))
+    extras = {k: raw.pop(k) for k in TOOLS_TRAIN_KEYS if k in raw}
+    parsed = parse_with_trl(config, raw, (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), overrides)
+    raw.update(extras)
+    return (*parsed, extras, raw)
+
+
+def parse_with_trl(config: str, raw: dict, dataclass_types: tuple, overrides: list[str] | None = None) -> tuple:
+    """TrlParser over `dataclass_types` for the mapping `raw` (our keys already removed), written
+    next to `config` so relative paths in it read as they do from the recipe, and removed after."""
+    import yaml
+    from trl import TrlParser
+
     fd, tmp = tempfile.mkstemp(prefix=".recipe.", suffix=".yaml", dir=Path(config).resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(raw, fh, sort_keys=False)
-        parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
-        parsed = parser.parse_args_and_config(args=["--config", tmp, *(overrides or [])])
+        return TrlParser(dataclass_types).parse_args_and_config(args=["--config", tmp, *(overrides or [])])
     finally:
         os.unlink(tmp)
-    raw.update(extras)
-    return (*parsed, extras, raw)
 
 
 def _load_dataset(script_args, dataset_args):
