@@ -365,3 +365,32 @@ def test_tools_over_mcp_summaries(ws, tiny_model):
     assert "KTO lora recipe to kto.yaml" in rec.structured_content["summary"]
     assert rec.structured_content["next_steps"][0] == "verify_preference(recipe='kto.yaml')"
     assert rec.content[0].text.startswith(rec.structured_content["summary"])
+
+
+@pytest.mark.slow
+def test_grpo_mean_reward_rises(ws, tiny_model, monkeypatch):
+    """GRPO on a verifiable toy task: the reward is the share of '7' characters in the completion
+    (a user's reward file). From a random tiny model (reward ~0) to a policy that says 7: the mean
+    reward of the last 5 steps is far above the first 5 (20 steps of 8 completions, full training
+    at a toy rate: the model is random, every gain is new to it)."""
+    from tools.preference_recipe import generate_dpo_recipe
+    from tools.train_dpo import train_dpo
+    monkeypatch.chdir(ws.root)
+    write_jsonl(ws.root / "data/seven/train.jsonl", [{"prompt": f"Say seven ({i}):", "solution": "7"} for i in range(64)])
+    (ws.root / "rewards").mkdir()
+    (ws.root / "rewards/sevens.py").write_text(
+        "def sevens(completions, **kwargs):\n"
+        "    texts = [c[0]['content'] if isinstance(c, list) else c for c in completions]\n"
+        "    return [t.count('7') / max(len(t), 1) for t in texts]\n")
+    generate_dpo_recipe("models/tiny-llama", "data/seven", "grpo.yaml", "out/grpo", trainer="grpo", cpu=True,
+                        method="full", rewards=["rewards/sevens.py:sevens"],
+                        overrides={"num_generations": 8, "per_device_train_batch_size": 8, "max_completion_length": 8,
+                                   "max_steps": 20, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-2,
+                                   "lr_scheduler_type": "constant", "warmup_steps": 0, "seed": 0})
+    s = train_dpo("grpo.yaml")
+    rewards = [json.loads(x).get("reward") for x in (ws.root / "out/grpo/metrics.jsonl").read_text().splitlines()]
+    rewards = [float(r) for r in rewards if r is not None]
+    assert len(rewards) == 20
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.1 and last > first + 0.3, rewards
+    assert s["method_metrics"]["readings"][0].startswith("reward rose")
