@@ -63,6 +63,8 @@ def test_local_task_adapter_vs_base(ws, tiny_model, adapter):
     (row,) = r.comparison
     assert row.delta == pytest.approx(row.fine_tuned - row.base)
     assert "| base | fine-tuned | delta |" in r.table
+    assert f"local_arith exact_match {row.fine_tuned:.3f} vs {row.base:.3f} ({row.delta:+.3f}" in r.summary
+    assert "merge_adapter(adapter_dir='runs/r1/output', output_dir='models/r1-merged')" in r.next_steps
     saved = json.loads((ws.root / r.results_file).read_text())
     assert saved["comparison"][0]["task"] == "local_arith"
     assert r.settings["decoding"].startswith("greedy") and r.settings["max_gen_toks"] == 8
@@ -119,6 +121,30 @@ def test_served_endpoint_exact_scores(ws, api_deps, fake_server):
     samples = read_jsonl(ws.root / run.samples_files["local_arith"])
     s0 = next(s for s in samples if s["target"] == "19")
     assert s0["extracted"] == "19" and s0["correct"] is True and "#### 19" in s0["response"]
+
+
+def test_mcp_summary_carries_the_score(ws, api_deps, fake_server):
+    """Over MCP the text content leads with the summary: the score (7 of 10 right) with its
+    stderr and n; the next calls name the same endpoint and task."""
+    from mcp import Client
+
+    from server.app import create_server
+    url, _ = fake_server
+    write_arith(ws.root / "arith.jsonl")
+
+    async def go():
+        async with Client(create_server()) as c:
+            return await c.call_tool("evaluate", {"base_url": url, "local_task": "arith.jsonl",
+                                                  "max_gen_toks": 16, "output_dir": "evals/mcp"})
+    r = asyncio.run(go())
+    assert not r.is_error, r.content
+    sc = r.structured_content
+    se = (0.7 * 0.3 / 9) ** 0.5
+    assert f"local_arith exact_match 0.700 ± {se:.3f} (n=10)" in sc["summary"], sc["summary"]
+    assert sc["summary"].startswith(f"Evaluated served-tiny at {url}")
+    assert r.content[0].text.splitlines()[0] == sc["summary"]
+    assert "model local_arith exact_match: 0.7" in r.content[0].text  # a key figure
+    assert not any(s.startswith(("generate(", "export_model(")) for s in sc["next_steps"])  # local models only
 
 
 def test_endpoint_key_only_when_named(ws, api_deps, fake_server, monkeypatch):
@@ -258,6 +284,8 @@ def test_background_spec_is_the_resolved_request(ws, tiny_model, monkeypatch):
     r = ev.evaluate(model="models/tiny-llama", local_task="data/conv", limit=2, gpu_ids=[1],
                     background=True, output_dir="evals/s")
     assert r.status == "started" and r.run_id == "run-x" and started["gpu_ids"] == [1]
+    assert "run-x" in r.summary and r.next_steps == [
+        "training_status(run_id='run-x') until it completes (poll every 30-60 s)"]
     spec_file = ws.root / "evals" / "s" / "spec.json"
     assert started["argv"][-2:] == ["--spec", str(spec_file)]
     params = json.loads(spec_file.read_text())["params"]
@@ -290,11 +318,22 @@ def test_mcp_tools(ws, tiny_model, adapter):
             assert not r.is_error, r.content
             assert r.structured_content["verified"] is True
             assert r.structured_content["logits_check"]["equivalent"] is True
+            sc = r.structured_content  # the result contract: summary with the figures, real next calls
+            lc = sc["logits_check"]
+            assert "models/merged" in sc["summary"] and ": verified" in sc["summary"]
+            assert f"within {lc['max_abs_diff']:.2g}" in sc["summary"] and r.content[0].text.startswith(sc["summary"])
+            assert "evaluate(model='models/merged', compare_with='models/tiny-llama', local_task=" in \
+                " | ".join(sc["next_steps"])
             r = await c.call_tool("evaluate", {"model": "models/merged", "local_task": "arith.jsonl",
                                                "limit": 4, "max_gen_toks": 4})
             assert not r.is_error, r.content
             m = r.structured_content["runs"][0]["metrics"][0]
             assert m["metric"] == "exact_match" and m["n"] == 4 and "stderr" in m
+            sc = r.structured_content
+            assert f"local_arith exact_match {m['value']:.3f} ± {m['stderr']:.3f} (n=4)" in sc["summary"]
+            assert sc["summary"].startswith("Evaluated models/merged (limit=4)")
+            assert "generate(model='models/merged', dataset='arith.jsonl', rows=5)" in sc["next_steps"]
+            assert r.content[0].text.splitlines()[0] == sc["summary"]
             r = await c.call_tool("merge_adapter", {"adapter_dir": "models/tiny-llama",
                                                     "output_dir": "x"})
             assert r.is_error and "adapter_config.json" in r.content[0].text

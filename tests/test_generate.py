@@ -164,6 +164,13 @@ def test_mcp_generate(ws, tiny_model, adapter):
             sc = r.structured_content
             assert len(sc["rows"]) == 2 and [o["label"] for o in sc["rows"][0]["outputs"]] == ["fine-tuned", "base"]
             assert sc["models"][0]["adapter"] == "runs/r1/output"
+            cut = sum(row["outputs"][0]["stopped"] == "max_new_tokens" for row in sc["rows"])
+            differ = sum(row["outputs"][0]["text"] != row["outputs"][1]["text"] for row in sc["rows"])
+            assert sc["summary"].startswith("2 prompt(s), fine-tuned (runs/r1/output) vs base (models/tiny-llama)")
+            assert f"{differ} of 2 replies differ" in sc["summary"] and f"fine-tuned {cut}" in sc["summary"]
+            assert "evaluate(adapter='runs/r1/output', compare_with='models/tiny-llama', local_task=" \
+                in sc["next_steps"][-1]
+            assert r.content[0].text.startswith(sc["summary"])
             r = await c.call_tool("generate", {"model": "models/tiny-llama", "prompts": ["a"],
                                                "dataset": "data/x.jsonl"})
             assert r.is_error and "prompts:" in r.content[0].text and "Fix:" in r.content[0].text

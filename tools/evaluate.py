@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from .endpoints import auth_header, check_url
 from .errors import UserError
 from .eval_tasks import FREE_TEXT_METRICS, LocalTask
+from .params import Dtype, GpuIds, OutputDir
+from .results import KEY_FIGURES_MAX, SUMMARY_MAX_CHARS, ToolResult
 from .workspace import get_workspace, set_workspace
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class ComparisonRow(BaseModel):
     significant: bool | None = Field(description="|delta| > 1.96 * delta_stderr.")
 
 
-class EvalResult(BaseModel):
+class EvalResult(ToolResult):
     """lm-eval results: per model metrics with stderr, files, and the side-by-side comparison."""
     status: Literal["completed", "started"]
     run_id: str | None = None
@@ -99,6 +101,17 @@ class EvalResult(BaseModel):
     settings: dict[str, Any] = {}
     notes: list[str] = []
     elapsed_s: float = 0.0
+
+    def key_figures(self) -> dict[str, Any]:
+        """The files, then each metric (with the delta when compared), as far as room allows."""
+        out: dict[str, Any] = {k: v for k, v in (("status", self.status), ("run_id", self.run_id),
+                                                 ("results_file", self.results_file)) if v}
+        for r in self.comparison:
+            out[f"{r.task} {r.metric} delta"] = None if r.delta is None else round(r.delta, 4)
+        for run in self.runs:
+            for m in run.metrics:
+                out[f"{run.label} {m.task} {m.metric}"] = None if m.value is None else round(m.value, 4)
+        return dict(list(out.items())[:KEY_FIGURES_MAX])
 
 
 # ----------------------------------------------------------------------------- task manager
@@ -860,7 +873,9 @@ def _finish(job: _Eval, runs: list[ModelRun], settings: dict[str, Any]) -> EvalR
                         notes=list(dict.fromkeys(notes)))
     result.results_file = ws.rel(job.out / "results.json")
     result.elapsed_s = round(time.time() - job.t0, 2)
-    ws.write_text(job.out / "results.json", json.dumps(result.model_dump(), indent=1, default=str) + "\n")
+    result.summary, result.next_steps = _summary(job, result), _next_steps(job, result)
+    # summary first, next_steps last: training_status shows this file for an eval run
+    ws.write_text(job.out / "results.json", json.dumps(result.wire(), indent=1, default=str) + "\n")
     return result
 
 
@@ -876,9 +891,95 @@ def _start_background(job: _Eval, params: dict[str, Any]) -> EvalResult:
                                 meta={"output_dir": ws.rel(out), "tasks": job.all_tasks})
     job.notes.append(f"Started in the background as run {run_id}: poll its status; results appear "
                      f"in {ws.rel(out)}/results.json when it completes.")
-    return EvalResult(status="started", run_id=run_id, output_dir=ws.rel(out), tasks=job.all_tasks,
-                      local_task=job.lt.model_dump() if job.lt else None, settings=params,
-                      notes=job.notes, elapsed_s=round(time.time() - job.t0, 2))
+    return EvalResult(
+        summary=f"Evaluation of {_what(job)} on {_clip(', '.join(job.all_tasks), 80)} started in the "
+                f"background as run {run_id}; results will be in {ws.rel(out)}/results.json.",
+        status="started", run_id=run_id, output_dir=ws.rel(out), tasks=job.all_tasks,
+        local_task=job.lt.model_dump() if job.lt else None, settings=params, notes=job.notes,
+        elapsed_s=round(time.time() - job.t0, 2),
+        next_steps=[f"training_status(run_id='{run_id}') until it completes (poll every 30-60 s)"])
+
+
+# ----------------------------------------------------------------------------- summary
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _what(job: _Eval) -> str:
+    """The evaluated model as the user named it."""
+    ws, req = get_workspace(), job.req
+    if req.base_url:
+        return f"{req.served_model} at {req.base_url}"
+    return ws.rel(job.adapter_path) if job.adapter_path else str(req.model)
+
+
+def _figure(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _summary(job: _Eval, r: EvalResult) -> str:
+    """Each metric (fine-tuned vs base with the delta, or value ± stderr), as many as fit."""
+    if r.comparison:
+        head = f"Evaluated {_what(job)} against the base {job.req.compare_with}"
+        items = [f"{c.task} {c.metric} {_figure(c.fine_tuned)} vs {_figure(c.base)} ("
+                 + ("-" if c.delta is None else f"{c.delta:+.3f}")
+                 + (", significant" if c.significant else ", within noise" if c.significant is False else "")
+                 + ")" for c in r.comparison]
+    else:
+        head = f"Evaluated {_what(job)}"
+        items = [f"{m.task} {m.metric} {_figure(m.value)}"
+                 + (f" ± {m.stderr:.3f}" if m.stderr is not None else "")
+                 + (f" (n={m.n})" if m.n is not None else "") for run in r.runs for m in run.metrics]
+    if job.req.limit:
+        head += f" (limit={job.req.limit})"
+    text = _fit(head, items)
+    warn = " Exact match is 0 for every model: it measures nothing here; read the samples files."
+    return text + warn if _zero_notes(r.runs) and len(text + warn) <= SUMMARY_MAX_CHARS else text
+
+
+def _fit(head: str, items: list[str]) -> str:
+    """`head: item; item...` with as many items as fit in a summary; the rest are counted."""
+    for shown in range(len(items), 0, -1):
+        left = len(items) - shown
+        text = f"{head}: {'; '.join(items[:shown])}" + (f"; +{left} more in the table." if left else ".")
+        if len(text) <= SUMMARY_MAX_CHARS:
+            return text
+    tail = f": {len(items)} metrics in the table." if items else ": no metric came back."
+    return _clip(head, SUMMARY_MAX_CHARS - len(tail)) + tail
+
+
+def _call(tool: str, **args) -> str:
+    """A next call with real arguments, as the agent writes it."""
+    shown = ", ".join(f"{k}={json.dumps(v) if isinstance(v, bool) else repr(v)}"
+                      for k, v in args.items() if v is not None)
+    return f"{tool}({shown})"
+
+
+def _next_steps(job: _Eval, r: EvalResult) -> list[str]:
+    ws, req = get_workspace(), job.req
+    tasks = [ws.rel(t) if t.endswith((".yaml", ".yml")) else t for t in job.tasks] or None
+    on = {"tasks": tasks, "local_task": req.local_task, "limit": req.limit}
+    adapter = ws.rel(job.adapter_path) if job.adapter_path else None
+    base = req.compare_with or (str(req.model) if adapter else None)
+    steps = []
+    if adapter and not req.compare_with:
+        steps.append(_call("evaluate", adapter=adapter, compare_with=base, **on))
+    if any("answer_mode='free_text'" in n for n in r.notes) and req.answer_mode != "free_text":
+        steps.append(_call("evaluate", model=req.model if not adapter else None, adapter=adapter,
+                           base_url=req.base_url, compare_with=req.compare_with, **on,
+                           answer_mode="free_text"))
+    if not req.base_url:  # generate loads local models only
+        steps.append(_call("generate", model=adapter or req.model, compare_with=base,
+                           dataset=req.local_task, rows=5 if req.local_task else None,
+                           prompts=None if req.local_task else ["<a prompt from your task>"]))
+    if adapter:
+        p = Path(adapter)  # a run's adapter is runs/<run>/output: name the merge after the run
+        name = p.parent.name if p.name == "output" and p.parent.name else p.name
+        steps.append(_call("merge_adapter", adapter_dir=adapter, output_dir=f"models/{_slug(name)}-merged"))
+    elif not req.base_url:
+        steps.append(_call("export_model", model=req.model,
+                           output_dir=f"exports/{_slug(Path(str(req.model)).name)}"))
+    return steps
 
 
 def run_request(req: "EvalRequest") -> EvalResult:
@@ -898,67 +999,40 @@ def run_request(req: "EvalRequest") -> EvalResult:
 
 # ----------------------------------------------------------------------------- the tool
 def evaluate(
-    model: Annotated[str | None, Field(description="Local model dir in the workspace (full or merged "
-                                                   "model). With adapter: its base (default: the "
-                                                   "adapter's base_model_name_or_path).")] = None,
-    adapter: Annotated[str | None, Field(description="PEFT adapter dir, evaluated on its base "
-                                                     "without merging.")] = None,
-    base_url: Annotated[str | None, Field(description="Served OpenAI-compatible endpoint (vLLM, TGI), "
-                                                      "e.g. http://localhost:8000/v1; instead of model.")] = None,
-    served_model: Annotated[str | None, Field(description="Model name the endpoint serves "
-                                                          "(default: the first of GET /v1/models).")] = None,
-    api_key_env: Annotated[str | None, Field(description="NAME of the environment variable holding "
-                                                         "base_url's API key (no key is sent otherwise).")] = None,
-    tasks: Annotated[list[str] | None, Field(description="lm-eval task/group names, e.g. "
-                                                         "['gsm8k_cot'] (datasets come from the hub).")] = None,
-    local_task: Annotated[str | None, Field(description="JSONL in the workspace (or a convert_dataset "
-                                                        "dir: its test.jsonl) to build a task from.")] = None,
-    prompt_field: Annotated[str | None, Field(description="Prompt column of local_task (auto: "
-                                                          "question/prompt/input/..., or messages).")] = None,
-    answer_field: Annotated[str | None, Field(description="Answer column (auto: answer/completion/"
-                                                          "output/...; with choices: answer index/letter).")] = None,
-    answer_regex: Annotated[str | None, Field(description="Regex with one group extracting the final "
-                                                          "answer for exact match (default: '#### N', else "
-                                                          "the last number; short answers: first line).")] = None,
-    answer_mode: Annotated[Literal["auto", "numeric", "text", "free_text"], Field(
-        description="local_task scoring. auto: from the answers: numbers -> exact match on the "
-                    "number, short answers -> exact match, free text -> ROUGE-L + chrF.")] = "auto",
-    judge_url: Annotated[str | None, Field(description="OpenAI-compatible endpoint of an LLM judge "
-                                                       "scoring each local_task reply 1-5 against the "
-                                                       "reference (metric 'judge', 0..1).")] = None,
-    judge_model: Annotated[str | None, Field(description="Model the judge endpoint serves (default: "
-                                                         "the first of GET /v1/models).")] = None,
-    judge_api_key_env: Annotated[str | None, Field(description="NAME of the environment variable "
-                                                               "holding judge_url's API key.")] = None,
-    compare_with: Annotated[str | None, Field(description="Base model dir: evaluated the same way, "
-                                                          "results side by side with the delta.")] = None,
-    apply_chat_template: Annotated[bool, Field(description="Wrap prompts in the model's chat "
-                                                           "template (fine-tuned chat models: yes).")] = True,
-    system_prompt: Annotated[str | None, Field(description="System message for every prompt (default: "
-                                                           "the one in local_task rows, if any).")] = None,
-    limit: Annotated[int | None, Field(ge=1, description="Max samples per task (quick checks).")] = None,
-    num_fewshot: Annotated[int | None, Field(ge=0, le=32, description="Few-shot examples; None = the "
-                                                                      "task's default (8 for gsm8k_cot, 0 local).")] = None,
-    batch_size: Annotated[Annotated[int, Field(ge=1, le=512)] | Literal["auto"], Field(
-        description="Prompts per batch; 'auto' lets lm-eval find the largest that fits the GPU (hf "
-                    "backend; served endpoints then use 8 concurrent requests).")] = 8,
-    max_gen_toks: Annotated[int, Field(ge=1, le=32768, description="Max new tokens per answer.")] = 256,
-    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], Field(
-        description="hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.")] = "auto",
-    gpu_ids: Annotated[list[int] | None, Field(description="GPUs for the hf backend: the background job "
-                                                          "sees only these (CUDA_VISIBLE_DEVICES); in the "
-                                                          "foreground the first is used.")] = None,
-    background: Annotated[bool, Field(description="Run as a background job in the run registry and "
-                                                  "return its run id at once.")] = False,
-    output_dir: Annotated[str | None, Field(description="Where results go (default: "
-                                                        "evals/<time>-<model>).")] = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    base_url: Annotated[str | None, Field(description="Served OpenAI-compatible endpoint.")] = None,
+    served_model: str | None = None,
+    api_key_env: Annotated[str | None, Field(description="NAME of the env var with the key.")] = None,
+    tasks: Annotated[list[str] | None, Field(description="lm-eval tasks, e.g. ['gsm8k_cot'].")] = None,
+    local_task: Annotated[str | None, Field(description="JSONL or dataset dir to score.")] = None,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    answer_regex: str | None = None,
+    answer_mode: Literal["auto", "numeric", "text", "free_text"] = "auto",
+    judge_url: Annotated[str | None, Field(description="LLM judge endpoint (scores 1-5).")] = None,
+    judge_model: str | None = None,
+    judge_api_key_env: str | None = None,
+    compare_with: Annotated[str | None, Field(description="Base model, run the same way.")] = None,
+    apply_chat_template: bool = True,
+    system_prompt: str | None = None,
+    limit: Annotated[int | None, Field(ge=1)] = None,
+    num_fewshot: Annotated[int | None, Field(ge=0, le=32)] = None,
+    batch_size: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = 8,
+    max_gen_toks: Annotated[int, Field(ge=1, le=32768)] = 256,
+    dtype: Dtype = "auto",
+    gpu_ids: GpuIds = None,
+    background: Annotated[bool, Field(description="Return a run id now.")] = False,
+    output_dir: OutputDir = None,
 ) -> EvalResult:
-    """Evaluate a model with lm-evaluation-harness: a local model dir (optionally + a PEFT adapter)
-    or a served OpenAI-compatible endpoint, on lm-eval tasks (e.g. gsm8k_cot to check general
-    capability before/after fine-tuning) and/or a local JSONL, scored as its answers call for:
-    exact match on the extracted number or short answer, ROUGE-L and chrF on free-text replies,
-    log-likelihood accuracy on multiple choice; optionally an LLM judge (judge_url). Greedy
-    decoding.
+    """Score a model, adapter or endpoint with lm-evaluation-harness on lm-eval tasks or a local
+    JSONL; compare_with runs the base alongside.
+
+    A local model dir (optionally + a PEFT adapter) or a served OpenAI-compatible endpoint, on
+    lm-eval tasks (e.g. gsm8k_cot to check general capability before/after fine-tuning) and/or a
+    local JSONL, scored as its answers call for: exact match on the extracted number or short
+    answer, ROUGE-L and chrF on free-text replies, log-likelihood accuracy on multiple choice;
+    optionally an LLM judge (judge_url). Greedy decoding.
 
     With compare_with=<base dir> both models run the same way and a side-by-side table with the
     delta and its 95% interval is returned. Returns metrics with their standard error per task,
@@ -966,6 +1040,47 @@ def evaluate(
     extracted, correct) to output_dir. On CPU or for full benchmarks use background=True (returns a
     run id; poll the run and read <output_dir>/results.json) or a small limit: hosts cut tool calls
     after about a minute.
+
+    Parameters:
+    - model: local model dir in the workspace (full or merged model). With adapter: its base
+      (default: the adapter's base_model_name_or_path).
+    - adapter: PEFT adapter dir, evaluated on its base without merging.
+    - base_url: served OpenAI-compatible endpoint (vLLM, TGI), e.g. http://localhost:8000/v1;
+      instead of model.
+    - served_model: model name the endpoint serves (default: the first of GET /v1/models).
+    - api_key_env: NAME of the environment variable holding base_url's API key (no key is sent
+      otherwise; never the key itself).
+    - tasks: lm-eval task/group names, e.g. ['gsm8k_cot'] (datasets come from the hub), or task
+      YAML files in the workspace.
+    - local_task: JSONL in the workspace (or a convert_dataset dir: its test.jsonl) to build a
+      task from.
+    - prompt_field: prompt column of local_task (auto: question/prompt/input/..., or messages).
+    - answer_field: answer column (auto: answer/completion/output/...; with choices: answer
+      index/letter).
+    - answer_regex: regex with one group extracting the final answer for exact match (default:
+      '#### N', else the last number; short answers: first line).
+    - answer_mode: local_task scoring. auto: from the answers: numbers -> exact match on the
+      number, short answers -> exact match, free text -> ROUGE-L + chrF.
+    - judge_url: OpenAI-compatible endpoint of an LLM judge scoring each local_task reply 1-5
+      against the reference (metric 'judge', 0..1).
+    - judge_model: model the judge endpoint serves (default: the first of GET /v1/models).
+    - judge_api_key_env: NAME of the environment variable holding judge_url's API key.
+    - compare_with: base model dir (or hub id): evaluated the same way, results side by side
+      with the delta.
+    - apply_chat_template: wrap prompts in the model's chat template (fine-tuned chat models:
+      yes; served endpoints always take messages).
+    - system_prompt: system message for every prompt (default: the one in local_task rows).
+    - limit: max samples per task (quick checks).
+    - num_fewshot: few-shot examples; None = the task's default (8 for gsm8k_cot, 0 local).
+    - batch_size: prompts per batch; 'auto' lets lm-eval find the largest that fits the GPU (hf
+      backend; served endpoints then use 8 concurrent requests).
+    - max_gen_toks: max new tokens per answer.
+    - dtype: hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.
+    - gpu_ids: GPUs for the hf backend: the background job sees only these
+      (CUDA_VISIBLE_DEVICES); in the foreground the first is used.
+    - background: run as a background job in the run registry and return its run id at once
+      (poll it with training_status).
+    - output_dir: where results go (default: evals/<time>-<model>).
     """
     # The arguments as one model, built once: what the steps read and a background job re-reads.
     return run_request(EvalRequest.model_validate(locals()))

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .params import Dtype
+from .results import SUMMARY_MAX_CHARS, ToolResult
 from .workspace import get_workspace
 
 MAX_PROMPTS = 32
@@ -57,7 +59,7 @@ class ModelInfo(BaseModel):
     elapsed_s: float
 
 
-class GenerateResult(BaseModel):
+class GenerateResult(ToolResult):
     """Replies side by side, with how each model was loaded and the decoding settings."""
     rows: list[GenerationRow]
     models: list[ModelInfo]
@@ -66,6 +68,15 @@ class GenerateResult(BaseModel):
     table: str
     notes: list[str] = []
     elapsed_s: float
+
+    def key_figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompts": len(self.rows), "source": self.source}
+        for k, m in enumerate(self.models):
+            out[f"{m.label} replies cut"] = sum(r.outputs[k].stopped == "max_new_tokens" for r in self.rows)
+        if len(self.models) == 2:
+            out["replies that differ"] = sum(r.outputs[0].text != r.outputs[1].text for r in self.rows)
+        out["elapsed_s"] = self.elapsed_s
+        return {k: v for k, v in out.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -318,43 +329,84 @@ def _result_rows(items: list[dict], outputs: list[list[ModelOutput]]) -> list[Ge
     return rows
 
 
+def _summary(r: GenerateResult) -> str:
+    """How many prompts, which models, and what stands out: same replies, replies cut off."""
+    names = " vs ".join(f"{m.label} ({m.adapter or m.model})" for m in r.models)
+    text = f"{len(r.rows)} prompt(s){f' from {r.source}' if r.source else ''}, {names}"
+    if len(r.models) == 2:
+        same = sum(row.outputs[0].text == row.outputs[1].text for row in r.rows)
+        text += f": {len(r.rows) - same} of {len(r.rows)} replies differ"
+    cut = [sum(row.outputs[k].stopped == "max_new_tokens" for row in r.rows) for k in range(len(r.models))]
+    text += (f"; cut at max_new_tokens={r.settings['max_new_tokens']}: "
+             + ", ".join(f"{m.label} {c}" for m, c in zip(r.models, cut)) if any(cut)
+             else "; every reply ended at its end-of-turn token") + "."
+    return text if len(text) <= SUMMARY_MAX_CHARS else text[:SUMMARY_MAX_CHARS - 3] + "..."
+
+
+def _next_steps(r: GenerateResult, model: str, compare_with: str | None, dataset: str | None,
+                prompts: list[str] | None) -> list[str]:
+    steps = []
+    n = r.settings["max_new_tokens"]
+    if all(row.outputs[0].stopped == "max_new_tokens" for row in r.rows) and n < 4096:
+        source = f"dataset='{dataset}'" if dataset else (
+            f"prompts={prompts!r}" if len(repr(prompts)) <= 160 else "prompts=[...]")
+        other = f"compare_with='{compare_with}', " if compare_with else ""
+        steps.append(f"generate(model='{model}', {other}{source}, max_new_tokens={min(4096, 4 * n)}) "
+                     "to see whole replies")
+    first = r.models[0]
+    kind = "adapter" if first.adapter else "model"
+    # evaluate's compare_with is a full model: an adapter given as the second model is left out
+    base = f", compare_with='{compare_with}'" if compare_with and not r.models[1].adapter else ""
+    data = f"'{dataset}'" if dataset else "'<test JSONL or dataset dir>'"
+    steps.append(f"evaluate({kind}='{first.adapter or first.model}'{base}, local_task={data})")
+    return steps
+
+
 # ----------------------------------------------------------------------------- the tool
 def generate(
-    model: Annotated[str, Field(description="Model to spot-check: a full or merged model dir, or a "
-                                            "PEFT adapter dir (loaded on its base).")],
-    compare_with: Annotated[str | None, Field(description="Second model, e.g. the base: same prompts "
-                                                          "and settings, replies side by side.")] = None,
+    model: Annotated[str, Field(description="Model dir, or adapter dir (on its base).")],
+    compare_with: Annotated[str | None, Field(description="Second model, e.g. the base.")] = None,
     prompts: Annotated[list[str] | None, Field(description="User prompts (instead of dataset).")] = None,
-    dataset: Annotated[str | None, Field(description="JSONL or convert_dataset dir in the workspace: "
-                                                     "prompts and references from its first rows.")] = None,
-    split: Annotated[str | None, Field(description="With a dataset dir: which <split>.jsonl (default "
-                                                   "test, else validation, else train).")] = None,
-    rows: Annotated[int, Field(ge=1, le=MAX_PROMPTS, description="Dataset rows to use.")] = 5,
-    prompt_field: Annotated[str | None, Field(description="Prompt column (auto: question/prompt/"
-                                                          "..., or messages).")] = None,
-    answer_field: Annotated[str | None, Field(description="Reference column (auto: answer/"
-                                                          "completion/...).")] = None,
-    system_prompt: Annotated[str | None, Field(description="System message for every prompt "
-                                                           "(default: the row's own, if any).")] = None,
-    base_model: Annotated[str | None, Field(description="Base dir for an adapter given as model "
-                                                        "(default: its adapter_config.json).")] = None,
-    apply_chat_template: Annotated[bool, Field(description="Render prompts with each model's chat "
-                                                           "template.")] = True,
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096, description="Max tokens per reply.")] = 128,
-    do_sample: Annotated[bool, Field(description="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, Field(gt=0, le=2, description="Sampling temperature.")] = 0.7,
-    top_p: Annotated[float, Field(gt=0, le=1, description="Sampling nucleus.")] = 1.0,
-    seed: Annotated[int, Field(ge=0, description="Seed of prompt i is seed+i, for every model.")] = 0,
-    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], Field(
-        description="auto: bf16/fp16 on GPU, fp32 on CPU.")] = "auto",
+    dataset: Annotated[str | None, Field(description="JSONL or dataset dir: prompts + references.")] = None,
+    split: str | None = None,
+    rows: Annotated[int, Field(ge=1, le=MAX_PROMPTS)] = 5,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    system_prompt: str | None = None,
+    base_model: Annotated[str | None, Field(description="Base for an adapter model.")] = None,
+    apply_chat_template: bool = True,
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 128,
+    do_sample: bool = False,
+    temperature: Annotated[float, Field(gt=0, le=2)] = 0.7,
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
+    seed: Annotated[int, Field(ge=0, description="Prompt i uses seed+i.")] = 0,
+    dtype: Dtype = "auto",
 ) -> GenerateResult:
-    """Spot-check a model before trusting a metric: generate replies to a few prompts, or to the
-    first rows of a dataset split (with the reference answer), for a model (full, merged, or a
-    PEFT adapter on its base) and optionally a second one (compare_with, e.g. the base), side by
-    side. Each model's chat template is applied; greedy by default, or sampled with a seed.
-    Returns per prompt the prompt, the reference, each model's reply and whether it ended or was
-    cut at max_new_tokens, how each model was prompted (the first prompt as rendered), and a
-    markdown table. Local models only; writes nothing.
+    """Spot-check a model (full, merged or adapter) on a few prompts or a dataset's first rows,
+    side by side with compare_with (e.g. the base). Local models only; writes nothing.
+
+    Call before trusting a metric. Each model's chat template is applied; greedy by default, or
+    sampled with a seed. Returns per prompt the prompt, the reference, each model's reply and
+    whether it ended or was cut at max_new_tokens, how each model was prompted (the first prompt
+    as rendered), and a markdown table.
+
+    Parameters:
+    - model: a full or merged model dir, or a PEFT adapter dir (loaded on its base, unmerged).
+    - compare_with: a second model, e.g. the base: same prompts and settings, replies side by side.
+    - prompts: user prompts (instead of dataset); at most 32.
+    - dataset: JSONL or convert_dataset dir in the workspace: prompts and references from its
+      first rows.
+    - split: with a dataset dir, which <split>.jsonl (default test, else validation, else train).
+    - rows: dataset rows to use.
+    - prompt_field: prompt column (auto: question/prompt/..., or messages).
+    - answer_field: reference column (auto: answer/completion/...).
+    - system_prompt: system message for every prompt (default: the row's own, if any).
+    - base_model: base dir for an adapter given as model (default: its adapter_config.json).
+    - apply_chat_template: render prompts with each model's chat template.
+    - max_new_tokens: max tokens per reply.
+    - do_sample, temperature, top_p: sample instead of greedy decoding, with these settings.
+    - seed: prompt i is sampled with seed+i, for every model (the same draw for both).
+    - dtype: auto: bf16/fp16 on GPU, fp32 on CPU.
     """
     t0 = time.time()
     notes: list[str] = []
@@ -375,6 +427,8 @@ def generate(
     labels = [i.label for i in infos]
     result_rows = _result_rows(items, outputs)
     notes.extend(_compare_notes(result_rows, labels, max_new_tokens))
-    return GenerateResult(rows=result_rows, models=infos, source=source, settings=settings,
-                          table=_table(result_rows, labels, source is not None), notes=notes,
-                          elapsed_s=round(time.time() - t0, 2))
+    r = GenerateResult(rows=result_rows, models=infos, source=source, settings=settings,
+                       table=_table(result_rows, labels, source is not None), notes=notes,
+                       elapsed_s=round(time.time() - t0, 2))
+    r.summary, r.next_steps = _summary(r), _next_steps(r, model, compare_with, dataset, prompts)
+    return r

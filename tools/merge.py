@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .params import Dtype
+from .results import SUMMARY_MAX_CHARS, ToolResult
 from .workspace import get_workspace
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class TokenizerCheck(BaseModel):
     mismatches: list[str] = []
 
 
-class MergeResult(BaseModel):
+class MergeResult(ToolResult):
     """A merged standalone model and the evidence that it equals base+adapter."""
     output_dir: str
     adapter_dir: str
@@ -84,8 +86,17 @@ class MergeResult(BaseModel):
     files: list[str]
     size_gib: float
     notes: list[str] = []
-    next_steps: list[str] = []
     elapsed_s: float
+
+    def key_figures(self) -> dict[str, Any]:
+        lc = self.logits_check
+        def g(x: float) -> float:  # three significant digits are what a reader compares
+            return float(f"{x:.3g}")
+        return {"verified": self.verified, "output_dir": self.output_dir, "dtype": self.dtype,
+                "max_abs_diff": g(lc.max_abs_diff), "tolerance": g(lc.tolerance),
+                "top1_agreement": lc.top1_agreement, "adapter_effect_max_abs": g(lc.adapter_effect_max_abs),
+                "tokenizer_identical_ids": self.tokenizer_check.identical_ids,
+                "size_gib": self.size_gib, "elapsed_s": self.elapsed_s}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -372,6 +383,7 @@ class _Merge:
     chats: list[list[dict]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
+    dataset: str | None = None    # the training dataset, when the run names one in the workspace
     has_tok: bool = False         # the adapter dir has its (training) tokenizer
     ids_list: list[list[int]] = field(default_factory=list)
     ref: list = field(default_factory=list)          # logits of base+adapter (un-merged)
@@ -444,7 +456,9 @@ def _check_inputs(adapter_dir: str, output_dir: str, base_model: str | None, ove
 
 def _plan(job: _Merge, dtype: str, sample_prompts: list[str] | None) -> None:
     """Precision and device, the QLoRA note, the RAM check and the sample chats of the proof."""
-    job.qlora = _is_qlora(_find_training_info(job.adir))
+    info = _find_training_info(job.adir)
+    job.qlora = _is_qlora(info)
+    job.dataset = _training_dataset(info)
     job.dtype_name, job.device = _choose_dtype(dtype)
     if job.qlora:
         job.notes.append(
@@ -591,15 +605,62 @@ def _write_report(job: _Merge, tmp: Path, lcheck: LogitsCheck, tcheck: Tokenizer
         device=job.device, logits_check=lcheck, tokenizer_check=tcheck,
         generation_config=gen_info, verified=lcheck.equivalent and tcheck.identical_ids,
         files=files + ["merge_report.json"], size_gib=round(size / 2**30, 4), notes=job.notes,
-        next_steps=[f"evaluate(model='{ws.rel(job.out)}', compare_with='{job.base_shown}', ...) "
-                    "to compare with the base.",
-                    "Export: see references/export.md (hub upload, GGUF, vLLM/TGI/Ollama)."],
         elapsed_s=0.0)
     result.elapsed_s = round(time.time() - job.t0, 2)
+    result.summary, result.next_steps = _summary(result), _next_steps(job, result)
     report = result.model_dump()
     report["parameters"] = merged_params
     (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return result
+
+
+def _training_dataset(info: dict) -> str | None:
+    """The run's dataset as a workspace path (summary.json or the recipe), if it is one there."""
+    name = (info.get("summary") or {}).get("dataset") or (info.get("recipe") or {}).get("dataset_name")
+    if not isinstance(name, str) or not name:
+        return None
+    ws = get_workspace()
+    try:
+        p = ws.resolve(name, field="dataset")
+    except UserError:
+        return None
+    return ws.rel(p) if p.exists() else None
+
+
+def _summary(r: MergeResult) -> str:
+    """The outcome in one or two sentences: verified or not, with the figures that say why."""
+    lc, tc = r.logits_check, r.tokenizer_check
+    head = f"Merged {r.adapter_dir} into {r.output_dir} ({r.dtype}, {r.size_gib:g} GiB)"
+    if r.verified:
+        text = (f"{head}: verified, logits within {lc.max_abs_diff:.2g} of base+adapter (tolerance "
+                f"{lc.tolerance:.2g}, top-1 agreement {lc.top1_agreement:.0%}) and the same chat "
+                "token ids.")
+    else:
+        why = []
+        if not lc.equivalent:
+            why.append(f"logits differ by {lc.max_abs_diff:.3g} > tolerance {lc.tolerance:.3g}")
+        if not tc.identical_ids:
+            why.append(f"the merged tokenizer renders {len(tc.mismatches)} of {tc.chats} chats "
+                       "to other ids")
+        text = f"{head} but NOT verified: {'; '.join(why)}. Do not ship it."
+    if lc.adapter_effect_max_abs <= lc.tolerance:
+        text += " The adapter changes nothing: it looks untrained."
+    return text if len(text) <= SUMMARY_MAX_CHARS else text[:SUMMARY_MAX_CHARS - 3] + "..."
+
+
+def _next_steps(job: _Merge, r: MergeResult) -> list[str]:
+    if not r.logits_check.equivalent:
+        return [f"merge_adapter(adapter_dir='{r.adapter_dir}', output_dir='{r.output_dir}', "
+                f"base_model='<the exact base of the run>', dtype='fp32', overwrite=true)"]
+    if not r.tokenizer_check.identical_ids:
+        return [f"copy tokenizer_config.json and chat_template.jinja from {r.adapter_dir} into "
+                f"{r.output_dir}, then merge_adapter(adapter_dir='{r.adapter_dir}', output_dir="
+                f"'{r.output_dir}', overwrite=true) to prove it again"]
+    data = f"'{job.dataset}'" if job.dataset else "'<test JSONL or dataset dir>'"
+    return [f"generate(model='{r.output_dir}', compare_with='{r.base_model}', "
+            + (f"dataset={data})" if job.dataset else "prompts=['<a prompt from your task>'])"),
+            f"evaluate(model='{r.output_dir}', compare_with='{r.base_model}', local_task={data})",
+            f"export_model(model='{r.output_dir}', output_dir='exports/{job.out.name}')"]
 
 
 def _merge_into(job: _Merge, tmp: Path) -> MergeResult:
@@ -622,30 +683,36 @@ def _merge_into(job: _Merge, tmp: Path) -> MergeResult:
 
 # ----------------------------------------------------------------------------- the tool
 def merge_adapter(
-    adapter_dir: Annotated[str, Field(description="PEFT adapter directory (has adapter_config.json): "
-                                                  "a LoRA/QLoRA run's output_dir or a checkpoint-N folder.")],
-    output_dir: Annotated[str, Field(description="Directory for the merged model (new or empty).")],
-    base_model: Annotated[str | None, Field(description="Base model dir in the workspace or hub id. "
-                                                        "Default: base_model_name_or_path of adapter_config.json.")] = None,
-    dtype: Annotated[Literal["bf16", "fp16", "fp32", "auto"], Field(
-        description="Precision of the unquantized base and the saved model. auto: bf16 on a bf16 "
-                    "GPU, fp16 on an older GPU, fp32 on CPU.")] = "auto",
-    overwrite: Annotated[bool, Field(description="Replace a non-empty output_dir.")] = False,
-    sample_prompts: Annotated[list[str] | None, Field(
-        max_length=16, description="User prompts for the logits and tokenizer checks "
-                                   "(default: three generic ones).")] = None,
+    adapter_dir: Annotated[str, Field(description="PEFT adapter dir (adapter_config.json).")],
+    output_dir: Annotated[str, Field(description="A new or empty dir.")],
+    base_model: Annotated[str | None, Field(description="Default: from adapter_config.json.")] = None,
+    dtype: Dtype = "auto",
+    overwrite: bool = False,
+    sample_prompts: Annotated[list[str] | None, Field(max_length=16)] = None,
 ) -> MergeResult:
-    """Merge a LoRA/QLoRA adapter into an unquantized copy of its base model and save a standalone
-    model (safetensors, tokenizer with the training chat template, generation_config with the
-    chat end-of-turn token as eos and a pad token distinct from eos).
+    """Merge a LoRA/QLoRA adapter into an unquantized copy of its base and save a standalone
+    model, proven equal to base+adapter. Call before serving or export.
 
-    Call after a LoRA/QLoRA run, before serving, exporting (GGUF) or evaluating without PEFT.
-    Full and Spectrum runs save complete models: no merge needed. QLoRA adapters are merged into a
+    Saves safetensors, the tokenizer with the training chat template, and a generation_config
+    with the chat end-of-turn token as eos and a pad token distinct from eos. Use it after a
+    LoRA/QLoRA run, also before evaluating without PEFT. Full and Spectrum runs save complete
+    models: no merge needed. QLoRA adapters are merged into a
     bf16/fp32 copy of the base, never into a 4-bit one. Returns the proof: max |logit difference|
     between the reloaded merged model and base+adapter on sample chats against a dtype tolerance
     (`equivalent`), identical chat token ids from the merged and training tokenizers, and
     `verified` when both hold. Written to a temporary sibling and renamed: never half-written.
     Loads the model twice; on CPU allow about a minute per billion parameters.
+
+    Parameters:
+    - adapter_dir: the folder holding adapter_config.json: a LoRA/QLoRA run's output_dir or a
+      checkpoint-N folder.
+    - output_dir: directory for the merged model (new or empty; overwrite=true replaces it).
+    - base_model: base model dir in the workspace or hub id; default: base_model_name_or_path
+      of adapter_config.json.
+    - dtype: precision of the unquantized base and the saved model. auto: bf16 on a bf16 GPU,
+      fp16 on an older GPU, fp32 on CPU.
+    - sample_prompts: user prompts for the logits and tokenizer checks (default: three generic
+      ones).
     """
     t0 = time.time()
     job = _check_inputs(adapter_dir, output_dir, base_model, overwrite)
