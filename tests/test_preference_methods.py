@@ -394,3 +394,19 @@ def test_grpo_mean_reward_rises(ws, tiny_model, monkeypatch):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.1 and last > first + 0.3, rewards
     assert s["method_metrics"]["readings"][0].startswith("reward rose")
+
+
+def test_launch_refuses_a_grpo_recipe_whose_reward_file_broke(ws, tiny_model):
+    """The reward file is checked again at launch (ast, before anything starts): a function that
+    lost its **kwargs since the recipe was written is refused, naming the file and the fix."""
+    from tools.preference_recipe import generate_dpo_recipe
+    from tools.runs import launch_training
+    grpo_data(ws, 4)
+    (ws.root / "rewards").mkdir()
+    (ws.root / "rewards/r.py").write_text("def r(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    generate_dpo_recipe("models/tiny-llama", "data/seven", "grpo.yaml", "out/grpo", trainer="grpo", cpu=True,
+                        rewards=["rewards/r.py:r"])
+    (ws.root / "rewards/r.py").write_text("def r(completions):\n    return [0.0] * len(completions)\n")
+    with pytest.raises(UserError, match=r"rewards/r.py:r\(completions\) must accept") as e:
+        launch_training(recipe="grpo.yaml")
+    assert e.value.field == "recipe" and not (ws.root / "out/grpo").exists()
