@@ -155,6 +155,9 @@ def test_a_tampered_merge_does_not_verify(ws, tiny_model, adapter, monkeypatch):
     assert not lc.equivalent and lc.max_abs_diff > lc.tolerance
     assert r.verified is False
     assert any("do not ship this merge" in n for n in r.notes), r.notes
+    assert f"NOT verified: logits differ by {lc.max_abs_diff:.3g} > tolerance" in r.summary
+    assert r.next_steps[0].startswith("merge_adapter(adapter_dir='runs/r1/output', output_dir="
+                                      "'models/tampered'") and "dtype='fp32'" in r.next_steps[0]
 
 
 def test_an_untrained_adapter_is_flagged(ws, tiny_model):
@@ -163,6 +166,7 @@ def test_an_untrained_adapter_is_flagged(ws, tiny_model):
     r = merge_adapter(adapter_dir="runs/r0/output", output_dir="models/same", dtype="fp32")
     assert r.logits_check.equivalent and r.logits_check.adapter_effect_max_abs <= r.logits_check.tolerance
     assert any("looks untrained" in n for n in r.notes), r.notes
+    assert r.summary.endswith("The adapter changes nothing: it looks untrained.")
 
 
 def test_tokenizer_drift_in_the_merged_folder_does_not_verify(ws, tiny_model, adapter, monkeypatch):
@@ -188,6 +192,9 @@ def test_tokenizer_drift_in_the_merged_folder_does_not_verify(ws, tiny_model, ad
     assert r.tokenizer_check.identical_ids is False and r.tokenizer_check.mismatches
     assert r.tokenizer_check.chat_template_identical is False
     assert r.verified is False and any("Do not ship it" in n for n in r.notes), r.notes
+    tc = r.tokenizer_check
+    assert f"renders {len(tc.mismatches)} of {tc.chats} chats to other ids" in r.summary
+    assert "Do not ship it." in r.summary and "logits differ" not in r.summary
 
 
 def test_merge_says_and_checks_the_ram_it_needs(ws, tiny_model, adapter, monkeypatch):
