@@ -277,6 +277,32 @@ def test_generate_spectrum_scans_automatically(ws, tiny_model):
     trl_parse(ws.root / "plain.yaml")
 
 
+@pytest.mark.parametrize("method", ["qlora", "lora", "full", "spectrum"])
+def test_each_method_writes_its_typed_defaults_with_their_reasons(ws, gpu_like, method):
+    """One typed defaults object per method (tools.recipe_defaults): the recipe's values and the
+    settings_explained lines both come from it, and every field documents its reason."""
+    import dataclasses
+
+    from tools.recipe_defaults import DEFAULTS, MethodDefaults
+    d = DEFAULTS[method]
+    for part in (d, d.lora, d.quantization):
+        for f in dataclasses.fields(part) if part else []:
+            if f.name not in ("method", "lora", "quantization"):
+                assert len(MethodDefaults.help(f.name)) > 30, f.name
+    if method == "spectrum":  # no weights to scan for a catalog model: a Spectrum YAML of our own
+        (ws.root / "spectrum").mkdir()
+        (ws.root / "spectrum" / "s.yaml").write_text("unfrozen_parameters:\n- ^lm_head.weight$\n")
+    r = generate_recipe("Qwen2.5-0.5B", _dataset(ws), method=method, gpu="A100 80GB", dataset_rows=1000,
+                        spectrum_config="spectrum/s.yaml" if method == "spectrum" else None)
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    expected = {**d.optimizer_keys(), **(d.lora.keys() if d.lora else {}),
+                **(d.quantization.keys() if d.quantization else {})}
+    assert {k: cfg.get(k) for k in expected} == expected
+    why = {**d.optimizer_why(), **(d.lora.why() if d.lora else {}), **(d.quantization.why() if d.quantization else {})}
+    assert {k: r.settings_explained.get(k) for k in why} == why
+    assert ("lora_r" in cfg) is (method in ("lora", "qlora")) and ("load_in_4bit" in cfg) is (method == "qlora")
+
+
 @pytest.mark.parametrize("model, gpu, n, method, expect", [
     ("meta-llama/Llama-3.1-8B", "L4", None, "auto", dict(method="qlora", acc="single_gpu", bf16=True)),
     ("meta-llama/Llama-3.1-8B", "H100", 8, "auto", dict(method="full", acc="deepspeed_zero3", bf16=True)),

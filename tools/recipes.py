@@ -20,30 +20,20 @@ from pydantic import BaseModel, Field
 from . import chat_templates
 from .accelerate_config import AccelerateSummary, read_accelerate_config
 from .errors import UserError
-from .memory import MemoryEstimate
+from .memory import FITS_FRACTION, MemoryEstimate
 from .naming import model_slug
+from .recipe_defaults import DEFAULTS, Method
 from .recipe_migrate import Change, migrate
 from .recipe_schema import (FLASH_ATTN, NON_FIELD_KEYS, SPECTRUM_KEY, UnknownKey, has_module, infer_method,
                             suggest, trl_fields, trl_parse, versions)
 from .recipe_templates import has_generation_markers, template_end_of_turn, template_text, trl_known_templates
 from .recipe_yaml import dump_yaml, parse_yaml_mapping
-from .recommend import DataSize, Recommendation, Schedule, data_size, plan_schedule, schedule_from
+from .recommend import (ESTIMATE_ERROR, DataSize, Recommendation, Schedule, data_size, plan_schedule,
+                        schedule_from)
 from .spectrum import spectrum_patterns
 from .workspace import TMP_DIR, check_path_text, get_workspace, is_inside, short
 
 REPO = Path(__file__).resolve().parent.parent
-Method = Literal["full", "lora", "qlora", "spectrum"]
-
-# Defaults per method (the skill card's table; references/recipes.md explains each).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qlora": dict(learning_rate=2.0e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,
-                  max_grad_norm=0.3),
-    "lora": dict(learning_rate=2.0e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,
-                 max_grad_norm=1.0),
-    "spectrum": dict(learning_rate=2.0e-5, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0),
-    "full": dict(learning_rate=1.0e-5, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0),
-}
-
 
 class RecipeValidation(BaseModel):
     """Verdict on a recipe against the installed TRL, with the migrated YAML."""
@@ -58,7 +48,8 @@ class RecipeValidation(BaseModel):
     trl_parse_ok: bool = Field(False, description="TrlParser accepted the migrated recipe (unknown keys rejected).")
     target: str = Field("", description="the hardware the checks and the memory estimate assume.")
     memory: Optional[MemoryEstimate] = None
-    fits: Optional[bool] = Field(None, description="estimated total within 90% of GPU memory; null if unknown.")
+    fits: Optional[bool] = Field(None, description=f"estimated total within {FITS_FRACTION:.0%} of GPU memory; "
+                                                   "null if unknown.")
     accelerate: Optional[AccelerateSummary] = None
     migrated_yaml: str = ""
     versions: dict[str, Optional[str]] = {}
@@ -630,8 +621,9 @@ def _check_memory(r: _Recipe, a: _Analysis) -> None:
                 f"{r.t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, enable "
                 "activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
     elif m.fits is False:
-        a.warn(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above 90% of "
-               f"{m.gpu_memory_gib:.1f} GiB: little headroom (the estimate is within about +-10%).")
+        a.warn(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above {FITS_FRACTION:.0%} of "
+               f"{m.gpu_memory_gib:.1f} GiB: little headroom (the estimate is within about "
+               f"+-{ESTIMATE_ERROR:.0%}).")
 
 
 # Every check validate_recipe (and generate_recipe, before it writes) runs, in report order.
@@ -1312,22 +1304,18 @@ def _precision_keys(cfg: dict, why: dict, t: Target, method: str) -> tuple[str, 
 def _method_keys(cfg: dict, why: dict, warns: list[str], notes: list[str], model: str, lay: _Layout,
                  spectrum_config: Optional[str], dtype_name: str) -> Optional[str]:
     """LoRA/QLoRA or Spectrum keys; returns the Spectrum YAML written into the recipe, if any."""
-    if lay.method in ("lora", "qlora"):
+    d = DEFAULTS[lay.method]
+    if d.lora:
         cfg["use_peft"] = True
-        if lay.method == "qlora":
-            cfg["load_in_4bit"] = True
-            cfg["bnb_4bit_quant_type"] = "nf4"
-            cfg["use_bnb_nested_quant"] = True
-            why["load_in_4bit"] = "QLoRA: NF4 4-bit base with double quantization; compute in dtype."
+        if d.quantization:
+            cfg.update(d.quantization.keys())
+            why.update(d.quantization.why())
             if lay.sharding in ("fsdp", "zero3"):
                 cfg["bnb_4bit_quant_storage"] = dtype_name
                 why["bnb_4bit_quant_storage"] = (f"{lay.sharding.upper()} can shard the 4-bit weights only when "
                                                  "they are stored in the same float dtype as the rest.")
-        cfg["lora_r"] = 16
-        cfg["lora_alpha"] = 16
-        cfg["lora_dropout"] = 0.05
-        cfg["lora_target_modules"] = "all-linear"
-        why["lora_r"] = "r 16, alpha 16 (scale 1), dropout 0.05 on every linear layer of the decoder."
+        cfg.update(d.lora.keys())
+        why.update(d.lora.why())
         return None
     if lay.method == "spectrum":
         spectrum_rel = _spectrum_file(model, spectrum_config, notes, lay.plan)
@@ -1405,13 +1393,9 @@ def _training_keys(cfg: dict, why: dict, notes: list[str], t: Target, lay: _Layo
     if gc and chosen in ("lora", "qlora") and lay.sharding == "zero3":
         cfg["activation_checkpointing_kwargs"] = {"use_reentrant": True}
         why["activation_checkpointing_kwargs"] = "PEFT + DeepSpeed ZeRO-3 needs reentrant checkpointing."
-    d = METHOD_DEFAULTS[chosen]
-    for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm"):
-        cfg[k] = d[k]
-    why["learning_rate"] = (f"{chosen} default {d['learning_rate']:g}, {d['lr_scheduler_type']}, warm-up "
-                            f"{d['warmup_steps']:g} of the steps (a float warmup_steps < 1 is a ratio; "
-                            "'constant' would ignore warm-up).")
-    why["max_grad_norm"] = f"clip gradients at {d['max_grad_norm']:g}."
+    d = DEFAULTS[chosen]
+    cfg.update(d.optimizer_keys())
+    why.update(d.optimizer_why())
     cfg["optim"] = lay.optim
     why["optim"] = f"{lay.optim}" + (" (fused AdamW kernel on GPU)." if lay.optim == "adamw_torch_fused" else ".")
     if t.kind == "cpu":
