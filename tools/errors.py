@@ -17,6 +17,7 @@ class UserError(ValueError):
         message = _cut(message, self.MAX_MESSAGE)
         fix = _cut(fix, 600) if fix else fix
         self.field = field
+        self.message = message
         self.fix = fix
         text = f"{field}: {message}" if field else message
         if fix:

@@ -222,50 +222,15 @@ def _find_split_file(path: Path, split: str) -> Path:
 
 
 def _read_rows(file: Path) -> list[dict]:
-    """All rows of a JSONL / JSON (array or JSON Lines) / Parquet file; bad JSON names the line."""
-    ext = file.suffix.lower()
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(file).to_pylist()
-    raw = file.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    """All rows of a split file (JSONL, JSON array or lines, Parquet), read by the one dataset
+    reader (tools.data_io): bad JSON, bad UTF-8 and non-object rows name their line."""
+    from .data_io import open_source
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise UserError(f"line {line}: not valid UTF-8.", field="dataset",
-                        fix="Re-save the file as UTF-8.") from exc
-    stripped = text.lstrip()
-    if ext == ".json" and stripped.startswith(("[", "{")):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if not stripped.startswith("{"):
-                raise UserError(f"line {exc.lineno}: invalid JSON ({exc.msg}).", field="dataset",
-                                fix="Fix the JSON at that line.") from exc
-            data = None  # maybe JSON Lines under a .json name
-        if isinstance(data, list):
-            return [r for r in data if isinstance(r, dict)]
-        if isinstance(data, dict):
-            for v in data.values():
-                if isinstance(v, list) and v and isinstance(v[0], dict):
-                    return v
-            return [data]
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"line {n}: invalid JSON ({exc.msg}).", field="dataset",
-                            fix="Fix or remove that line (one JSON object per line).") from exc
-        if not isinstance(row, dict):
-            raise UserError(f"line {n}: a row must be a JSON object.", field="dataset",
-                            fix="Write one JSON object per line.")
-        rows.append(row)
-    return rows
+        return [row for _, row in open_source(str(file), field_name="dataset").rows()]
+    except UserError as exc:  # the reader names the line; these tools' argument is `dataset`
+        if exc.field in (None, "dataset"):
+            raise
+        raise UserError(f"{file.name} {exc.field}: {exc.message}", field="dataset", fix=exc.fix) from exc
 
 
 def _sample(rows: list[dict], k: int) -> tuple[list[int], list[dict]]:
@@ -281,6 +246,9 @@ def _sample(rows: list[dict], k: int) -> tuple[list[int], list[dict]]:
 
 
 def _detect_format(row: dict) -> str:
+    """The dataset type SFTTrainer sees in a converted row (TRL's column names, exactly). Not
+    data_formats.detect: that one guesses *source* formats (ShareGPT, Alpaca, column pairs), which
+    must go through convert_dataset before they can be verified."""
     if "messages" in row or "conversations" in row:
         return "messages"
     if "prompt" in row and "completion" in row:
