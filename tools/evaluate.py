@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from .endpoints import auth_header, check_url
 from .errors import UserError
 from .eval_tasks import FREE_TEXT_METRICS, LocalTask
+from .naming import label_slug
 from .params import Dtype, GpuIds, OutputDir
 from .results import KEY_FIGURES_MAX, SUMMARY_MAX_CHARS, ToolResult
 from .workspace import get_workspace, set_workspace
@@ -532,10 +533,6 @@ def _zero_notes(runs: list[ModelRun]) -> list[str]:
             "need another answer_regex." for (t, mt, f), k in zero.items() if k == len(runs)]
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60] or "model"
-
-
 # ----------------------------------------------------------------------------- the steps
 @dataclass
 class _Eval:
@@ -661,7 +658,7 @@ def _output_dir(job: _Eval) -> None:
     req, ws = job.req, get_workspace()
     label = (Path(job.adapter_path).name if job.adapter_path else None) or req.served_model \
         or Path(str(req.model)).name
-    output_dir = req.output_dir or f"evals/{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}"
+    output_dir = req.output_dir or f"evals/{time.strftime('%Y%m%d-%H%M%S')}-{label_slug(label)}"
     out = ws.resolve(output_dir, field="output_dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"'{output_dir}' is a file.", field="output_dir", fix="Give a directory path.")
@@ -813,7 +810,7 @@ def _save_samples(job: _Eval, m: _Model, res: dict) -> tuple[dict[str, str], lis
             m.notes.extend(_extraction_notes(m.label, job.lt, rows))
             if job.judge:
                 extra.append(_judge_task(job.judge, task, ss, rows, m.notes, m.label))
-        path = job.out / f"samples_{_slug(m.label)}_{_slug(task)}.jsonl"
+        path = job.out / f"samples_{label_slug(m.label)}_{label_slug(task)}.jsonl"
         ws.write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
         files[task] = ws.rel(path)
     return files, extra
@@ -825,7 +822,7 @@ def _run_model(job: _Eval, label: str, which: Literal["main", "base"], tm) -> Mo
     m = _prepare_model(job, label, which)
     res = _simple_evaluate(job, m, tm)
     sample_files, extra = _save_samples(job, m, res)
-    raw = job.out / f"lm_eval_{_slug(label)}.json"
+    raw = job.out / f"lm_eval_{label_slug(label)}.json"
     ws.write_text(raw, json.dumps(res, indent=1, default=str) + "\n")
     job.notes.extend(m.notes)
     hf = m.backend == "hf"
@@ -975,10 +972,11 @@ def _next_steps(job: _Eval, r: EvalResult) -> list[str]:
     if adapter:
         p = Path(adapter)  # a run's adapter is runs/<run>/output: name the merge after the run
         name = p.parent.name if p.name == "output" and p.parent.name else p.name
-        steps.append(_call("merge_adapter", adapter_dir=adapter, output_dir=f"models/{_slug(name)}-merged"))
+        steps.append(_call("merge_adapter", adapter_dir=adapter,
+                           output_dir=f"models/{label_slug(name)}-merged"))
     elif not req.base_url:
         steps.append(_call("export_model", model=req.model,
-                           output_dir=f"exports/{_slug(Path(str(req.model)).name)}"))
+                           output_dir=f"exports/{label_slug(Path(str(req.model)).name)}"))
     return steps
 
 
