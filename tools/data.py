@@ -295,17 +295,24 @@ def _keys_doc(fmt: str) -> str:
     return "required " + "/".join(req) + (", optional " + "/".join(opt) if opt else "")
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(src: str, mtime: float):
+def _fresh_tokenizer(src: str):
     from .heavy import warm
     warm("transformers")  # concurrent first imports race (tools/heavy.py)
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(src)
 
 
-def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(src: str, mtime: float):
+    return _fresh_tokenizer(src)
+
+
+def load_tokenizer(tokenizer: str, *, field: str = "tokenizer", fresh: bool = False,
+                   require_template: bool = True):
     """A tokenizer from a workspace directory (tokenizer files or a model dir), or a hub id when
-    the hub is reachable. The chat template must exist: lengths are measured with it."""
+    the hub is reachable. require_template: the chat template must exist (lengths are measured
+    with it). fresh: a new object the caller may change (e.g. set another chat_template), not
+    the cached one other calls share."""
     ws = get_workspace()
     p = ws.resolve(tokenizer, field=field)
     if p.exists():
@@ -326,10 +333,12 @@ def load_tokenizer(tokenizer: str, *, field: str = "tokenizer"):
                         "hub (offline or unreachable).", field=field,
                         fix="Give a local model/tokenizer directory inside the workspace.")
     try:
-        tok = _cached_tokenizer(src, mtime)
+        tok = _fresh_tokenizer(src) if fresh else _cached_tokenizer(src, mtime)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"could not load a tokenizer from '{tokenizer}': {type(exc).__name__}: {exc}",
                         field=field, fix="Check the directory holds a transformers tokenizer.") from exc
+    if not require_template:
+        return tok
     if not getattr(tok, "chat_template", None):
         raise UserError(f"the tokenizer at '{tokenizer}' has no chat template, so chat rows cannot be "
                         "measured as TRL would render them.", field=field,

@@ -261,14 +261,9 @@ def _detect_format(row: dict) -> str:
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # noqa: BLE001 - any loading failure is a bad input
-        raise UserError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {exc}",
-                        field="tokenizer",
-                        fix="Give a local model or tokenizer directory (tokenizer.json / "
-                            "tokenizer_config.json) inside the workspace.") from exc
+    """A fresh tokenizer (its chat_template may be replaced) by the one loader, tools.data."""
+    from .data import load_tokenizer
+    return load_tokenizer(get_workspace().rel(path), fresh=True, require_template=False)
 
 
 def _stop_ids(tok, tok_dir: Path) -> set[int]:
