@@ -421,6 +421,10 @@ def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
     assert before["implicit_reward_accuracy"] == 0.5 and before["mean_margin"] == 0.0
     assert after["implicit_reward_accuracy"] >= 0.9 and after["mean_margin"] > 0 and after["pairs"] == 32
     assert after["policy_prefers_chosen"] >= 0.9
+    # the status reads the trainer's own metrics from the run's log, not only summary.json
+    mm = s.method_metrics
+    assert mm["trainer"] == "dpo" and mm["metrics"]["rewards/margins"]["last"] > 0.1, mm
+    assert "is completed at step 32/32" in s.summary
     recs = [json.loads(x) for x in (ws.root / "out/dpo/metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if "rewards/margins" in r]
     assert len(train) == 32 and {"rewards/accuracies", "rewards/chosen", "rewards/rejected"} <= set(train[0])

@@ -34,10 +34,12 @@ State = Literal["queued", "running", "completed", "failed", "stopped"]
 LaunchState = Literal["running", "dry_run"]
 TRAIN_KIND = "train"
 EVAL_KIND = "eval"
+PREFERENCE_TRAINERS = ("dpo", "kto", "orpo", "grpo")  # run by tools.train_dpo
 TRAINING_ONLY = ("method", "step", "max_steps", "progress_pct", "epoch", "loss", "first_loss",
                  "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
                  "seconds_per_step", "num_tokens", "last_checkpoint", "loss_plot_path",
-                 "suggested_overrides", "continues_run", "logical_run", "tracking")
+                 "suggested_overrides", "continues_run", "logical_run", "tracking",
+                 "method_metrics")
 
 
 # ============================================================================ launch
@@ -128,7 +130,8 @@ def _check_dpo_recipe(cfg: dict, rpath: Path, checks: list[str]) -> _DpoValidati
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"TRL's DPO parser refuses the recipe: {exc}", field="recipe",
                         fix="Regenerate it with generate_dpo_recipe, or fix the key it names.") from exc
-    checks.append("DPO recipe: parsed by TRL's DPOConfig; paths inside the workspace")
+    trainer = str(cfg.get("trainer", "dpo")).upper()
+    checks.append(f"{trainer} recipe: parsed by TRL's {trainer}Config; paths inside the workspace")
     return _DpoValidation()
 
 
@@ -335,7 +338,8 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
             meta = {"output_dir": str(output_dir), "recipe": str(rpath), "recipe_copy": str(recipe_copy),
                     "method": method, "base_model": cfg.get("model_name_or_path"),
                     "num_processes": plan.world_size, "accelerate_config": str(acc_path) if acc_path else None,
-                    "resumes_from": resumes_from, "max_steps": cfg.get("max_steps")}
+                    "resumes_from": resumes_from, "max_steps": cfg.get("max_steps"),
+                    "trainer": cfg.get("trainer") or "sft"}
             if resumes_from:
                 meta.update(_earlier_run(output_dir))
             shutil.copyfile(rpath, recipe_copy)
@@ -488,6 +492,9 @@ class TrainingStatus(ToolResult):
         None, description="report_to tracker and its local log folder, when the recipe sets one.")
     continues_run: Optional[str] = Field(None, description="the run this one resumed.")
     logical_run: Optional[str] = Field(None, description="first run id of a chain of resumes.")
+    method_metrics: Optional[dict[str, Any]] = Field(
+        None, description="preference/RL runs: the trainer's own metrics (DPO reward margins and "
+                          "accuracies, GRPO reward per function, KL) with plain readings.")
 
     @model_serializer(mode="wrap")
     def _drop_training_fields(self, handler):
@@ -544,15 +551,16 @@ def _fmt_eta(s: float | None) -> str | None:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def _plot_loss(metrics: list[dict], png: Path, title: str) -> Optional[Path]:
-    train = [(r["step"], r["loss"]) for r in metrics if isinstance(r.get("loss"), (int, float))
-             and isinstance(r.get("step"), (int, float)) and math.isfinite(r["loss"])]
+def _plot_loss(metrics: list[dict], png: Path, title: str, key: str = "loss") -> Optional[Path]:
+    """The training curve of `key` (GRPO: the reward; its loss sits near 0) and the eval loss."""
+    train = [(r["step"], r[key]) for r in metrics if isinstance(r.get(key), (int, float))
+             and isinstance(r.get("step"), (int, float)) and math.isfinite(r[key])]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if isinstance(r.get("eval_loss"), (int, float))]
     if not train and not evals:
         return None
     src = png.parent / ".plot_source"
-    key = json.dumps([train[-1:], len(train), len(evals), title])
-    if png.exists() and src.exists() and src.read_text() == key:
+    stamp = json.dumps([train[-1:], len(train), len(evals), title, key])
+    if png.exists() and src.exists() and src.read_text() == stamp:
         return png  # nothing new since the last render
     import matplotlib
     matplotlib.use("Agg")
@@ -561,13 +569,13 @@ def _plot_loss(metrics: list[dict], png: Path, title: str) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     try:
         if train:  # a marker, so a one-point curve is not a blank image
-            ax.plot(*zip(*train), "o-" if len(train) < 20 else "-", label="train loss", lw=1.5, ms=3)
+            ax.plot(*zip(*train), "o-" if len(train) < 20 else "-", label=f"train {key}", lw=1.5, ms=3)
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
         from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(key)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -575,7 +583,7 @@ def _plot_loss(metrics: list[dict], png: Path, title: str) -> Optional[Path]:
         tmp = png.with_name(f".{png.name}.tmp.png")
         fig.savefig(tmp, format="png")
         tmp.replace(png)
-        src.write_text(key)
+        src.write_text(stamp)
     finally:
         plt.close(fig)
     return png
@@ -665,6 +673,9 @@ def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, sta
     if prog and fresh(prog):
         res.step, res.max_steps = prog.get("step"), prog.get("max_steps")
         res.epoch, res.seconds_per_step = prog.get("epoch"), prog.get("seconds_per_step")
+    if meta.get("trainer") in PREFERENCE_TRAINERS:
+        from .preference_status import method_metrics
+        res.method_metrics = method_metrics(meta["trainer"], metrics)
     train_recs = [r for r in metrics if isinstance(r.get("loss"), (int, float))]
     if train_recs:
         _latest_losses(res, metrics, train_recs)
@@ -821,7 +832,8 @@ def _finish_status(res: "TrainingStatus", plot: bool, metrics: list[dict], rdir:
                    state: str) -> "TrainingStatus":
     if plot and metrics:
         try:
-            p = _plot_loss(metrics, rdir / "loss.png", f"{run_id} ({state})")
+            key = "reward" if res.method_metrics and res.method_metrics.get("trainer") == "grpo" else "loss"
+            p = _plot_loss(metrics, rdir / "loss.png", f"{run_id} ({state})", key=key)
             res.loss_plot_path = str(p) if p else None
         except Exception as exc:  # noqa: BLE001 - a plot must never hide the status
             res.warnings.append(f"loss plot not rendered: {type(exc).__name__}: {exc}")
