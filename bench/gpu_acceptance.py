@@ -100,8 +100,9 @@ def check_method(method: str, dry: bool, steps: int) -> dict:
            "tokens_per_s": st.get("tokens_per_second"), "peak_alloc_gib": st.get("peak_memory_gib"),
            "est_peak_alloc_gib": rec.memory.peak_allocated_gib if rec.memory else None,
            "est_total_gib": rec.memory.total_gib if rec.memory else None,
-           "fp32_master_params": (st.get("summary") or {}).get("fp32_master_params"),
-           "fallbacks": (st.get("summary") or {}).get("fallbacks"), "seconds": round(time.time() - t0, 1)}
+           "est_reserved_gib": getattr(rec.memory, "peak_reserved_gib", None) if rec.memory else None,
+           "fp32_master_params": (st.get("run_summary") or {}).get("fp32_master_params"),
+           "fallbacks": (st.get("run_summary") or {}).get("fallbacks"), "seconds": round(time.time() - t0, 1)}
     if res["ok"] and method in ("lora", "qlora"):
         res.update(_merge_and_eval(method))
     elif res["ok"]:

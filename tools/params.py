@@ -10,8 +10,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field
 
 # Hardware
-Gpu = Annotated[Optional[str], Field(description="GPU model, e.g. 'RTX 4090', 'H100', 'A100 40GB'; "
-                                                 "omit for this machine's.")]
+Gpu = Annotated[Optional[str], Field(description="GPU model, e.g. 'RTX 4090', 'H100', 'A100 40GB'.")]
 GpuMemoryGib = Annotated[Optional[float], Field(gt=0, description="VRAM per GPU in GiB (overrides gpu).")]
 NumGpus = Annotated[Optional[int], Field(ge=1, description="GPUs the run uses.")]
 GpuIds = Annotated[Optional[list[int]], Field(description="GPU indices to use (CUDA_VISIBLE_DEVICES).")]

@@ -23,6 +23,7 @@ from .run_registry import (LOG, STATUS, active_runs, check_devices_free, describ
                            log_tail, new_run_id, now_iso, output_dir_of, read_json, run_dir_for,
                            signal_run, start_job, update_status)
 from .launch_plan import plan_launch
+from .memory import GIB
 from .params import GpuIds
 from .train import infer_method
 from .workspace import exclusive, get_workspace, short
@@ -213,7 +214,7 @@ def _check_disk(cfg: dict, output_dir: Path, v, checks: list[str]) -> None:
     need = disk_needed(mem.method, mem.total_params, mem.trainable_params, save_total_limit=cfg.get("save_total_limit"),
                        save_steps_count=saves, sharding=sharding, weight_bytes=4 if dtype == "float32" else 2)
     probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
-    free = shutil.disk_usage(probe).free / 2 ** 30
+    free = shutil.disk_usage(probe).free / GIB
     if need.total_gib > free:
         raise UserError(f"the run needs about {need.total_gib:.1f} GiB of disk ({need.why}) but {probe} has "
                         f"{free:.1f} GiB free.", field="recipe",
