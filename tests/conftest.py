@@ -19,6 +19,17 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# Every MCP tool the server registers, in workflow order: the one list tests check against.
+EXPECTED_TOOLS = (
+    "detect_hardware", "get_model_facts", "estimate_memory", "recommend_method",
+    "inspect_dataset", "convert_dataset", "verify_masking",
+    "generate_recipe", "validate_recipe", "spectrum_scan",
+    "launch_training", "training_status", "stop_training", "list_runs",
+    "merge_adapter", "evaluate", "generate",
+    "convert_preference", "verify_preference", "generate_dpo_recipe",
+    "export_model", "push_to_hub",
+)
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:

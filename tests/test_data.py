@@ -15,7 +15,7 @@ import pytest
 from tools.data import convert_dataset, inspect_dataset
 from tools.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402 - one definition of the repo root
 
 ORCA_SYSTEM = (
     "Solve the given high school math problem by providing a clear explanation of each step leading "
@@ -36,7 +36,7 @@ ORCA_SYSTEM = (
     "they are common at that level.\n")
 
 # fixture -> (path under tests/fixtures/datasets, format, mapping, rows)
-FIXTURES = {
+DATASET_FIXTURES = {
     "gsm8k": ("gsm8k/train_first1000.jsonl", "question_answer",
               {"prompt": "question", "completion": "answer"}, 1000),
     "gsm8k_test": ("gsm8k/test_first200.jsonl", "question_answer",
@@ -55,7 +55,7 @@ FIXTURES = {
 
 def put(ws, fixtures_dir, name: str) -> str:
     """Copy a dataset fixture into the workspace; return its workspace-relative path."""
-    rel = FIXTURES[name][0]
+    rel = DATASET_FIXTURES[name][0]
     dst = ws.root / "data" / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(fixtures_dir / "datasets" / rel, dst)
@@ -82,10 +82,10 @@ def no_leftovers(ws, name: str):
 
 # ---- detection and conversion of every fixture -------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(DATASET_FIXTURES))
 def test_inspect_detects_each_fixture(ws, fixtures_dir, name):
     path = put(ws, fixtures_dir, name)
-    _, fmt, mapping, rows = FIXTURES[name]
+    _, fmt, mapping, rows = DATASET_FIXTURES[name]
     r = inspect_dataset(path)
     assert r.detected_format == fmt
     assert r.column_mapping == mapping
@@ -96,13 +96,13 @@ def test_inspect_detects_each_fixture(ws, fixtures_dir, name):
     assert r.samples
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(DATASET_FIXTURES))
 @pytest.mark.parametrize("target", ["prompt_completion", "messages"])
 def test_convert_each_fixture(ws, fixtures_dir, name, target):
     path = put(ws, fixtures_dir, name)
     rep = convert_dataset(path, "out", target_format=target, test_size=0.1)
     c = rep.counts
-    assert c.read == FIXTURES[name][3]
+    assert c.read == DATASET_FIXTURES[name][3]
     assert c.read == c.converted + c.skipped + c.duplicates
     assert c.train + c.test == c.converted and c.test == -(-c.converted // 10)
     train = read_jsonl(ws.root / "out" / "train.jsonl")

@@ -21,7 +21,7 @@ import pytest
 from tools.data import convert_dataset, inspect_dataset
 from tools.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402 - one definition of the repo root
 TOOL_USE = "tool_use/openai_tools_from_glaive_first40.jsonl"
 LEGACY = "tool_use/legacy_function_call_from_glaive.jsonl"
 

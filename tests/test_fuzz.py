@@ -25,6 +25,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+
+from conftest import EXPECTED_TOOLS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -179,9 +181,7 @@ def client(layout):
         Path(report).write_text(json.dumps(dict(STATS), indent=1) + "\n")
 
 
-TOOL_NAMES = ["detect_hardware", "get_model_facts", "estimate_memory", "recommend_method", "inspect_dataset",
-              "convert_dataset", "verify_masking", "generate_recipe", "validate_recipe", "spectrum_scan",
-              "launch_training", "training_status", "stop_training", "list_runs", "merge_adapter", "evaluate"]
+TOOL_NAMES = list(EXPECTED_TOOLS)  # every tool: each reads or writes paths
 
 
 @pytest.mark.parametrize("name", TOOL_NAMES)

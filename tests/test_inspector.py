@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402 - one definition of the repo root
 INSPECTOR = "@modelcontextprotocol/inspector@0.15.0"
 NPX = shutil.which("npx")
 pytestmark = pytest.mark.skipif(NPX is None, reason="npx (Node.js) is not installed: the MCP "

@@ -16,7 +16,7 @@ from tools.errors import UserError
 from tools.masking import find_masking_report, verify_masking
 from tools.tiny import CHATML_TEMPLATE
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES as FIX  # noqa: E402
 TOKENIZERS = ["llama3", "phi3", "qwen2_5"]
 
 

@@ -18,7 +18,7 @@ from tools.masking import verify_masking
 
 from test_masking import _tok, _write  # the same workspace helpers
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES as FIX  # noqa: E402
 REASONING = "Let me think. " + " ".join(f"Step {i}: add the partial sums and check them."
                                         for i in range(20))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402 - one definition of the repo root
 CLAUDE = "@anthropic-ai/claude-code@2.1.332"
 NPX = shutil.which("npx")
 NPM_CACHE = os.environ.get("npm_config_cache") or str(Path.home() / ".npm")  # before HOME moves

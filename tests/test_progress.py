@@ -4,11 +4,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES as FIX  # noqa: E402
 
 
 def _call_with_progress(name: str, args: dict) -> tuple[list[tuple], object]:

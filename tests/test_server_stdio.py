@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import EXPECTED_TOOLS, REPO
 
-EXPECTED_TOOLS = {
-    "detect_hardware", "get_model_facts", "estimate_memory", "recommend_method",
-    "inspect_dataset", "convert_dataset", "verify_masking",
-    "generate_recipe", "validate_recipe", "spectrum_scan",
-    "launch_training", "training_status", "stop_training", "list_runs",
-    "merge_adapter", "evaluate", "generate",
-}
 
 
 def _env(ws: Path) -> dict[str, str]:
@@ -44,7 +37,7 @@ def test_stdio_client_lists_and_calls_every_tool(tmp_path, fixtures_dir):
     async def main():
         async with Client(_params(ws)) as c:
             tools = {t.name: t for t in (await c.list_tools()).tools}
-            assert EXPECTED_TOOLS <= set(tools), EXPECTED_TOOLS - set(tools)
+            assert set(EXPECTED_TOOLS) == set(tools), set(EXPECTED_TOOLS) ^ set(tools)
             for t in tools.values():
                 assert t.description and len(t.description) > 40, t.name
                 assert t.input_schema["type"] == "object"
@@ -119,7 +112,7 @@ def test_stdout_carries_only_protocol(tmp_path):
     for line in lines:
         if line.strip():
             assert json.loads(line)["jsonrpc"] == "2.0", line[:200]
-    assert {t["name"] for t in replies[2]["result"]["tools"]} >= EXPECTED_TOOLS
+    assert {t["name"] for t in replies[2]["result"]["tools"]} == set(EXPECTED_TOOLS)
     assert replies[3]["result"].get("isError") is not True
     assert replies[4]["result"]["isError"] is True
     assert "model" in replies[4]["result"]["content"][0]["text"]

@@ -4,9 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402 - one definition of the repo root
 
 
 def test_skill_validates_with_skills_ref():

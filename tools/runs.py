@@ -812,6 +812,9 @@ def _eval_status(res: "TrainingStatus", out_dir: Optional[Path], state: str,
         res.next_steps = (["generate(...) on a few test rows: read replies before trusting the numbers."]
                           if res.run_summary else ["results.json is missing: read log_tail."])
         res.summary = _eval_sentence(res)
+        if results and fresh and results.get("summary"):  # evaluate's own sentence and calls
+            res.summary = short(f"Evaluation {res.run_id}: {results['summary']}", SUMMARY_MAX_CHARS)
+            res.next_steps = results.get("next_steps") or res.next_steps
     else:
         res.next_steps = [f"training_status(run_id='{res.run_id}') again in 30-60 s."]
         res.summary = f"Evaluation {res.run_id} is {state}."
