@@ -540,3 +540,65 @@ def test_spectrum_without_local_weights_names_a_method_that_needs_none(ws, gpu_l
     assert r.fits is True and r.method == other.group(1)
     assert r.plan.smaller_model and r.plan.smaller_model.model == "Llama-3.1-8B-Instruct"
     assert r.warnings[0] == r.plan.smaller_model.why
+
+
+# ----------------------------------------------------------------------------- over MCP, and plan=
+def test_recipe_tools_say_what_happened_and_what_to_call_next(ws, tiny_model, monkeypatch):
+    """Through an MCP client: each summary carries the result's figures, each next step names the
+    right tool with the real path (issue 10 items 8-9)."""
+    import asyncio
+
+    from mcp import Client
+
+    from server.app import create_server
+    monkeypatch.setenv("LLM_FT_STRICT_RESULTS", "1")  # a missing or long summary fails the call
+    ds = _dataset(ws)
+
+    async def go():
+        async with Client(create_server()) as c:
+            g = await c.call_tool("generate_recipe", {"model": "models/tiny-llama", "dataset": ds, "method": "lora",
+                                                      "output_path": "recipes/t.yaml", "seq_len": 64})
+            assert not g.is_error, g.content[0].text
+            got = g.structured_content
+            steps = got["schedule"]["optimizer_steps"]
+            assert got["summary"].startswith("Wrote recipes/t.yaml: lora on CPU") and f"{steps:,} optimizer steps" \
+                in got["summary"] and got["summary"] in g.content[0].text
+            assert got["next_steps"] == ["verify_masking(recipe='recipes/t.yaml')",
+                                         "launch_training(recipe='recipes/t.yaml')"]
+            v = await c.call_tool("validate_recipe", {"recipe": "recipes/t.yaml"})
+            val = v.structured_content
+            assert val["valid"] and val["summary"].startswith("Valid lora recipe for trl ")
+            assert f"{val['memory']['total_gib']:.1f} GiB per GPU" in val["summary"]
+            assert val["next_steps"][-1] == "launch_training(recipe='recipes/t.yaml')"
+            bad = await c.call_tool("validate_recipe", {"recipe": "model_name_or_path: m\nfp16: true\nbf16: true\n"})
+            assert bad.structured_content["summary"].startswith("Not valid: ")
+            s = await c.call_tool("spectrum_scan", {"model": "models/tiny-llama", "top_percent": 50})
+            sp = s.structured_content
+            assert sp["output_path"] in sp["summary"] and f"{sp['trainable_fraction']:.1%}" in sp["summary"]
+            assert sp["next_steps"] == [f"generate_recipe(model='models/tiny-llama', dataset='<converted dataset "
+                                        f"dir>', method='spectrum', spectrum_config='{sp['output_path']}')"]
+    asyncio.run(go())
+
+
+def test_generate_from_the_plan_recommend_method_gave(ws, gpu_like):
+    """generate_recipe(plan=...) writes the plan's layout: one source for each setting, and an
+    argument that contradicts the plan is refused."""
+    from tools.recommend import recommend_method
+    ds = _dataset(ws, rows=1000)
+    plan = recommend_method("Qwen2.5-0.5B", gpu="A100 80GB", num_gpus=2, dataset_rows=996, seq_len=512).wire()
+    r = generate_recipe("Qwen2.5-0.5B", ds, plan=plan)
+    cfg = yaml.safe_load((ws.root / r.recipe_path).read_text())
+    assert r.method == plan["method"] and r.target.startswith("2x A100 80GB")
+    assert cfg["max_length"] == 512 and cfg["per_device_train_batch_size"] == plan["micro_batch"]
+    assert cfg["gradient_accumulation_steps"] == plan["gradient_accumulation_steps"]
+    assert cfg["num_train_epochs"] == plan["schedule"]["epochs"]
+    assert r.plan.model_dump(mode="json") == {k: v for k, v in plan.items()}
+    for bad, needle in (({"seq_len": 1024}, "seq_len=1024"), ({"method": "qlora"}, "method='qlora'"),
+                        ({"num_gpus": 4}, "num_gpus=4"), ({"epochs": 7.0}, "epochs=7.0")):
+        with pytest.raises(UserError, match=needle) as ei:
+            generate_recipe("Qwen2.5-0.5B", ds, plan=plan, **bad)
+        assert ei.value.field == "plan"
+    with pytest.raises(UserError, match="is for Qwen2.5-0.5B, not Llama-3.1-8B"):
+        generate_recipe("Llama-3.1-8B", ds, plan=plan)
+    with pytest.raises(UserError, match="not a recommend_method result: micro_batch"):
+        generate_recipe("Qwen2.5-0.5B", ds, plan={**plan, "micro_batch": "many"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import Field, ValidationError
 
 from . import chat_templates
 from .accelerate_config import AccelerateSummary, read_accelerate_config
@@ -28,14 +28,16 @@ from .recipe_schema import (FLASH_ATTN, NON_FIELD_KEYS, SPECTRUM_KEY, UnknownKey
                             suggest, trl_fields, trl_parse, versions)
 from .recipe_templates import has_generation_markers, template_end_of_turn, template_text, trl_known_templates
 from .recipe_yaml import dump_yaml, parse_yaml_mapping
+from .params import ChatTemplate, Gpu, GpuMemoryGib, NumGpus, SeqLen
 from .recommend import (ESTIMATE_ERROR, DataSize, Recommendation, Schedule, data_size, plan_schedule,
                         schedule_from)
+from .results import SUMMARY_MAX_CHARS, ToolResult
 from .spectrum import spectrum_patterns
 from .workspace import TMP_DIR, check_path_text, get_workspace, is_inside, short
 
 REPO = Path(__file__).resolve().parent.parent
 
-class RecipeValidation(BaseModel):
+class RecipeValidation(ToolResult):
     """Verdict on a recipe against the installed TRL, with the migrated YAML."""
     valid: bool = Field(description="no errors: the installed TRL parses it and nothing contradicts.")
     method: Optional[Method] = Field(None, description="as tools.train infers it.")
@@ -56,7 +58,7 @@ class RecipeValidation(BaseModel):
     notes: list[str] = []
 
 
-class RecipeResult(BaseModel):
+class RecipeResult(ToolResult):
     """A written recipe, its accelerate config, how to launch it and the evidence behind it."""
     recipe_path: str
     accelerate_config_path: str
@@ -74,6 +76,14 @@ class RecipeResult(BaseModel):
     dataset_rows: Optional[int] = None
     warnings: list[str] = []
     notes: list[str] = []
+
+    def key_figures(self) -> dict[str, Any]:
+        out = super().key_figures()
+        if self.schedule and self.schedule.optimizer_steps:
+            out["optimizer_steps"] = self.schedule.optimizer_steps
+        if self.memory:
+            out["memory_gib_per_gpu"] = round(self.memory.total_gib, 1)
+        return out
 
 
 # ----------------------------------------------------------------------------- hardware target
@@ -720,30 +730,33 @@ def _load_recipe(recipe: str) -> tuple[str, Optional[Path]]:
 
 
 def validate_recipe(
-    recipe: Annotated[str, Field(description="Recipe path in the workspace, or the YAML text itself.")],
-    write_migrated: Annotated[Optional[str], Field(
-        description="Write the migrated recipe to this path in the workspace (may be the recipe's own path).")] = None,
-    gpu: Annotated[Optional[str], Field(description="Target GPU model, e.g. 'L4', 'H100'. Omit to check "
-                                                    "against this machine.")] = None,
-    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="Target VRAM per GPU in GiB.")] = None,
-    num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs the run will use.")] = None,
-    accelerate_config: Annotated[Optional[str], Field(
-        description="The accelerate config the run will use (checked, and sets GPUs/sharding for the "
-                    "memory fit).")] = None,
+    recipe: Annotated[str, Field(description="Path or YAML text.")],
+    write_migrated: Optional[str] = None,
+    gpu: Gpu = None,
+    gpu_memory_gib: GpuMemoryGib = None,
+    num_gpus: NumGpus = None,
+    accelerate_config: Optional[str] = None,
 ) -> RecipeValidation:
-    """Check a TRL recipe (YAML for `trl sft` / `python -m tools.train`) against the INSTALLED TRL and
-    migrate 2024-era keys: renames (max_seq_length, torch_dtype, use_liger, warmup_ratio,
+    """Check a recipe against the installed TRL, migrate old keys, check its memory fit.
+
+    Migrates 2024-era keys: renames (max_seq_length, torch_dtype, use_liger, warmup_ratio,
     tokenizer_name_or_path, evaluation_strategy, gradient_checkpointing...) each with its reason;
-    unknown keys with the closest valid names; the real TrlParser parse; contradictions (fp16+bf16,
-    4-bit without PEFT, liger/flash-attn without GPU or package, assistant_only_loss without
-    {% generation %}, bf16 on a GPU without it, missing dataset/template/Spectrum files); and the memory
-    fit on the target GPU. Returns valid, errors, warnings, changes, the migrated YAML (written when
-    write_migrated is given). Spectrum recipes are parsed without spectrum_config_path, whose file
-    must exist."""
+    unknown keys with the closest valid names; the real TrlParser parse (YAML for `trl sft` /
+    `python -m tools.train`); contradictions (fp16+bf16, 4-bit without PEFT, liger/flash-attn
+    without GPU or package, assistant_only_loss without {% generation %}, bf16 on a GPU without it,
+    missing dataset/template/Spectrum files); and the memory fit on the target GPU. Returns valid,
+    errors, warnings, changes, the migrated YAML (written when write_migrated is given). Spectrum
+    recipes are parsed without spectrum_config_path, whose file must exist.
+
+    Parameters:
+    - recipe: a recipe path in the workspace, or the YAML text itself.
+    - write_migrated: write the migrated recipe to this workspace path (may be the recipe's own).
+    - gpu, gpu_memory_gib, num_gpus: the hardware the run will use (default: this machine).
+    - accelerate_config: the accelerate config the run will use; checked, and it sets the GPUs
+      and sharding of the memory fit."""
     ws = get_workspace()
     text, path = _load_recipe(recipe)
-    raw = parse_yaml_mapping(text)
-    cfg, changes, mig_warns = migrate(raw)
+    cfg, changes, mig_warns = migrate(parse_yaml_mapping(text))
     t = _target(gpu, gpu_memory_gib, num_gpus, recipe_use_cpu=bool(cfg.get("use_cpu")))
     accel = None
     if accelerate_config:
@@ -751,6 +764,21 @@ def validate_recipe(
         accel = read_accelerate_config(ap, ws.rel(ap))
     a = _analyse(cfg, t, ws.root, accel)
     v = versions()
+    migrated = _migrated_yaml(cfg, changes, v)
+    out_path = ws.write_text(write_migrated, migrated, field="write_migrated") if write_migrated else None
+    res = RecipeValidation(
+        valid=not a.errors, method=infer_method(cfg),
+        recipe_path=ws.rel(out_path) if out_path else (ws.rel(path) if path else None),
+        migrated_path=ws.rel(out_path) if out_path else None,
+        errors=a.errors, warnings=mig_warns + a.warnings, changes=changes, unknown_keys=a.unknown,
+        trl_parse_ok=a.parse_ok, target=t.description, memory=a.memory, fits=a.fits, accelerate=accel,
+        migrated_yaml=migrated, versions=v, notes=t.notes + a.notes)
+    res.summary, res.next_steps = _validation_summary(res, v), _validation_next_steps(res, accelerate_config)
+    return res
+
+
+def _migrated_yaml(cfg: dict, changes: list[Change], v: dict[str, Optional[str]]) -> str:
+    """The migrated recipe, with what changed in its header and above each migrated key."""
     header = []
     if changes:
         header = [f"Migrated by validate_recipe for trl {v.get('trl')} / transformers {v.get('transformers')}:"]
@@ -765,17 +793,44 @@ def validate_recipe(
                     comments[k0] = f"migrated from {c.key}"
         elif c.new is not None and c.key in cfg:
             comments[c.key] = f"migrated from {c.old!r}"
-    migrated = dump_yaml(cfg, header=header, comments=comments)
-    out_path = None
-    if write_migrated:
-        out_path = ws.write_text(write_migrated, migrated, field="write_migrated")
-    return RecipeValidation(
-        valid=not a.errors, method=infer_method(cfg),
-        recipe_path=ws.rel(out_path) if out_path else (ws.rel(path) if path else None),
-        migrated_path=ws.rel(out_path) if out_path else None,
-        errors=a.errors, warnings=mig_warns + a.warnings, changes=changes, unknown_keys=a.unknown,
-        trl_parse_ok=a.parse_ok, target=t.description, memory=a.memory, fits=a.fits, accelerate=accel,
-        migrated_yaml=migrated, versions=v, notes=t.notes + a.notes)
+    return dump_yaml(cfg, header=header, comments=comments)
+
+
+def _memory_words(memory: Optional[MemoryEstimate], fits: Optional[bool]) -> str:
+    if memory is None:
+        return "no memory estimate"
+    verdict = {True: "fits", False: "does not fit", None: "no GPU size to check"}[fits]
+    return f"estimated {memory.total_gib:.1f} GiB per GPU ({verdict})"
+
+
+def _validation_summary(res: RecipeValidation, v: dict[str, Optional[str]]) -> str:
+    migrated = f", {len(res.changes)} key(s) migrated" if res.changes else ""
+    if res.valid:
+        text = (f"Valid {res.method} recipe for trl {v.get('trl')}{migrated}, {len(res.warnings)} warning(s); "
+                f"{_memory_words(res.memory, res.fits)} on {res.target}.")
+    else:
+        text = f"Not valid: {len(res.errors)} error(s){migrated}. First: {res.errors[0]}"
+    return _cap(text)
+
+
+def _cap(text: str, n: int = SUMMARY_MAX_CHARS) -> str:
+    """A summary within the result contract's length (a long first error is cut, not dropped)."""
+    return text if len(text) <= n else text[: n - 3].rstrip() + "..."
+
+
+def _validation_next_steps(res: RecipeValidation, accelerate_config: Optional[str]) -> list[str]:
+    recipe = res.migrated_path or res.recipe_path
+    if recipe is None:  # YAML text: write it to a file first
+        return ["validate_recipe(recipe=<the YAML>, write_migrated='recipes/<name>.yaml')"]
+    if not res.valid:
+        return [f"validate_recipe(recipe='{recipe}') after fixing the errors, or generate_recipe(model=..., "
+                "dataset=...) for a fresh one"]
+    steps = []
+    if res.changes and not res.migrated_path:
+        steps.append(f"validate_recipe(recipe='{recipe}', write_migrated='{recipe}')")
+    acc = f", accelerate_config='{accelerate_config}'" if accelerate_config else ""
+    steps += [f"verify_masking(recipe='{recipe}')", f"launch_training(recipe='{recipe}'{acc})"]
+    return steps
 
 
 # ----------------------------------------------------------------------------- generate_recipe
@@ -952,11 +1007,12 @@ class _Layout:
 
 
 def _layout(model: str, method: str, t: Target, data: DataSize, seq_len: int, epochs: Optional[float],
-            new_template: bool, warns: list[str], notes: list[str], why: dict[str, str]) -> _Layout:
-    """The plan's layout and schedule, or for a method it has none for, micro-batch 1 with the
-    same schedule rule."""
-    rec = _plan(model, method, t, data, seq_len, epochs, warns,
-                modules_to_save=["lm_head", "embed_tokens"] if new_template else None)
+            new_template: bool, warns: list[str], notes: list[str], why: dict[str, str],
+            given: Optional[Recommendation] = None) -> _Layout:
+    """The plan's layout and schedule (the one given, else recommend_method's now), or for a
+    method it has none for, micro-batch 1 with the same schedule rule."""
+    rec = given or _plan(model, method, t, data, seq_len, epochs, warns,
+                         modules_to_save=["lm_head", "embed_tokens"] if new_template else None)
     chosen: str = rec.method if rec else method
     world = 1 if t.kind == "cpu" else max(1, t.num_gpus)
     if rec is None:
@@ -1131,6 +1187,7 @@ class _Request:
     target: Target
     nodes: int
     per_node: Optional[int]
+    plan: Optional[Recommendation] = None  # recommend_method's result, when the caller gave it
     warns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     why: dict[str, str] = field(default_factory=dict)
@@ -1150,11 +1207,16 @@ class _Draft:
 
 def _request(model: str, dataset: str, gpu: Optional[str], gpu_memory_gib: Optional[float],
              num_gpus: Optional[int], num_nodes: Optional[int], dataset_rows: Optional[int],
-             dataset_tokens: Optional[int], seq_len: Optional[int], test_split: Optional[bool]) -> _Request:
-    """Model facts, the dataset and its size, the nodes and the target hardware."""
+             dataset_tokens: Optional[int], seq_len: Optional[int], test_split: Optional[bool],
+             plan: Optional[Recommendation] = None) -> _Request:
+    """Model facts, the dataset and its size, the nodes and the target hardware (the plan's, when
+    one is given)."""
     from .models import get_model_facts
     ws = get_workspace()
     facts = get_model_facts(model)
+    if plan is not None:
+        seq_len = plan.seq_len
+        gpu, gpu_memory_gib, num_gpus = _plan_hardware(plan, gpu, gpu_memory_gib, num_gpus, num_nodes or 1)
     seq_len = seq_len or min(1024, facts.max_position_embeddings or 1024)
     if facts.source == "local":
         model_ref = ws.rel(ws.resolve(model, field="model", must_exist=True))
@@ -1168,8 +1230,74 @@ def _request(model: str, dataset: str, gpu: Optional[str], gpu_memory_gib: Optio
     if t.kind == "cpu" and num_gpus and num_gpus > 1:
         raise UserError("no GPU here and none described.", field="num_gpus",
                         fix="Describe the GPUs (gpu=..., num_gpus=...) or drop num_gpus.")
+    if plan is not None:
+        _check_plan_fits_here(plan, t, data, notes)
     return _Request(model=model, model_ref=model_ref, dataset=dataset, tied_embeddings=facts.tie_word_embeddings,
-                    seq_len=seq_len, ds=ds, data=data, target=t, nodes=nodes, per_node=per_node, notes=notes)
+                    seq_len=seq_len, ds=ds, data=data, target=t, nodes=nodes, per_node=per_node, plan=plan,
+                    notes=notes)
+
+
+def _check_plan_fits_here(plan: Recommendation, t: Target, data: DataSize, notes: list[str]) -> None:
+    """A CPU plan needs this CPU machine; a plan made for other row counts is said."""
+    if plan.num_gpus == 0 and t.kind != "cpu":
+        raise UserError(f"is a CPU plan ({plan.device}), but the recipe targets {t.description}.", field="plan",
+                        fix="Re-run recommend_method for the GPU machine (gpu=..., num_gpus=...).")
+    if plan.schedule.rows and data.rows and plan.schedule.rows != data.rows:
+        notes.append(f"the plan was made for {plan.schedule.rows:,} rows; the dataset has {data.rows:,}: the "
+                     "recipe's schedule counts the dataset's.")
+
+
+def _read_plan(plan: Any, model: str, method: str, seq_len: Optional[int], epochs: Optional[float]) -> Recommendation:
+    """recommend_method's result, checked: the same model, and no argument that contradicts it
+    (the plan holds the method, sequence length, schedule and hardware)."""
+    if not isinstance(plan, dict):
+        raise UserError("must be recommend_method's result (a mapping).", field="plan",
+                        fix="Pass recommend_method's structured result as it came, or omit plan.")
+    try:
+        rec = Recommendation.model_validate(plan)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"is not a recommend_method result: {'.'.join(map(str, first['loc']))}: {first['msg']}.",
+                        field="plan", fix="Pass recommend_method's structured result unchanged.") from None
+    if _model_name(rec.model) != _model_name(model):
+        raise UserError(f"is for {rec.model}, not {model}.", field="plan",
+                        fix=f"Call recommend_method(model='{model}', ...) or pass model='{rec.model}'.")
+    clashes = [f"{k}={given!r} (the plan has {planned!r})" for k, given, planned in (
+        ("method", None if method == "auto" else method, rec.method), ("seq_len", seq_len, rec.seq_len),
+        ("epochs", epochs, rec.schedule.epochs)) if given is not None and given != planned]
+    if clashes:
+        raise UserError(f"contradicts {', '.join(clashes)}.", field="plan",
+                        fix="Omit those arguments (the plan decides them), or re-run recommend_method with them.")
+    return rec
+
+
+def _model_name(ref: str) -> str:
+    from .models import get_model_facts
+    try:
+        return get_model_facts(ref).name
+    except Exception:  # noqa: BLE001 - an unknown id compares as written
+        return ref.strip()
+
+
+def _plan_hardware(rec: Recommendation, gpu: Optional[str], gpu_memory_gib: Optional[float],
+                   num_gpus: Optional[int], nodes: int) -> tuple[Optional[str], Optional[float], Optional[int]]:
+    """(gpu, gpu_memory_gib, GPUs per node) the plan was made for; arguments must agree with it."""
+    if rec.num_gpus == 0:  # a CPU plan: this machine, as recommend_method saw it
+        return gpu, gpu_memory_gib, num_gpus
+    from .memory import find_gpu
+    name = re.sub(r"^\d+x |\s*\((described|detected)\)$", "", rec.device)
+    per_node = max(1, rec.num_gpus // nodes)
+    spec = find_gpu(name)
+    planned_gpu = spec.name if spec else None
+    for key, given, planned in (("num_gpus", num_gpus, per_node), ("gpu_memory_gib", gpu_memory_gib,
+                                                                    rec.gpu_memory_gib)):
+        if given is not None and planned is not None and abs(given - planned) > 0.5:
+            raise UserError(f"{key}={given:g}, but the plan is for {rec.device}.", field="plan",
+                            fix=f"Omit {key} (the plan holds the hardware), or re-run recommend_method with it.")
+    if gpu and planned_gpu and find_gpu(gpu) and find_gpu(gpu).name != planned_gpu:
+        raise UserError(f"gpu='{gpu}', but the plan is for {rec.device}.", field="plan",
+                        fix="Omit gpu (the plan holds the hardware), or re-run recommend_method with it.")
+    return (gpu or planned_gpu), (gpu_memory_gib or (None if planned_gpu else rec.gpu_memory_gib)), per_node
 
 
 def _render(req: _Request, method: str, chat_template: Optional[str], spectrum_config: Optional[str],
@@ -1177,7 +1305,8 @@ def _render(req: _Request, method: str, chat_template: Optional[str], spectrum_c
             overrides: Optional[dict[str, Any]]) -> _Draft:
     """The layout, then every recipe key with why, then the overrides; the schedule as written."""
     why, warns, notes, t = req.why, req.warns, req.notes, req.target
-    lay = _layout(req.model, method, t, req.data, req.seq_len, epochs, bool(chat_template), warns, notes, why)
+    lay = _layout(req.model, method, t, req.data, req.seq_len, epochs, bool(chat_template), warns, notes, why,
+                  given=req.plan)
     cfg: dict[str, Any] = {"model_name_or_path": req.model_ref}
     dtype_name, mixed = _precision_keys(cfg, why, t, lay.method)
     spectrum_path = _method_keys(cfg, why, warns, notes, req.model, lay, spectrum_config, dtype_name)
@@ -1204,66 +1333,93 @@ def _render(req: _Request, method: str, chat_template: Optional[str], spectrum_c
 
 
 def generate_recipe(
-    model: Annotated[str, Field(description="Model dir in the workspace, hub id or catalog name.")],
-    dataset: Annotated[str, Field(description="convert_dataset output dir (train.jsonl, test.jsonl), a .jsonl "
-                                              "file in the workspace, or a hub dataset id.")],
-    method: Annotated[Literal["auto", "qlora", "lora", "spectrum", "full"], Field(
-        description="auto: recommend_method decides from the model and hardware.")] = "auto",
-    output_path: Annotated[Optional[str], Field(description="Where to write the recipe (default "
-                                                            "recipes/<name>.yaml in the workspace).")] = None,
-    output_dir: Annotated[Optional[str], Field(description="Training output dir (default runs-out/<name>).")] = None,
-    gpu: Annotated[Optional[str], Field(description="Target GPU model, e.g. 'RTX 4090', 'H100'. Omit to "
-                                                    "detect this machine.")] = None,
-    gpu_memory_gib: Annotated[Optional[float], Field(gt=0, description="Target VRAM per GPU in GiB.")] = None,
-    num_gpus: Annotated[Optional[int], Field(ge=1, description="GPUs to train on.")] = None,
-    dataset_rows: Annotated[Optional[int], Field(ge=1, description="Training rows (default: counted).")] = None,
-    dataset_tokens: Annotated[Optional[int], Field(ge=1, description=(
-        "Training tokens per epoch, e.g. inspect_dataset's token_lengths mean x rows (default: estimated "
-        "from the file's text at ~4 characters per token)."))] = None,
-    seq_len: Annotated[Optional[int], Field(ge=16, description="max_length, tokens per sequence / packed block "
-                                                               "(default 1024, capped at the model's "
-                                                               "context).")] = None,
-    chat_template: Annotated[Optional[str], Field(
-        description="A .jinja chat template (or tokenizer dir, or 'trl:<name>', a template TRL ships) to "
-                    "train with, e.g. the Instruct model's; LoRA/QLoRA then also train embed_tokens and lm_head (modules_to_save).")] = None,
-    spectrum_config: Annotated[Optional[str], Field(
-        description="Spectrum YAML from spectrum_scan (method spectrum; scanned automatically if omitted).")] = None,
-    epochs: Annotated[Optional[float], Field(gt=0, description=(
-        "num_train_epochs (default from the dataset size: 3 under 1k rows, 2 under 10k, else 1, full at most "
-        "2; raised for small data to reach enough optimizer steps, as recommend_method does)."))] = None,
-    test_split: Annotated[Optional[bool], Field(
-        description="Evaluate on the test split during training (default: when the dataset has one).")] = None,
-    overrides: Annotated[Optional[dict[str, Any]], Field(
-        description="Recipe keys to set last (TRL field names; null removes a key), e.g. "
-                    "{'learning_rate': 1e-4, 'assistant_only_loss': true}.")] = None,
-    num_nodes: Annotated[Optional[int], Field(ge=1, le=1024, description="Machines to train on (num_gpus is "
-                                                                         "then GPUs per machine); >1 also "
-                                                                         "writes a Slurm script.")] = None,
-    main_process_ip: Annotated[Optional[str], Field(
-        description="Multi-node: node 0's address, reachable from every node (default: a placeholder the "
-                    "Slurm script fills from $SLURM_JOB_NODELIST).")] = None,
-    report_to: Annotated[Literal["none", "tensorboard", "trackio"], Field(
-        description="A local, offline tracker besides metrics.jsonl; its logs go to <output_dir>/<tracker>.")] = "none",
+    model: Annotated[str, Field(description="Workspace dir, hub id or catalog name.")],
+    dataset: Annotated[str, Field(description="convert_dataset dir, .jsonl or hub id.")],
+    method: Literal["auto", "qlora", "lora", "spectrum", "full"] = "auto",
+    plan: Optional[dict[str, Any]] = None,
+    output_path: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    gpu: Gpu = None,
+    gpu_memory_gib: GpuMemoryGib = None,
+    num_gpus: NumGpus = None,
+    dataset_rows: Annotated[Optional[int], Field(ge=1)] = None,
+    dataset_tokens: Annotated[Optional[int], Field(ge=1)] = None,
+    seq_len: SeqLen = None,
+    chat_template: ChatTemplate = None,
+    spectrum_config: Optional[str] = None,
+    epochs: Annotated[Optional[float], Field(gt=0)] = None,
+    test_split: Optional[bool] = None,
+    overrides: Optional[dict[str, Any]] = None,
+    num_nodes: Annotated[Optional[int], Field(ge=1, le=1024)] = None,
+    main_process_ip: Optional[str] = None,
+    report_to: Literal["none", "tensorboard", "trackio"] = "none",
 ) -> RecipeResult:
-    """Write a TRL recipe (flat YAML for `python -m tools.train` / `trl sft`) plus the matching
-    accelerate config (single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA, CPU) for a model
-    and a converted dataset. Method, micro-batch, gradient accumulation, checkpointing, sharding and the
-    schedule (epochs, global batch, optimizer steps; adjusted for small data by the rule recommend_method
-    uses) come from recommend_method (method=auto) or fill the layout of the method asked for; learning
-    rate, schedule, warm-up and clipping follow the per-method defaults; precision, attention kernel
-    and liger follow the hardware. The recipe is parsed by the installed TRL before it is written.
-    Returns the paths, the YAML, launch commands, why each setting, the optimizer steps the run will
-    take, and the memory estimate."""
+    """Write a TRL recipe + accelerate config for a model and a converted dataset, from
+    recommend_method's plan.
+
+    The installed TRL parses the recipe before it is written: the flat YAML of
+    `python -m tools.train` / `trl sft`. The accelerate config is
+    single GPU, DDP, DeepSpeed ZeRO-2/3, offload, FSDP2, FSDP+QLoRA or CPU. Method, micro-batch,
+    gradient accumulation, checkpointing, sharding and the schedule (epochs, global batch,
+    optimizer steps; adjusted for small data by the rule recommend_method uses) come from the plan
+    (plan=, or recommend_method called now) or fill the layout of the method asked for; learning
+    rate, schedule, warm-up, clipping and LoRA follow the per-method defaults
+    (tools.recipe_defaults); precision, attention kernel and liger follow the hardware. Returns
+    the paths, the YAML, launch commands, why each setting, the optimizer steps the run will take,
+    and the memory estimate.
+
+    Parameters:
+    - method: auto lets recommend_method decide from the model and hardware.
+    - plan: recommend_method's result for this model; it then holds the method, seq_len, schedule
+      and hardware (arguments that contradict it are refused).
+    - output_path: the recipe (default recipes/<name>.yaml); output_dir: the training output
+      (default runs-out/<name>).
+    - gpu, gpu_memory_gib, num_gpus: the target (default: this machine; with num_nodes, GPUs per node).
+    - dataset_rows (default: counted), dataset_tokens (default: estimated from the text at ~4
+      characters per token; inspect_dataset's token_lengths mean x rows is exact).
+    - seq_len: max_length (default 1024, capped at the model's context).
+    - chat_template: a template to train with (.jinja, tokenizer dir or 'trl:<name>'); LoRA/QLoRA
+      then also train embed_tokens and lm_head (modules_to_save).
+    - spectrum_config: spectrum_scan's YAML (method spectrum; scanned when omitted).
+    - epochs: default 3 under 1k rows, 2 under 10k, else 1 (full at most 2), raised for small data.
+    - test_split: evaluate on the test split (default: when the dataset has one).
+    - overrides: recipe keys set last (TRL names; null removes a key), e.g. {'learning_rate': 1e-4}.
+    - num_nodes: machines (>1 also writes a Slurm script); main_process_ip: node 0's address
+      (default: a placeholder the Slurm script fills).
+    - report_to: a local offline tracker besides metrics.jsonl, logging to <output_dir>/<tracker>."""
+    given = _read_plan(plan, model, method, seq_len, epochs) if plan is not None else None
     req = _request(model, dataset, gpu, gpu_memory_gib, num_gpus, num_nodes, dataset_rows, dataset_tokens,
-                   seq_len, test_split)
+                   seq_len, test_split, plan=given)
     draft = _render(req, method, chat_template, spectrum_config, epochs, output_dir, report_to, overrides)
     w = _write_recipe(req, draft, output_path, main_process_ip, overridden=bool(overrides))
-    return RecipeResult(
+    res = RecipeResult(
         recipe_path=w.recipe_path, accelerate_config_path=w.accelerate_config_path, method=draft.method,
         yaml=w.yaml, launch_commands=w.launch_commands, target=req.target.description,
         settings_explained={k: v for k, v in req.why.items() if v}, plan=draft.lay.plan, schedule=draft.schedule,
         memory=w.memory, fits=w.fits, spectrum_config_path=draft.spectrum_path, dataset_rows=req.data.rows,
         warnings=req.warns, notes=req.notes)
+    res.summary, res.next_steps = _recipe_summary(res), _recipe_next_steps(res, req)
+    return res
+
+
+def _recipe_summary(res: RecipeResult) -> str:
+    steps = res.schedule.optimizer_steps if res.schedule else None
+    steps_words = f"{steps:,} optimizer steps, " if steps else ""
+    warned = f" {len(res.warnings)} warning(s)." if res.warnings else ""
+    return _cap(f"Wrote {res.recipe_path}: {res.method} on {res.target}; {steps_words}"
+                f"{_memory_words(res.memory, res.fits)}.{warned}")
+
+
+def _recipe_next_steps(res: RecipeResult, req: _Request) -> list[str]:
+    """Check the masking of exactly this recipe's data, then launch (with the accelerate config
+    where several GPUs share the run)."""
+    acc = f", accelerate_config='{res.accelerate_config_path}'" if req.target.num_gpus > 1 else ""
+    steps = [f"verify_masking(recipe='{res.recipe_path}')"]
+    if res.fits is False:
+        steps.append(f"recommend_method(model='{req.model}', ...) for a layout with more headroom")
+    if req.nodes > 1:
+        return steps + [res.launch_commands["slurm"]]
+    return steps + [f"launch_training(recipe='{res.recipe_path}'{acc})"]
 
 
 def _nodes(num_nodes: Optional[int], num_gpus: Optional[int], gpu: Optional[str],

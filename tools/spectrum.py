@@ -25,8 +25,9 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .results import ToolResult
 from .naming import model_slug
-from .workspace import check_path_text, get_workspace
+from .workspace import check_path_text, get_workspace, short
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 GPU_BATCH_BYTES = 2 * 2 ** 30
@@ -41,7 +42,7 @@ class SpectrumType(BaseModel):
     snr: dict[str, float] = Field(description="layer index -> score (SNR / largest singular value), best first.")
 
 
-class SpectrumResult(BaseModel):
+class SpectrumResult(ToolResult):
     """The Spectrum YAML written, with the per-type selection behind it."""
     model: str
     top_percent: float
@@ -149,20 +150,25 @@ def snr_scores(mats, device: str = "cpu"):
 
 
 def spectrum_scan(
-    model: Annotated[str, Field(description="Model directory in the workspace with *.safetensors (or a hub id "
-                                            "already in the local cache).")],
-    top_percent: Annotated[float, Field(gt=0, le=100, description="Share of each module type's layers to "
-                                                                  "unfreeze, by SNR.")] = 30,
-    output_path: Annotated[Optional[str], Field(description="Where to write the Spectrum YAML (default "
-                                                            "recipes/spectrum/<model>_top<p>.yaml).")] = None,
+    model: Annotated[str, Field(description="Model dir with *.safetensors (or a cached hub id).")],
+    top_percent: Annotated[float, Field(gt=0, le=100)] = 30,
+    output_path: Optional[str] = None,
 ) -> SpectrumResult:
-    """Spectrum layer selection for `method: spectrum`: computes each decoder weight matrix's
-    signal-to-noise ratio (singular values above the Marchenko-Pastur threshold vs below, over the
-    largest), keeps the top_percent of layers per module type (q_proj, k_proj, ..., down_proj), and
-    writes the YAML (`unfrozen_parameters:` regexes, plus embeddings and LM head) that
-    generate_recipe's spectrum_config_path takes. Reads the safetensors tensor by tensor (no model
-    load), on the GPU when present; a 7-8B model takes seconds on a GPU, minutes on CPU. Returns
-    the per-type scores and selection, and the trainable share of parameters."""
+    """Spectrum layer selection for method spectrum: rank each module type's layers by SNR and
+    write the YAML generate_recipe's spectrum_config takes.
+
+    Each decoder weight matrix's signal-to-noise ratio: singular values above the
+    Marchenko-Pastur threshold vs below, over the largest. Keeps the top_percent of layers per
+    module type (q_proj, k_proj, ..., down_proj) and writes `unfrozen_parameters:` regexes, plus
+    embeddings and LM head. Reads the safetensors tensor by tensor (no model load), on the GPU when
+    present; a 7-8B model takes seconds on a GPU, minutes on CPU. Returns the per-type scores and
+    selection, and the trainable share of parameters.
+
+    Parameters:
+    - model: a model directory in the workspace with *.safetensors, or a hub id already in the
+      local cache.
+    - top_percent: share of each module type's layers to unfreeze, by SNR (the paper: 25-50).
+    - output_path: where to write the YAML (default recipes/spectrum/<model>_top<p>.yaml)."""
     import torch
 
     if not isinstance(top_percent, (int, float)) or not 0 < top_percent <= 100:
@@ -192,12 +198,19 @@ def spectrum_scan(
     ws.write_text(out, "\n".join(lines) + "\n", field="output_path")
     ws.write_text(snr_out, json.dumps({"model": shown, "top_percent": top_percent, "scores": scan.scores},
                                       indent=1, sort_keys=True) + "\n", field="output_path")
-    return SpectrumResult(
+    res = SpectrumResult(
         model=shown, top_percent=top_percent, output_path=ws.rel(out), snr_path=ws.rel(snr_out), device=device,
         matrices_scanned=len(scan.scores), seconds=round(time.perf_counter() - t0, 3),
         unfrozen_parameters=unfrozen, types=types, trainable_params=trainable, total_params=total,
         trainable_fraction=round(trainable / total, 6) if total else 0.0, skipped=scan.skipped[:50],
         notes=notes)
+    chosen = sum(t.num_selected for t in types)
+    res.summary = (f"Spectrum kept {chosen} of {len(scan.scores)} matrices (top {top_percent:g}% per type) of "
+                   f"{short(shown, 60)}: {res.trainable_fraction:.1%} of the parameters train; wrote "
+                   f"{short(res.output_path, 80)}.")
+    res.next_steps = [f"generate_recipe(model='{model}', dataset='<converted dataset dir>', method='spectrum', "
+                      f"spectrum_config='{res.output_path}')"]
+    return res
 
 
 @dataclass
