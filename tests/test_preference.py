@@ -417,10 +417,13 @@ def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
     assert s.step == s.max_steps == 32 and s.progress_pct == 100.0 and s.loss is not None
     summ = s.run_summary
     assert summ["trainer"] == "dpo" and summ["reference"].startswith("the model with the adapter disabled")
-    before, after = summ["preference_eval"]["before"], summ["preference_eval"]["after"]
+    pe = summ["preference_eval"]  # on the 32 test pairs, not the 128 training pairs
+    assert pe["split"] == "test" and pe["rows"] == 32 and "implicit reward margin" in pe["measure"]
+    before, after = pe["before"], pe["after"]
     assert before["implicit_reward_accuracy"] == 0.5 and before["mean_margin"] == 0.0
     assert after["implicit_reward_accuracy"] >= 0.9 and after["mean_margin"] > 0 and after["pairs"] == 32
-    assert after["policy_prefers_chosen"] >= 0.9
+    assert after["policy_prefers_chosen"] >= 0.9 and pe["rise"] >= 0.4
+    assert summ["method_metrics"]["readings"][0].startswith("held-out preference accuracy 50% -> ")
     # the status reads the trainer's own metrics from the run's log, not only summary.json
     mm = s.method_metrics
     assert mm["trainer"] == "dpo" and mm["metrics"]["rewards/margins"]["last"] > 0.1, mm

@@ -306,19 +306,58 @@ def test_grpo_trains_with_builtin_and_user_rewards(ws, tiny_model, monkeypatch):
 
 
 def test_orpo_trains_without_a_reference(ws, tiny_model, monkeypatch):
+    """ORPO (no reference): its held-out accuracy is the policy's own length-normalised ranking
+    (beta * mean token log-prob), measured on the test split before and after: the start model's
+    own preference before (not necessarily 50%), >= 90% after. ORPO's odds-ratio term is weighted
+    by beta beside the SFT loss: on the random tiny model it needs beta 1 and 4 epochs."""
     from tools.preference_recipe import generate_dpo_recipe
     from tools.train_dpo import train_dpo
     monkeypatch.chdir(ws.root)
     from test_preference import animals
-    animals(ws, train=8, test=0)
+    animals(ws, train=64, test=16)
     r = generate_dpo_recipe("models/tiny-llama", "data/animals", "orpo.yaml", "out/orpo", trainer="orpo", cpu=True,
-                            max_length=128, overrides={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                                                       "logging_steps": 1, "save_strategy": "no"})
-    assert r.reference.startswith("none") and r.recipe["learning_rate"] == 8e-5
+                            max_length=128, overrides={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                                                       "logging_steps": 1, "save_strategy": "no", "beta": 1.0,
+                                                       "learning_rate": 1e-2, "lr_scheduler_type": "constant",
+                                                       "warmup_steps": 0, "num_train_epochs": 4, "eval_strategy": "no"})
+    assert r.reference.startswith("none") and r.recipe["trainer"] == "orpo"
     s = train_dpo("orpo.yaml")
-    assert s["status"] == "completed" and s["trainer"] == "orpo" and s["steps"] == 2
+    assert s["status"] == "completed" and s["trainer"] == "orpo" and s["steps"] == 32
     assert {"rewards/margins", "log_odds_ratio"} <= set(s["method_metrics"]["metrics"])
     assert (ws.root / "out/orpo/adapter_model.safetensors").is_file()
+    pe = s["preference_eval"]
+    assert pe["split"] == "test" and pe["rows"] == 16 and "ORPO reward" in pe["measure"]
+    assert pe["before"]["pairs"] == 16 and "policy_prefers_chosen" not in pe["before"]  # it is the same figure
+    assert pe["after"]["implicit_reward_accuracy"] >= 0.9 and pe["after"]["mean_margin"] > 0
+    assert pe["rise"] == round(pe["after"]["implicit_reward_accuracy"] - pe["before"]["implicit_reward_accuracy"], 4)
+
+
+def test_kto_heldout_accuracy_is_the_sign_of_the_reward(ws, tiny_model, monkeypatch):
+    """KTO on labelled rows with a test split: the held-out accuracy is the share of test rows whose
+    implicit reward beta*(log pi - log ref) has the label's sign; before training the policy is the
+    reference (every reward 0: 50%), after it both labels are ranked right. The test rows are not
+    the training rows (16 of them, not 64); the reading leads summary.json's method_metrics."""
+    from tools.preference_recipe import generate_dpo_recipe
+    from tools.train_dpo import train_dpo
+    monkeypatch.chdir(ws.root)
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"] == "up"} for r in kto_rows(80)]
+    write_jsonl(ws.root / "data/kto/train.jsonl", rows[:64])
+    write_jsonl(ws.root / "data/kto/test.jsonl", rows[64:])
+    generate_dpo_recipe("models/tiny-llama", "data/kto", "kto.yaml", "out/kto", trainer="kto", cpu=True,
+                        max_length=128, overrides={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                                                   "logging_steps": 1, "save_strategy": "no", "learning_rate": 5e-3,
+                                                   "lr_scheduler_type": "constant", "warmup_steps": 0,
+                                                   "num_train_epochs": 2, "eval_strategy": "no"})
+    s = train_dpo("kto.yaml")
+    pe = s["preference_eval"]
+    assert pe["split"] == "test" and pe["rows"] == 16 and "label's sign" in pe["measure"]
+    before, after = pe["before"], pe["after"]
+    assert before["implicit_reward_accuracy"] == 0.5 and before["mean_signed_reward"] == 0.0
+    assert (after["desirable"], after["undesirable"]) == (8, 8)
+    assert after["desirable_accuracy"] >= 0.9 and after["undesirable_accuracy"] >= 0.9, after
+    assert after["mean_signed_reward"] > 0 and pe["rise"] >= 0.4
+    assert s["method_metrics"]["readings"][0] == (f"held-out preference accuracy 50% -> "
+                                                  f"{after['implicit_reward_accuracy']:.0%} (16 test rows)")
 
 
 def test_method_metrics_read_trl_logs():

@@ -27,8 +27,8 @@ Where the policy starts and what the reference is:
 
 Writes into output_dir what tools.train writes (same callback): metrics.jsonl (TRL's logs, with
 rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/*), progress.json,
-summary.json (plus `preference_eval`: held-out preference accuracy before and after training when
-the dataset has a test split), the adapter or model and the tokenizer.
+summary.json (plus `preference_eval`: held-out preference accuracy on the test split before and
+after training, DPO/ORPO/KTO, tools.preference_eval), the adapter or model and the tokenizer.
 """
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ from .workspace import get_workspace, write_json_atomic
 
 EXTRA_KEYS = ("trainer", "chat_template_path", "rewards")  # recipe keys only this entrypoint reads
 TRAINER = "dpo"  # the default trainer of a recipe without `trainer:`
-HELDOUT_MAX_PAIRS = 200  # held-out pairs scored one by one before and after training
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -197,33 +196,10 @@ def _splits(script_args, dataset_args, training_args):
     return dataset[script_args.dataset_train_split], test
 
 
-def preference_accuracy(trainer, limit: int = HELDOUT_MAX_PAIRS) -> Optional[dict]:
-    """Held-out preference accuracy: each eval pair goes alone through DPOTrainer's own
-    prediction_step, which logs its implicit reward margin beta*((pi-ref)_chosen - (pi-ref)_rejected)
-    and the policy's log-probs. A margin of 0 (policy == reference, as before training) counts
-    half: an untrained policy scores 50%, chance."""
-    ds = trainer.eval_dataset
-    if ds is None or isinstance(ds, dict) or len(ds) == 0:
-        return None
-    keys = [k for k in ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
-            if k in ds.column_names]
-    model, was_training = trainer.model, trainer.model.training
-    model.eval()
-    margins, own = [], []
-    try:
-        for i in range(min(len(ds), limit)):
-            batch = trainer.data_collator([{k: ds[i][k] for k in keys}])
-            trainer.prediction_step(model, batch, prediction_loss_only=True)
-            m = trainer._metrics["eval"]
-            margins.append(m["rewards/margins"][-1])
-            own.append(m["logps/chosen"][-1] - m["logps/rejected"][-1])
-    finally:
-        trainer._metrics["eval"].clear()
-        model.train(was_training)
-    score = lambda xs: sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in xs) / len(xs)  # noqa: E731
-    return {"pairs": len(margins), "implicit_reward_accuracy": round(score(margins), 4),
-            "mean_margin": round(sum(margins) / len(margins), 6),
-            "policy_prefers_chosen": round(score(own), 4)}
+def preference_accuracy(trainer, name: str = TRAINER) -> Optional[dict]:
+    """Held-out preference accuracy on the trainer's eval (test) split: tools.preference_eval."""
+    from .preference_eval import heldout_accuracy
+    return heldout_accuracy(trainer, name)
 
 
 def _trainer(start: _Start, tok, training_args, model_args, train, test, callbacks, extras: dict):
@@ -342,13 +318,13 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
     """After trainer.train: save the policy, the held-out accuracy after, summary.json."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .preference_eval import preference_eval, reading
     from .preference_status import method_metrics
     from .train import _STOP, _peak_memory_gib
     state = trainer.state
     stopped = files.stopped_at is not None and state.global_step < state.max_steps
     last_ckpt = get_last_checkpoint(str(run.output_dir)) if run.output_dir.is_dir() else None
-    dpo = run.summary["trainer"] == "dpo"  # the held-out accuracy reads DPOTrainer's own metrics
-    after = None if stopped or not dpo else preference_accuracy(trainer)
+    after = None if stopped else preference_accuracy(trainer, run.summary["trainer"])
     if not stopped:
         _save_policy(trainer, run.output_dir)
     metrics, logs = dict(result.metrics or {}), state.log_history
@@ -362,11 +338,13 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
         reward_accuracy=_last(logs, "rewards/accuracies"),
         eval_reward_accuracy=_last(logs, "eval_rewards/accuracies"),
         method_metrics=method_metrics(run.summary["trainer"], logs),
-        preference_eval={"before": before, "after": after} if before or after else None,
+        preference_eval=preference_eval(run.summary["trainer"], before, after),
         peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
         adapter_path=str(run.output_dir) if (peft and not stopped) else None,
         model_path=str(run.output_dir) if (not peft and not stopped) else None,
         world_size=trainer.args.world_size, ended=time.time())
+    if reading(run.summary["preference_eval"]):
+        run.summary["method_metrics"]["readings"].insert(0, reading(run.summary["preference_eval"]))
     if stopped:
         run.summary["next_step"] = f"Relaunch the same recipe (same output_dir) to resume from {last_ckpt}."
     if trainer.is_world_process_zero():
@@ -382,7 +360,7 @@ def train_dpo(config: str, overrides: list[str] | None = None) -> dict[str, Any]
         trainer, files, resume = _prepare(run, *parsed)
         _count_params(run, trainer, run.summary["method"])
         # Before any step the policy is the reference: measured only on a fresh start.
-        before = preference_accuracy(trainer) if resume is None and run.summary["trainer"] == "dpo" else None
+        before = preference_accuracy(trainer, run.summary["trainer"]) if resume is None else None
         result = trainer.train(resume_from_checkpoint=resume)
         summary = _finish(run, trainer, files, result, before, parsed[2])
         import transformers
