@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError
 from . import chat_templates
 from .accelerate_config import AccelerateSummary, read_accelerate_config
 from .errors import UserError
-from .memory import FITS_FRACTION, MemoryEstimate
+from .memory import FITS_FRACTION, LOAD_PHASE, MemoryEstimate
 from .naming import model_slug
 from .recipe_defaults import DEFAULTS, Method
 from .recipe_migrate import Change, migrate
@@ -627,9 +627,14 @@ def _check_memory(r: _Recipe, a: _Analysis) -> None:
         return
     a.fits = m.fits
     if m.gpu_memory_gib and m.total_gib > m.gpu_memory_gib:
-        a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB of "
-                f"{r.t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, enable "
-                "activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
+        load = next((n for n in m.notes if n.startswith("Load-time peak")), None)
+        if m.peak_phase == LOAD_PHASE and load:  # batch, checkpointing, more GPUs cannot help
+            a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} "
+                    f"GiB of {r.t.gpu_name or 'the GPU'} while the model loads. {load}")
+        else:
+            a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB "
+                    f"of {r.t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, "
+                    "enable activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
     elif m.fits is False:
         a.warn(f"memory: estimated {m.total_gib:.1f} GiB per GPU is above {FITS_FRACTION:.0%} of "
                f"{m.gpu_memory_gib:.1f} GiB: little headroom (the estimate is within about "
