@@ -136,17 +136,18 @@ def test_throughput_follows_the_hardware_and_the_model(ws):
     """The time estimate responds to what it models: a faster GPU, a smaller model, more GPUs and
     no offload are faster; twice the tokens take twice as long. (Its accuracy against measured
     runs is the throughput benchmark's business.)"""
-    from tools.recommend import _throughput
+    from tools.memory import GPUS
     from tools.models import get_model_facts
+    from tools.throughput import estimate_tokens_per_s
     f8, f1 = get_model_facts("Llama-3.1-8B"), get_model_facts("Llama-3.2-1B")
-    kw = dict(method="lora", seq_len=2048, micro_batch=2, gc=True, num_gpus=1, sharding="none", offload=False,
-              spectrum_fraction=0.3)
-    h100, l4 = _throughput(f8, tflops=989, **kw), _throughput(f8, tflops=121, **kw)
+    kw = dict(method="lora", seq_len=2048, micro_batch=2, gradient_checkpointing=True, packing=True,
+              attn_implementation="sdpa", trainable_params=41_943_040)
+    h100, l4 = estimate_tokens_per_s(f8, GPUS["H100 80GB"], **kw), estimate_tokens_per_s(f8, GPUS["L4"], **kw)
     assert h100 > 4 * l4
-    assert _throughput(f1, tflops=989, **kw) > 1.5 * h100  # measured on H100: ~9.3k vs ~4.1k tokens/s
-    eight = _throughput(f8, tflops=989, **{**kw, "num_gpus": 8, "sharding": "zero3"})
+    assert estimate_tokens_per_s(f1, GPUS["H100 80GB"], **kw) > 1.5 * h100  # measured: ~9.3k vs ~4.1k tokens/s
+    eight = estimate_tokens_per_s(f8, GPUS["H100 80GB"], **kw, num_gpus=8, sharding="zero3")
     assert 4 * h100 < eight < 8 * h100
-    assert _throughput(f8, tflops=989, **{**kw, "offload": True}) < 0.5 * h100
+    assert estimate_tokens_per_s(f8, GPUS["H100 80GB"], **kw, num_gpus=8, sharding="zero3", cpu_offload=True) < 0.5 * eight
     a = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=1_000_000_000)
     b = recommend_method("Llama-3.1-8B", gpu="H100", dataset_tokens=2_000_000_000)
     assert b.training_hours == pytest.approx(2 * a.training_hours, rel=1e-2)

@@ -20,6 +20,7 @@ from .errors import UserError
 from .models import ModelFacts, get_model_facts
 from .params import Gpu, GpuMemoryGib, NumGpus, Packing, SeqLen
 from .results import ToolResult
+from .throughput import estimate_tokens_per_s
 
 GIB = 2 ** 30
 FITS_FRACTION = 0.9  # a plan fits when its total stays within 90% of the GPU's memory
@@ -37,26 +38,27 @@ class GPUSpec(BaseModel):
     memory_gib: float
     bf16: bool
     tflops_bf16: float = Field(description="dense fp16/bf16 tensor-core TFLOPs from the spec sheet.")
+    bandwidth_tbs: float = Field(description="memory bandwidth in TB/s from the spec sheet.")
 
 
 GPUS: dict[str, GPUSpec] = {g.name: g for g in [
-    GPUSpec(name="T4", memory_gib=14.58, bf16=False, tflops_bf16=65),
-    GPUSpec(name="V100 16GB", memory_gib=15.77, bf16=False, tflops_bf16=125),
-    GPUSpec(name="V100 32GB", memory_gib=31.74, bf16=False, tflops_bf16=125),
-    GPUSpec(name="RTX 3090", memory_gib=23.69, bf16=True, tflops_bf16=71),
-    GPUSpec(name="RTX 4090", memory_gib=23.99, bf16=True, tflops_bf16=165),
-    GPUSpec(name="RTX 5090", memory_gib=31.84, bf16=True, tflops_bf16=209),
-    GPUSpec(name="RTX A5000", memory_gib=23.68, bf16=True, tflops_bf16=111),
-    GPUSpec(name="RTX A6000", memory_gib=47.54, bf16=True, tflops_bf16=155),
-    GPUSpec(name="A10G", memory_gib=22.49, bf16=True, tflops_bf16=70),
-    GPUSpec(name="L4", memory_gib=22.49, bf16=True, tflops_bf16=121),
-    GPUSpec(name="L40S", memory_gib=44.99, bf16=True, tflops_bf16=362),
-    GPUSpec(name="A40", memory_gib=44.99, bf16=True, tflops_bf16=150),
-    GPUSpec(name="A100 40GB", memory_gib=39.39, bf16=True, tflops_bf16=312),
-    GPUSpec(name="A100 80GB", memory_gib=79.15, bf16=True, tflops_bf16=312),
-    GPUSpec(name="H100 80GB", memory_gib=79.19, bf16=True, tflops_bf16=989),
-    GPUSpec(name="H200 141GB", memory_gib=139.8, bf16=True, tflops_bf16=989),
-    GPUSpec(name="B200 180GB", memory_gib=178.4, bf16=True, tflops_bf16=2250),
+    GPUSpec(name="T4", memory_gib=14.58, bf16=False, tflops_bf16=65, bandwidth_tbs=0.32),
+    GPUSpec(name="V100 16GB", memory_gib=15.77, bf16=False, tflops_bf16=125, bandwidth_tbs=0.9),
+    GPUSpec(name="V100 32GB", memory_gib=31.74, bf16=False, tflops_bf16=125, bandwidth_tbs=0.9),
+    GPUSpec(name="RTX 3090", memory_gib=23.69, bf16=True, tflops_bf16=71, bandwidth_tbs=0.936),
+    GPUSpec(name="RTX 4090", memory_gib=23.99, bf16=True, tflops_bf16=165, bandwidth_tbs=1.008),
+    GPUSpec(name="RTX 5090", memory_gib=31.84, bf16=True, tflops_bf16=209, bandwidth_tbs=1.79),
+    GPUSpec(name="RTX A5000", memory_gib=23.68, bf16=True, tflops_bf16=111, bandwidth_tbs=0.768),
+    GPUSpec(name="RTX A6000", memory_gib=47.54, bf16=True, tflops_bf16=155, bandwidth_tbs=0.768),
+    GPUSpec(name="A10G", memory_gib=22.49, bf16=True, tflops_bf16=70, bandwidth_tbs=0.6),
+    GPUSpec(name="L4", memory_gib=22.49, bf16=True, tflops_bf16=121, bandwidth_tbs=0.3),
+    GPUSpec(name="L40S", memory_gib=44.99, bf16=True, tflops_bf16=362, bandwidth_tbs=0.864),
+    GPUSpec(name="A40", memory_gib=44.99, bf16=True, tflops_bf16=150, bandwidth_tbs=0.696),
+    GPUSpec(name="A100 40GB", memory_gib=39.39, bf16=True, tflops_bf16=312, bandwidth_tbs=1.555),
+    GPUSpec(name="A100 80GB", memory_gib=79.15, bf16=True, tflops_bf16=312, bandwidth_tbs=2.039),
+    GPUSpec(name="H100 80GB", memory_gib=79.19, bf16=True, tflops_bf16=989, bandwidth_tbs=3.35),
+    GPUSpec(name="H200 141GB", memory_gib=139.8, bf16=True, tflops_bf16=989, bandwidth_tbs=4.8),
+    GPUSpec(name="B200 180GB", memory_gib=178.4, bf16=True, tflops_bf16=2250, bandwidth_tbs=8.0),
 ]}
 
 
@@ -111,6 +113,8 @@ class MemoryEstimate(ToolResult):
                                                    "(FITS_FRACTION); null when no GPU size is known.")
     fits_threshold_gib: Optional[float] = None
     headroom_gib: Optional[float] = None
+    throughput_tokens_per_s: Optional[float] = Field(None, description=(
+        "estimated real tokens/s, all GPUs (tools/throughput.py); null without a catalog gpu."))
     assumptions: list[str] = []
     notes: list[str] = []
 
@@ -167,6 +171,7 @@ def estimate_memory(
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa",
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05,
     fp32_master_weights: Optional[bool] = None,
+    avg_tokens_per_row: Annotated[Optional[int], Field(ge=1)] = None,
 ) -> MemoryEstimate:
     """Estimate per-GPU memory of a TRL SFT run (load, each step phase, allocator reserve) and
     whether it fits a GPU; for what-ifs on batch, length, method and layout.
@@ -192,12 +197,17 @@ def estimate_memory(
       cpu_offload (ZeRO/FSDP only).
     - gpu or gpu_memory_gib: the GPU to check `fits` against; omitted: no fit decision.
     - fp32_master_weights: trainable weights kept in fp32 (default: what tools.train does, on for
-      full/Spectrum 16-bit runs without ZeRO/FSDP)."""
+      full/Spectrum 16-bit runs without ZeRO/FSDP).
+    - avg_tokens_per_row: mean tokens per data row (default 512), for throughput_tokens_per_s:
+      estimated when `gpu` names a catalog GPU, from the step's FLOPs, attention kernel, padding,
+      checkpointing and CPU dispatch (tools/throughput.py; leave-one-out error on the H100 runs:
+      docs/benchmarks.md)."""
     f = get_model_facts(model) if isinstance(model, str) else model
     settings = {k: v for k, v in locals().items() if k not in ("model", "f")}
     settings["seq_len"] = seq_len or 1024
     settings["num_gpus"] = num_gpus or 1
     est = _estimate(f, **settings)
+    est.summary = _with_throughput(est.summary, est.throughput_tokens_per_s)
     est.next_steps = _next_steps(est, model if isinstance(model, str) else f.name, settings)
     return est
 
@@ -213,6 +223,28 @@ def _next_steps(est: MemoryEstimate, model: str, s: dict) -> list[str]:
         return [f"generate_recipe(model='{model}', dataset='<converted dataset dir>', method='{s['method']}', "
                 f"{where}{gpus})"]
     return [f"recommend_method(model='{model}', {where}{gpus})"]
+
+
+def _with_throughput(summary: str, tps: Optional[float]) -> str:
+    """The summary, with the speed when there is one and it keeps within the 300-character limit."""
+    more = f" About {tps:,.0f} tokens/s." if tps else ""
+    return summary + more if len(summary + more) <= 300 else summary
+
+
+def _throughput(e: _Est, p: _Params) -> Optional[float]:
+    """Estimated tokens/s on the catalog GPU (None without one): tools.throughput's step model."""
+    s = e.s
+    if e.spec is None:
+        return None
+    tps = estimate_tokens_per_s(
+        e.f, e.spec, method=s["method"], seq_len=s["seq_len"], micro_batch=s["micro_batch"],
+        gradient_checkpointing=s["gradient_checkpointing"], packing=s["packing"],
+        attn_implementation=s["attn_implementation"], trainable_params=p.trainable, adapted_linears=len(e.targets),
+        avg_tokens_per_row=s.get("avg_tokens_per_row"), spectrum_fraction=s["spectrum_fraction"],
+        num_gpus=s["num_gpus"], sharding=s["sharding"], cpu_offload=s["cpu_offload"])
+    e.assumptions.append("Throughput: TRL SFT with logging every step, gradient accumulation 1; liger "
+                         "changes it by under 5% on the measured runs and is not modelled.")
+    return round(tps, 1)
 
 
 def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload, lora_r):
@@ -596,7 +628,10 @@ def _estimate(f: ModelFacts, **settings) -> MemoryEstimate:
     phases = {LOAD_PHASE: load, **_phases(e, st, _activations(e, p, st))}
     if settings["sharding"] != "none" and max(phases, key=lambda k: sum(phases[k].values())) == LOAD_PHASE:
         e.notes.append(_load_note(e, sum(load.values())))
-    return _result(e, p, phases)
+    tps = _throughput(e, p)
+    est = _result(e, p, phases)
+    est.throughput_tokens_per_s = tps
+    return est
 
 
 def _load_note(e: _Est, load: float) -> str:

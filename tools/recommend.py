@@ -6,7 +6,7 @@ in the goal's order (GOALS) that fits, preferring a plan that fits with the marg
 error calls for (ESTIMATE_ERROR); then the micro-batch and checkpointing with the highest estimated
 throughput, the micro-batch capped so that the written global batch is the target. The schedule
 (epochs, global batch, optimizer steps) comes from one rule (`schedule_target`, `schedule_from`)
-that generate_recipe uses too. Throughput model: references/methods.md.
+that generate_recipe uses too. Throughput model: tools/throughput.py.
 """
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ from .memory import FITS_FRACTION, GIB, LOAD_PHASE, GPUSpec, MemoryEstimate, est
 from .models import ModelFacts, catalog_facts, catalog_lookup, get_model_facts, smaller_siblings
 from .params import Gpu, GpuMemoryGib, NumGpus, SeqLen
 from .results import ToolResult
+from .throughput import DEFAULT_ROW_TOKENS, estimate_tokens_per_s
 
-H100_TFLOPS = 989.0
-# Measured on one H100 (tests/fixtures/calibration/h100_sft_runs.jsonl, packed 4 x 1024, liger,
-# checkpointing): tokens/s per (catalog model, method). MFU is derived from these at run time.
-ANCHORS = {("Llama-3.2-1B", "qlora"): 6473.5, ("Llama-3.2-1B", "lora"): 9256.0,
-           ("Llama-3.2-1B", "full"): 10512.2, ("Llama-3.1-8B", "qlora"): 3626.8}
 MICRO_BATCHES = [1, 2, 4, 8, 16, 32]
+# A GPU known only by its memory size: a mid-range card's peak rate and bandwidth (A40 / RTX A6000 class).
+UNKNOWN_GPU = GPUSpec(name="unknown GPU", memory_gib=0, bf16=True, tflops_bf16=150.0, bandwidth_tbs=0.8)
 Method = Literal["full", "lora", "qlora", "spectrum"]
 
 # ----------------------------------------------------------------------------- defaults
@@ -335,37 +333,14 @@ class Recommendation(ToolResult):
     warnings: list[str] = []
 
 
-def _flops_per_token(f: ModelFacts, method: str, seq_len: int, gc: bool, spectrum_fraction: float) -> float:
-    """Matmul FLOPs per trained token: forward 2N, input gradients 2N, weight gradients 2N for the
-    trained share, recompute 2N with checkpointing; plus causal attention 2*L*seq*q per pass."""
-    n = f.active_params - f.embedding_params // (1 if f.tie_word_embeddings else 2)  # head is a matmul
-    wgrad = {"full": 1.0, "spectrum": spectrum_fraction}.get(method, 0.0)
-    passes = 2 + 2 + 2 * wgrad + (2 if gc else 0)
-    attn = 2 * f.num_layers * seq_len * f.num_attention_heads * f.head_dim * (3 + (1 if gc else 0))
-    return n * passes + attn
-
-
-def _mfu(f: ModelFacts, method: str) -> float:
-    """Model-FLOPs utilisation on an H100 for this size and method, from the measured anchors."""
-    def m(name, meth):
-        return ANCHORS[(name, meth)] * _flops_per_token(catalog_facts(name), meth, 1024, True, 0.3) / (H100_TFLOPS * 1e12)
-    small, big = m("Llama-3.2-1B", "qlora"), m("Llama-3.1-8B", "qlora")
-    n0, n1 = 1.236e9, 8.03e9
-    x = min(max(math.log(f.total_params / n0) / math.log(n1 / n0), 0.0), 1.0)
-    q = small * (big / small) ** x
-    ratio = {"qlora": 1.0, "lora": m("Llama-3.2-1B", "lora") / small,
-             "full": m("Llama-3.2-1B", "full") / small, "spectrum": m("Llama-3.2-1B", "full") / small}[method]
-    return min(q * ratio, 0.6)
-
-
-def _throughput(f, method, seq_len, micro_batch, gc, tflops, num_gpus, sharding, offload, spectrum_fraction):
-    t = micro_batch * seq_len
-    size_eff = (t / (t + 512)) / (4096 / (4096 + 512))  # small micro-batches under-use the GPU
-    per_gpu = _mfu(f, method) * size_eff * tflops * 1e12 / _flops_per_token(f, method, seq_len, gc, spectrum_fraction)
-    scale = 1.0 if num_gpus == 1 else (0.9 if sharding == "none" else 0.8)
-    if offload:
-        scale *= 0.35
-    return per_gpu * num_gpus * scale
+def _throughput(f: ModelFacts, hw: "_Hardware", ask: "_Ask", method: str, mb: int, gc: bool, sh: str, off: bool,
+                est: MemoryEstimate) -> float:
+    """Tokens/s of a candidate plan, all GPUs (tools.throughput: FLOPs, attention kernel, padding,
+    checkpointing, CPU dispatch; the plan packs with SDPA, as estimate_memory assumes)."""
+    return estimate_tokens_per_s(f, hw.gpu, method=method, seq_len=ask.seq_len, micro_batch=mb,
+                                 gradient_checkpointing=gc, packing=True, attn_implementation="sdpa",
+                                 trainable_params=est.trainable_params, avg_tokens_per_row=ask.avg_tokens_per_row,
+                                 num_gpus=hw.num_gpus, sharding=sh, cpu_offload=off)
 
 
 def offload_ram_gib(method: str, est: MemoryEstimate) -> float:
@@ -388,7 +363,7 @@ class _Hardware:
     device: str
     num_gpus: int
     vram: float
-    tflops: float
+    gpu: GPUSpec                 # peak TFLOPs and bandwidth for the throughput model
     bf16: bool
     liger: bool
     ram: Optional[float]
@@ -406,6 +381,7 @@ class _Ask:
     global_batch: Optional[int]
     max_hours: Optional[float]
     goal: str
+    avg_tokens_per_row: int = DEFAULT_ROW_TOKENS
 
 
 @dataclass
@@ -468,7 +444,7 @@ def _fastest(f, hw: _Hardware, ask: _Ask, method, sh, off, opt, micro_batches):
             est = _estimate(f, hw, ask, method, sh, off, opt, mb, gc)
             if not est.fits:
                 continue
-            tps = _throughput(f, method, ask.seq_len, mb, gc, hw.tflops, hw.num_gpus, sh, off, 0.3)
+            tps = _throughput(f, hw, ask, method, mb, gc, sh, off, est)
             for margin in {False, fits_with_margin(est, hw.vram)}:
                 if margin not in best or tps > best[margin][0] * 1.02:
                     best[margin] = (tps, mb, gc, est)
@@ -559,7 +535,7 @@ def recommend_method(
     num_gpus: NumGpus = None,
     dataset_rows: Annotated[Optional[int], Field(ge=1)] = None,
     dataset_tokens: Annotated[Optional[int], Field(ge=1)] = None,
-    avg_tokens_per_row: Annotated[int, Field(ge=1)] = 512,
+    avg_tokens_per_row: Annotated[int, Field(ge=1)] = DEFAULT_ROW_TOKENS,
     epochs: Annotated[Optional[float], Field(gt=0)] = None,
     seq_len: SeqLen = 1024,
     micro_batch: Annotated[Optional[int], Field(ge=1)] = None,
@@ -576,7 +552,7 @@ def recommend_method(
                   dataset_rows=dataset_rows, dataset_tokens=dataset_tokens)
     ask = _Ask(seq_len=seq_len, micro_batch=micro_batch, modules_to_save=modules_to_save,
                data=data_size(dataset_rows, dataset_tokens, avg_tokens_per_row, seq_len), epochs=epochs,
-               global_batch=global_batch, max_hours=max_hours, goal=goal)
+               global_batch=global_batch, max_hours=max_hours, goal=goal, avg_tokens_per_row=avg_tokens_per_row)
     hw = _hardware(gpu, gpu_memory_gib, num_gpus)
     if not isinstance(hw, _Hardware):  # no GPU on this machine: its HardwareReport
         return _described(_cpu_plan(f, hw, ask, allow_methods), model.strip(), gpu, gpu_memory_gib)
@@ -672,12 +648,13 @@ def _hardware(gpu: Optional[str], gpu_memory_gib: Optional[float], num_gpus: Opt
         bf16 = spec.bf16 if spec else True
         device = f"{num_gpus or 1}x {spec.name if spec else f'{gpu_memory_gib} GiB GPU'} (described)"
     if spec is None:
-        warnings.append("GPU model unknown: throughput assumes 150 dense TFLOPs.")
+        warnings.append(f"GPU model unknown: throughput assumes {UNKNOWN_GPU.tflops_bf16:g} dense TFLOPs and "
+                        f"{UNKNOWN_GPU.bandwidth_tbs:g} TB/s.")
     if not bf16:
         warnings.append("No bf16 on this GPU: train in fp16 (fp16: true, bf16: false); "
                         "watch for loss spikes and overflow.")
     return _Hardware(device=device, num_gpus=num_gpus or 1, vram=gpu_memory_gib or spec.memory_gib,
-                     tflops=spec.tflops_bf16 if spec else 150.0, bf16=bf16, liger=liger, ram=ram, warnings=warnings)
+                     gpu=spec or UNKNOWN_GPU, bf16=bf16, liger=liger, ram=ram, warnings=warnings)
 
 
 def _refuse(f: ModelFacts, hw: _Hardware, ask: _Ask, res: _Search) -> None:
