@@ -74,18 +74,9 @@ def read_yaml_mapping(path: Path) -> dict:
 
 
 def _load_recipe_yaml(path: Path) -> dict:
-    import yaml
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "recipe"
-        raise UserError(f"is not valid YAML: {exc}", field=where,
-                        fix="Fix the YAML (validate_recipe shows the problems).") from exc
-    if not isinstance(data, dict):
-        raise UserError("must be a YAML mapping of recipe keys.", field="recipe",
-                        fix="Write the recipe with generate_recipe.")
-    return data
+    """The recipe's mapping, by the one recipe YAML reader (the line of a syntax error, the fix)."""
+    from .recipe_yaml import load_yaml_mapping
+    return load_yaml_mapping(path)
 
 
 def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_memory_fit: bool,
