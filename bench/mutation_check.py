@@ -5,17 +5,29 @@ recipe check, a launch gate, the merge proof, the workspace policy, the evaluati
 For each: apply it in place, run the tests of that area (stop at the first failure), restore the
 file. A mutant is *killed* when the tests fail, *survives* when they pass.
 
-    .venv/bin/python bench/mutation_check.py            # all mutants (~15 min on 2 cores)
+    .venv/bin/python bench/mutation_check.py            # all mutants (~15-25 min on 2 cores)
     .venv/bin/python bench/mutation_check.py --only merge workspace
     .venv/bin/python bench/mutation_check.py --list
+    .venv/bin/python bench/mutation_check.py --check-patterns   # can every mutant be planted? (<1 s)
+
+Before anything runs, every mutant's old text must occur exactly once in its file (and every
+area's test files must exist); otherwise the bench stops naming the stale mutants, so a refactor
+that moves the code cannot quietly turn a mutant into one that is never planted
+(tests/test_mutation_patterns.py runs only this check).
 
 The source files must be committed (the tool refuses to run on uncommitted changes to them, so a
-crash can never leave a mutant behind: `git checkout` restores). Not part of `make test`.
+crash can never leave a mutant behind: `git checkout` restores). In a working tree other people
+edit, run it in a clone, so no one else's tests see a mutant (it mutates the tree it lives in):
+
+    git clone -q . /tmp/mut && cd /tmp/mut && /path/to/.venv/bin/python bench/mutation_check.py
+
+Not part of `make test`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +54,7 @@ TESTS = {
     "merge": ["tests/test_merge.py"],
     "workspace": ["tests/test_workspace.py", "tests/test_security.py"],
     "evaluate": ["tests/test_evaluate.py"],
-    "planning": ["tests/test_recommend.py", "tests/test_memory.py"],
+    "planning": ["tests/test_recommend.py", "tests/test_memory.py", "tests/test_throughput.py"],
 }
 
 M = Mutant
@@ -50,15 +62,20 @@ MUTANTS = [
     # ---- masking verdicts
     M("masking", "tools/masking.py", 'verdict = "fail" if "fail" in sev else', 'verdict = "warn" if "fail" in sev else',
       "a failing report is only a warning"),
-    M("masking", "tools/masking.py", 'sev = "fail" if bad > TRUNCATION_FAIL_SHARE * n else "warn"', 'sev = "warn"',
+    # the checks themselves live in masking_analysis (_length_reasons, _eos_reasons, ...; afa5484)
+    M("masking", "tools/masking_analysis.py",
+      'severity="fail" if bad > TRUNCATION_FAIL_SHARE * lens.rows else "warn"', 'severity="warn"',
       "truncation never fails"),
-    M("masking", "tools/masking.py", "    if zero_rows:\n", "    if False:\n", "rows with no trained token pass"),
-    M("masking", "tools/masking.py", "    if eot_masked_rows or eot_missing_rows:\n", "    if False:\n",
+    M("masking", "tools/masking_analysis.py", "    if lens.zero:\n", "    if False:\n",
+      "rows with no trained token pass"),
+    M("masking", "tools/masking_analysis.py", '    if r["eot_masked"] or r["eot_missing"]:\n', "    if False:\n",
       "a masked end-of-turn passes"),
-    M("masking", "tools/masking.py", "    if mismatch_rows:\n", "    if False:\n", "template mismatch not reported"),
-    M("masking", "tools/masking.py", "    if prompt_rows:\n", "    if False:\n", "trained prompt tokens not reported"),
-    M("masking", "tools/masking.py", "no_prompt_tokens_trained=(not prompt_rows) if n > len(unaligned_rows) else None",
-      "no_prompt_tokens_trained=not prompt_rows", "flags claim evidence they do not have"),
+    M("masking", "tools/masking_analysis.py", '    if r["mismatch"]:\n', "    if False:\n",
+      "template mismatch not reported"),
+    M("masking", "tools/masking_analysis.py", '    if r["prompt"]:\n', "    if False:\n",
+      "trained prompt tokens not reported"),
+    M("masking", "tools/masking_analysis.py", 'no_prompt_tokens_trained=(not r["prompt"]) if aligned else None',
+      'no_prompt_tokens_trained=not r["prompt"]', "flags claim evidence they do not have"),
     # ---- recipe validation
     M("recipes", "tools/recipes.py", '        if k not in fields and k not in NON_FIELD_KEYS:', '        if False:',
       "unknown keys accepted"),
@@ -76,7 +93,8 @@ MUTANTS = [
       "old+new key conflict silently overwrites"),
     # ---- launch gates
     M("launch", "tools/runs.py", '        if verdict == "fail":', '        if False:', "a failing masking report launches"),
-    M("launch", "tools/runs.py", "        if rep is None:", "        if False:", "no masking report launches"),
+    M("launch", "tools/runs.py", "split=split, **settings)\n        if rep is None:",  # _check_masking, not DPO's
+      "split=split, **settings)\n        if False:", "no masking report launches"),
     M("launch", "tools/runs.py", "    if not v.valid:", "    if False:", "an invalid recipe launches"),
     M("launch", "tools/runs.py", "        if output_dir_of(st) == output_dir:", "        if False:",
       "two runs into one output_dir"),
@@ -90,12 +108,13 @@ MUTANTS = [
       "    if False:", "a reused pid is taken for the run"),
     # ---- merge proof
     M("merge", "tools/merge.py", "equivalent=max_abs <= tol,", "equivalent=True,", "merge always equivalent"),
-    M("merge", "tools/merge.py", "        if effect <= tol:", "        if False:", "untrained adapter not flagged"),
-    M("merge", "tools/merge.py", "verified = lcheck.equivalent and tcheck.identical_ids",
-      "verified = tcheck.identical_ids", "verified ignores the logits"),
-    M("merge", "tools/merge.py", "            if ids2 != ids:", "            if False:", "tokenizer drift not seen"),
+    M("merge", "tools/merge.py", "    if lcheck.adapter_effect_max_abs <= lcheck.tolerance:", "    if False:",
+      "untrained adapter not flagged"),
+    M("merge", "tools/merge.py", "verified=lcheck.equivalent and tcheck.identical_ids,",
+      "verified=tcheck.identical_ids,", "verified ignores the logits"),
+    M("merge", "tools/merge.py", "        if ids2 != ids:", "        if False:", "tokenizer drift not seen"),
     # ---- workspace policy
-    M("workspace", "tools/workspace.py", "        if resolved != self.root and self.root not in resolved.parents:",
+    M("workspace", "tools/workspace.py", "        if not is_inside(resolved, self.root):",
       "        if False:", "paths outside the workspace accepted"),
     M("workspace", "tools/workspace.py", "    if not (resolved.is_file() or resolved.is_dir()):", "    if False:",
       "FIFOs accepted"),
@@ -115,14 +134,40 @@ MUTANTS = [
       "delta = None if m.value is None or bm.value is None else bm.value - m.value", "delta sign flipped"),
     M("evaluate", "tools/endpoints.py", "    bad = [a for a in addrs if _forbidden(a)]", "    bad = []",
       "metadata addresses allowed"),
-    M("evaluate", "tools/evaluate.py", '                     "header": auth_header(api_key_env)}', "                     }",
+    M("evaluate", "tools/evaluate.py", '             "header": auth_header(req.api_key_env)}', "             }",
       "OPENAI_API_KEY forwarded to any endpoint"),
     # ---- planning (the time estimate and the memory fit behind every plan)
-    M("planning", "tools/recommend.py", "    return per_gpu * num_gpus * scale\n", "    return 5000.0\n",
-      "throughput is a constant"),
-    M("planning", "tools/memory.py", "        weights += trainable * (4 - a)\n", "        pass\n",
+    # the throughput model behind recommend_method and estimate_memory moved here (905b280)
+    M("planning", "tools/throughput.py",
+      "    return tokens_per_second(w, gpu.tflops_bf16, gpu.bandwidth_tbs)"
+      " * layout_scale(num_gpus, sharding, cpu_offload)\n",
+      "    return 5000.0\n", "throughput is a constant"),
+    M("planning", "tools/memory.py", "        weights += p.trainable * (4 - a)\n", "        pass\n",
       "fp32 master weights not counted"),
 ]
+
+
+def stale_mutants(mutants: list[Mutant] = MUTANTS, repo: Path = REPO) -> list[str]:
+    """Every mutant whose edit cannot be planted as written, with why: its file is gone, its
+    old text is not there exactly once (the code moved: point it at the code doing that job now),
+    the edit is a no-op, or its area names no tests / tests that do not exist. Checked before any
+    mutant runs, so a refactor cannot silently turn a mutant into a skipped one."""
+    out = []
+    for area, tests in TESTS.items():
+        out += [f"area {area}: test file {t} does not exist" for t in tests if not (repo / t).is_file()]
+    for m in mutants:
+        path = repo / m.file
+        if m.area not in TESTS:
+            out.append(f"{m.what} ({m.file}): area {m.area!r} has no tests in TESTS")
+        if not path.is_file():
+            out.append(f"{m.what}: {m.file} does not exist")
+            continue
+        n = path.read_text(encoding="utf-8").count(m.old)
+        if n != 1:
+            out.append(f"{m.what} ({m.file}): old text found {n}x, not once: {m.old!r}")
+        if m.old == m.new:
+            out.append(f"{m.what} ({m.file}): old and new text are the same")
+    return out
 
 
 def _dirty(files: set[str]) -> list[str]:
@@ -139,8 +184,11 @@ def run_one(m: Mutant, timeout: int) -> dict:
     t0 = time.time()
     try:
         path.write_text(original.replace(m.old, m.new, 1), encoding="utf-8")
+        # PYTHONPATH: processes the tests start (training, servers) import this tree's mutant too,
+        # not whatever the editable install points at (the bench may run in a clone).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         p = subprocess.run([PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS[m.area]], cwd=REPO,
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, timeout=timeout, env=env)
         killed = p.returncode != 0
         tail = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:1]
     except subprocess.TimeoutExpired:
@@ -155,10 +203,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(TESTS), help="areas to check")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--check-patterns", action="store_true",
+                    help="only check that every mutant can be planted (old text once in its file), then exit")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     todo = [m for m in MUTANTS if not a.only or m.area in a.only]
+    stale = stale_mutants()  # all of them, whatever --only says: a stale one is a bench bug
+    if stale:
+        print(f"STALE MUTANTS: {len(stale)} cannot be planted; the code moved, point each at the code "
+              "that does that job now (bench/mutation_check.py):", *stale, sep="\n  ", file=sys.stderr)
+        return 2
+    if a.check_patterns:
+        print(f"all {len(MUTANTS)} mutants can be planted (old text once in its file)")
+        return 0
     if a.list:
         for m in todo:
             print(f"{m.area:10} {m.file:26} {m.what}")
@@ -182,6 +240,9 @@ def main() -> int:
     for area, (k, n) in by_area.items():
         print(f"{area:10} {k}/{n} killed")
     print(f"kill rate: {killed}/{total} = {killed / max(total, 1):.0%}")
+    survived = [r["what"] for r in results if r["result"] == "survived"]
+    if survived:
+        print("survived (a promise no test guards):", *survived, sep="\n  ")
     stale = [r for r in results if r["result"] == "stale"]
     if stale:
         print("stale mutants (the code changed; update them):", *[r["what"] for r in stale], sep="\n  ")
