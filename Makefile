@@ -43,6 +43,11 @@ test: venv
 demo: venv
 	$(PY) -m demo
 
+# The preference stage (DPO) on CPU through the MCP server: about 45 s on 2 cores (demo/preference.py).
+.PHONY: demo-dpo
+demo-dpo: venv
+	$(PY) -m demo.preference
+
 bench: venv
 	$(PY) bench/tool_latency.py
 
