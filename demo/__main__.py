@@ -3,8 +3,11 @@
 Builds a tiny random-initialised Llama locally, then, through the MCP tools only: inspects and
 converts a small synthetic dataset shipped in demo/data (is a number even or odd?), proves the loss masking, asks for a plan for this machine,
 writes and validates a recipe, trains LoRA in the background while polling its status, merges
-the adapter (with its logit proof), evaluates base vs fine-tuned on the held-out split, and shows
-their replies to a few held-out rows side by side (generate).
+the adapter (with its logit proof), evaluates base vs fine-tuned on the held-out split, shows
+their replies to a few held-out rows side by side (generate), and ships the model: GGUF f16 and
+Q4_K_M with llama.cpp's own converter and quantizer, an Ollama Modelfile, and the parity proof
+against transformers (export_model). It ends with the GGUF file and its parity line; without the
+export extra (EXPORT=0) it says so and how to install it.
 
 Run: python -m demo [--workspace DIR] [--steps N] [--eval-limit N]
 """
@@ -46,16 +49,17 @@ async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None 
     from mcp import Client, StdioServerParameters
     from mcp.client.stdio import stdio_client
 
-    from tools.tiny import build_tiny_model
+    from tools.tiny import build_convertible_model
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     workspace.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "data", "recipes", "outputs", "runs", "reports", "evals"):
+    for sub in ("models", "data", "recipes", "outputs", "runs", "reports", "evals", "exports"):
         shutil.rmtree(workspace / sub, ignore_errors=True)
     say(f"workspace: {workspace}")
-    build_tiny_model(workspace / "models" / "tiny-llama", hidden_size=128, layers=4,
-                     intermediate_size=512, seed=0)
+    # One token per character, in a vocabulary llama.cpp's GGUF converter maps (export_model).
+    build_convertible_model(workspace / "models" / "tiny-llama", hidden_size=128, layers=4,
+                            intermediate_size=512, seed=0)
     (workspace / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(DATA, workspace / "data" / DATA.name)
     say("built a tiny random-initialised Llama (4 layers, hidden 128) in models/tiny-llama")
@@ -186,6 +190,10 @@ async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None 
         say(f"[generate] replies to the first {len(gen['rows'])} held-out rows ({gen['settings']['decoding']}):")
         for line in gen["table"].splitlines():
             say("    " + line)
+        t = time.perf_counter()
+        shipped = await _export(c, workspace, say)
+        if shipped.get("gguf"):
+            lap("export", t)
         out = {"base_exact_match": row["base"], "fine_tuned_exact_match": row["fine_tuned"],
                "delta": row["delta"], "delta_stderr": row["delta_stderr"],
                "n": ev["runs"][0]["metrics"][0].get("n"), "masking": mask["verdict"],
@@ -194,11 +202,41 @@ async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None 
                "timings_s": timings, "total_s": round(time.perf_counter() - t0, 1),
                "samples": ev["runs"][0]["samples_files"],
                "replies": [{"prompt": r["prompt"], "reference": r["reference"],
-                            **{o["label"]: o["text"] for o in r["outputs"]}} for r in gen["rows"]]}
+                            **{o["label"]: o["text"] for o in r["outputs"]}} for r in gen["rows"]],
+               "export": shipped}
     server_log.close()
     say(f"server log: {server_log.name}")
     _summary(out, say)
     return out
+
+
+EXPORT_FORMATS = ["f16", "Q4_K_M"]
+PARITY_ROWS = 4  # held-out questions the GGUF is proven on
+
+
+async def _export(c, workspace: Path, say: Callable[[str], None]) -> dict:
+    """export_model on the merged model, proven on held-out questions; a skip line (with the
+    install command) where the export extra is not installed."""
+    from tools.export_setup import export_missing
+    why = export_missing()
+    if why:
+        say(f"[export_model] skipped: {why}")
+        return {"skipped": why}
+    test = (workspace / "data" / "parity" / "test.jsonl").read_text().splitlines()[:PARITY_ROWS]
+    prompts = [json.loads(line)["prompt"][0]["content"] for line in test]
+    ex = await _call(c, "export_model", {
+        "model": "models/tiny-llama-parity", "output_dir": "exports/tiny-llama-parity",
+        "formats": EXPORT_FORMATS, "parity_prompts": prompts, "max_new_tokens": 8,
+        "overwrite": True})
+    say(f"[export_model] {ex['summary']}")
+    for f in ex["files"]:
+        say(f"    {f['file']}: {f['size_mib']} MiB ({f['made_by']}, {f['seconds']:.1f} s)")
+    say(f"    Ollama: {ex['serving'].get('ollama')}")
+    # The file Ollama and llama-server get (the Modelfile's FROM): the k-quant.
+    gguf = next((f["file"] for f in ex["files"] if f["format"] == "Q4_K_M"), ex["files"][-1]["file"])
+    return {"gguf": gguf, "files": [f["file"] for f in ex["files"]], "verdict": ex["verdict"],
+            "parity_passed": bool(ex["parity"] and ex["parity"]["passed"]),
+            "timings_s": ex["timings"]}
 
 
 def _num(x: Any, nd: int = 3) -> str:
@@ -225,6 +263,10 @@ def _summary(o: dict, say: Callable[[str], None]) -> None:
     say(f"| exact match, base (held-out, n={o['n']}) | {_pct(o['base_exact_match'])} |")
     say(f"| exact match, fine-tuned | {_pct(o['fine_tuned_exact_match'])} |")
     say(f"| rise | {_pct(o['delta'])} +- {_pct(o['delta_stderr'])} |")
+    ex = o.get("export") or {}
+    say(f"| export | {', '.join(ex['files']) if ex.get('files') else 'skipped (export extra not installed)'} |")
+    if ex.get("files"):
+        say(f"| GGUF parity | {'passed' if ex['parity_passed'] else 'FAILED'} |")
     say(f"| time | {o['total_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in o['timings_s'].items())}) |")
 
 
@@ -245,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = (out["fine_tuned_exact_match"] or 0) >= 0.8
     print(f"\nExact match rose from {_pct(out['base_exact_match'])} to "
           f"{_pct(out['fine_tuned_exact_match'])}" + ("" if ok else " (below the 80% target)"))
+    # The last two lines: the shipped file and the proof that it is the model evaluated above.
+    ex = out["export"]
+    if ex.get("gguf"):
+        print(f"GGUF: {Path(a.workspace) / ex['gguf']}")
+        print(f"Parity: {ex['verdict']}")
+        ok = ok and ex["parity_passed"]
+    else:
+        print(f"GGUF: not exported. {ex['skipped']}")
     return 0 if ok else 2
 
 

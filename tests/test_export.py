@@ -117,7 +117,7 @@ def test_export_f16_and_q4_k_m_with_parity(ws, chatml_model):
     assert [f.format for f in r.files] == ["f16", "Q4_K_M"]
     assert {p.name for p in out.iterdir()} == {
         "chatml-tiny-f16.gguf", "chatml-tiny-Q4_K_M.gguf", "Modelfile", "chat_template.jinja",
-        "export_report.json", "SERVING.md"}
+        "export_report.json", "SERVING.md", "quantize_gpu.py"}
     assert r.architecture == "LlamaForCausalLM"
     p = r.parity
     assert p is not None and p.passed, p.verdict if p else None
@@ -227,6 +227,118 @@ def test_export_from_adapter_then_push_to_hub_dry_run(ws, chatml_model, monkeypa
         push_to_hub(folder="exports/a", repo_id="me/tiny", dry_run=False)
 
 
+OTHER_REPLIES = {  # what the adapter teaches instead of REPLIES
+    "What is 12 + 7? Answer with the number only.": "Nineteen.",
+    "Write one sentence about the sea.": "Waves roll in.",
+    "Name three primary colours.": "Cyan, magenta, yellow.",
+    "Translate 'good morning' into French.": "Bonjour, mon ami.",
+}
+
+
+def trained_adapter(chatml_model: Path, out: Path, *, steps: int = 80, lr: float = 3e-3) -> Path:
+    """A LoRA (r=8, attention and MLP projections) trained on the chatml model to give
+    OTHER_REPLIES, with the loss on the reply and its <|im_end|> only: decisive logits, so a
+    GGUF LoRA that is applied wrongly (or not at all) shows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chatml_model))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(chatml_model), dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"]))
+    rows = []
+    for prompt, reply in OTHER_REPLIES.items():
+        p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                    add_generation_prompt=True, return_dict=False)
+        rows.append((list(p), tok(reply, add_special_tokens=False)["input_ids"] + [eot]))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    inner = model.base_model.model
+    for _ in range(steps):
+        loss = 0.0
+        for p, r in rows:
+            h = inner.model(input_ids=torch.tensor([p + r])).last_hidden_state[0, len(p) - 1:-1]
+            loss = loss + torch.nn.functional.cross_entropy(inner.lm_head(h), torch.tensor(r))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@needs_export
+@pytest.mark.slow
+def test_lora_adapter_as_gguf_matches_the_merged_model(ws, chatml_model):
+    """merge=false: the base as f16 GGUF + the adapter as a GGUF LoRA (convert_lora_to_gguf.py),
+    loaded together by llama-cpp-python (lora_path), reproduce base + PEFT adapter token for
+    token, and so the merged model's f16 GGUF; the adapter really changes the replies."""
+    from tools.export import export_model
+    if not _converter_installed():
+        pytest.skip("llama.cpp converter not installed")
+    trained_adapter(chatml_model, ws.root / "runs" / "r2" / "output")
+    r = export_model(adapter="runs/r2/output", output_dir="exports/lora", formats=["f16"],
+                     merge=False, max_new_tokens=10)
+    out = ws.root / "exports" / "lora"
+    assert {p.name for p in out.iterdir()} == {
+        "r2-f16.gguf", "r2-lora-f16.gguf", "Modelfile", "chat_template.jinja", "export_report.json",
+        "SERVING.md", "quantize_gpu.py"}  # no merged copy, no base view left
+    assert r.lora_adapter == "exports/lora/r2-lora-f16.gguf" and r.merged_from_adapter is None
+    assert r.hf_model == "models/chatml-tiny" and [f.format for f in r.files] == ["f16", "lora-f16"]
+    p = r.parity
+    assert p.passed, p.verdict
+    assert p.hf_model == "models/chatml-tiny + runs/r2/output"
+    f16 = p.formats[0]
+    assert f16.file == "exports/lora/r2-f16.gguf + exports/lora/r2-lora-f16.gguf"
+    assert all(row.greedy_identical and row.tokens_identical for row in f16.prompts), f16.why
+    # The adapter changes what the model says (the base answers REPLIES), as it was trained to.
+    for row in f16.prompts:
+        assert row.gguf_continuation == OTHER_REPLIES[row.prompt] + "<|im_end|>", row
+        assert row.gguf_stopped_at_end_of_turn and row.served_text_identical, row
+    mf = (out / "Modelfile").read_text()
+    assert "FROM ./r2-f16.gguf\nADAPTER ./r2-lora-f16.gguf\n" in mf
+    assert "--lora exports/lora/r2-lora-f16.gguf" in r.serving["llama_cpp"]
+    assert "--enable-lora --lora-modules r2=runs/r2/output" in r.serving["vllm"]
+    assert r.serving["vllm"].startswith("vllm serve models/chatml-tiny ")
+    # The merged model's f16 GGUF says the same, token for token.
+    m = export_model(adapter="runs/r2/output", output_dir="exports/merged", formats=["f16"],
+                     max_new_tokens=10)
+    assert m.parity.passed and m.merged_from_adapter == "runs/r2/output"
+    assert [row.gguf_continuation for row in m.parity.formats[0].prompts] == \
+        [row.gguf_continuation for row in f16.prompts]
+
+
+def test_lora_gguf_refuses_what_llama_cpp_cannot_apply(ws, tiny_model):
+    """modules_to_save, DoRA, rsLoRA, alpha_pattern: a GGUF LoRA would not be the adapter
+    trained; refused before anything is written, with merge=true as the fix."""
+    from test_merge import make_adapter
+
+    from tools.export import export_model
+    from tools.export_gguf import lora_refusals
+    if not _converter_installed():
+        pytest.skip("llama.cpp converter not installed")
+    a = make_adapter(tiny_model, ws.root / "runs" / "r3" / "output")
+    cfg_path = a / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert lora_refusals(cfg) == []
+    for key, value, words in (("modules_to_save", ["lm_head"], "full copies"),
+                              ("use_dora", True, "DoRA"), ("use_rslora", True, "alpha/sqrt(r)"),
+                              ("alpha_pattern", {"q_proj": 32}, "own alpha")):
+        cfg_path.write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(UserError) as e:
+            export_model(adapter="runs/r3/output", output_dir="exports/l", merge=False)
+        msg = str(e.value)
+        assert msg.startswith("merge: 'runs/r3/output' cannot become a GGUF LoRA") and words in msg, msg
+        assert "Fix: Pass merge=true" in msg
+    assert not (ws.root / "exports").exists()
+    with pytest.raises(UserError, match="^merge: merge=false keeps a LoRA adapter separate"):
+        export_model(model="models/tiny-llama", output_dir="exports/l", merge=False)
+
+
 # ----------------------------------------------------------------------------- refusals
 @needs_export
 def test_converter_refuses_the_byte_tokenizer(ws, tiny_model):
@@ -311,6 +423,23 @@ def test_disk_too_small(ws, chatml_model, small_disk):
         export_model(model="models/chatml-tiny", output_dir="small/out", formats=["f16", "q8_0"])
     msg = str(e.value)
     assert msg.startswith("output_dir:") and "GiB" in msg and "free" in msg and "fewer formats" in msg
+    assert list(small_disk.iterdir()) == []
+
+
+@needs_export
+def test_disk_fills_up_during_conversion(ws, chatml_model, small_disk, monkeypatch):
+    """The estimate said it fits (here: the check is skipped), the converter then hits ENOSPC
+    half-way through the 80 MB f16 file on the 4 MiB disk: the error says so, and the partial
+    GGUF goes with the temp folder."""
+    from tools import export_gguf
+    from tools.export import export_model
+    if not _converter_installed():
+        pytest.skip("llama.cpp converter not installed")
+    monkeypatch.setattr(export_gguf, "check_disk", lambda target, need: None)
+    with pytest.raises(UserError) as e:
+        export_model(model="models/chatml-tiny", output_dir="small/out", formats=["f16"], parity=False)
+    msg = str(e.value)
+    assert msg.startswith("output_dir: the disk filled up while writing the GGUF (nothing was kept)"), msg
     assert list(small_disk.iterdir()) == []
 
 
@@ -412,7 +541,7 @@ def test_untranslatable_template_says_what_to_do(tmp_path):
     assert t.format is None and "looks like chatml but renders differently" in t.reason
 
 
-def test_registered_over_mcp(ws, chatml_model):
+def test_registered_over_mcp(ws, chatml_model, monkeypatch):
     """server.export registers both tools; a real export_model call's structured output validates
     against its advertised outputSchema, and bad arguments come back as errors naming the field
     (the full server's contract test needs server.export in TOOL_MODULES)."""
@@ -425,6 +554,7 @@ def test_registered_over_mcp(ws, chatml_model):
     from server.export import register
     if not _converter_installed():
         pytest.skip("llama.cpp converter not installed")
+    monkeypatch.setenv("LLM_FT_STRICT_RESULTS", "1")  # a result without a summary fails the call
     mcp = MCPServer("t")
     register(mcp)
 
@@ -441,9 +571,16 @@ def test_registered_over_mcp(ws, chatml_model):
                                                    "formats": ["q8_0"], "parity": False})
             assert not r.is_error, r.content[0].text[:500]
             jsonschema.validate(r.structured_content, tool.output_schema)
+            assert r.content[0].text.startswith("Exported models/chatml-tiny to 1 GGUF file(s) in exports/m (q8_0 ")
             r = await c.call_tool("push_to_hub", {"folder": "exports/m", "repo_id": "me/m"})
             assert not r.is_error and r.structured_content["dry_run"] is True
             jsonschema.validate(r.structured_content, tools["push_to_hub"].output_schema)
+            n = len(r.structured_content["files"])
+            assert r.content[0].text.startswith(f"Dry run: would upload {n} files (")
+            assert "to me/m (private) with a model card with a parity verdict" in r.content[0].text
+            assert r.structured_content["next_steps"] == [
+                "push_to_hub(folder='exports/m', repo_id='me/m', dry_run=false) to upload "
+                "(needs `hf auth login` or HF_TOKEN)"]
             r = await c.call_tool("export_model", {"model": "models/none", "output_dir": "exports/x",
                                                    "formats": ["f16"]})
             assert r.is_error and "model: " in r.content[0].text and "does not exist" in r.content[0].text

@@ -41,9 +41,8 @@ _FIX_INSTALL = ("Install the export extra and the converter: `make venv` (or "
 # ----------------------------------------------------------------------------- the converter
 def find_converter() -> Path:
     """convert_hf_to_gguf.py: $LLAMA_CPP_CONVERTER, else the copy tools.export_setup installed."""
-    from .export_setup import converter_home
-    env = os.environ.get("LLAMA_CPP_CONVERTER")
-    script = Path(env) if env else converter_home() / "convert_hf_to_gguf.py"
+    from .export_setup import converter_path
+    script = converter_path()
     if not script.is_file() or not (script.parent / "conversion").is_dir():
         raise UserError(f"llama.cpp's converter is not installed (looked for {script} with its "
                         "conversion/ package).", field="formats", fix=_FIX_INSTALL)
@@ -129,6 +128,66 @@ def convert(script: Path, model_dir: Path, out: Path, outtype: str, *, model_fie
                         field="formats", fix="Convert fewer formats per call.") from None
     if proc.returncode != 0 or not out.is_file():
         raise explain_converter_failure(proc.stderr + proc.stdout, model_field=model_field, arch=arch)
+    return time.time() - t0
+
+
+# ----------------------------------------------------------------------------- LoRA adapter
+LORA_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert_lora_to_gguf.py --outtype
+
+
+def find_lora_converter(script: Path) -> Path:
+    """convert_lora_to_gguf.py beside convert_hf_to_gguf.py (same llama.cpp, same conversion/)."""
+    lora = script.parent / "convert_lora_to_gguf.py"
+    if not lora.is_file():
+        raise UserError(f"llama.cpp's LoRA converter is not installed (looked for {lora}).",
+                        field="merge", fix="Run `python -m tools.export_setup` (it extracts "
+                                           "convert_lora_to_gguf.py too), or pass merge=true.")
+    return lora
+
+
+def lora_refusals(cfg: dict) -> list[str]:
+    """What in adapter_config.json llama.cpp's GGUF LoRA cannot carry. llama.cpp applies
+    W + (alpha / rank) * B A per tensor with one alpha: no full-module copies, no DoRA magnitude,
+    no rsLoRA's alpha / sqrt(rank), no per-module alpha (convert_lora_to_gguf.py and
+    llama-adapter.cpp)."""
+    out = []
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        out.append(f"it is a {cfg.get('peft_type')} adapter, not LoRA")
+    if cfg.get("modules_to_save"):
+        out.append(f"modules_to_save {cfg['modules_to_save']} are full copies of those modules, "
+                   "not low-rank deltas")
+    if cfg.get("trainable_token_indices"):
+        out.append("trainable_token_indices change embedding rows directly")
+    if cfg.get("use_dora"):
+        out.append("DoRA's magnitude vectors are not applied by llama.cpp")
+    if cfg.get("use_rslora"):
+        out.append("rsLoRA scales by alpha/sqrt(r); llama.cpp scales every adapter by alpha/r")
+    if cfg.get("alpha_pattern"):
+        out.append("alpha_pattern gives modules their own alpha; a GGUF adapter has one")
+    return out
+
+
+def convert_lora(lora_script: Path, adapter_dir: Path, base_dir: Path, out: Path, outtype: str,
+                 *, arch: str) -> float:
+    """Run convert_lora_to_gguf.py (base config from base_dir, no hub); return seconds."""
+    import time
+    t0 = time.time()
+    cmd = [sys.executable, str(lora_script), str(adapter_dir), "--base", str(base_dir),
+           "--outfile", str(out), "--outtype", outtype]
+    try:
+        proc = subprocess.run(cmd, cwd=str(out.parent), env=_env(), capture_output=True, text=True,
+                              timeout=CONVERT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the adapter conversion ran over {CONVERT_TIMEOUT_S} s.", field="merge",
+                        fix="Pass merge=true.") from None
+    if proc.returncode != 0 or not out.is_file():
+        err = proc.stderr + proc.stdout
+        if "Unexpected name" in err or "is present in adapter" in err:
+            tail = "\n".join(ln for ln in err.splitlines() if "ERROR" in ln)[-600:]
+            raise UserError(f"convert_lora_to_gguf.py cannot carry this adapter's tensors:\n{tail}",
+                            field="merge", fix="Pass merge=true (the default): the merged model "
+                                               "exports whatever the adapter trained.")
+        raise explain_converter_failure(err, model_field="adapter", arch=arch)
     return time.time() - t0
 
 

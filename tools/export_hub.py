@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from .errors import UserError
+from .results import ToolResult
 from .workspace import get_workspace, short
 
 _SKIP = {".DS_Store"}
@@ -27,7 +28,7 @@ class HubFile(BaseModel):
     size_mib: float
 
 
-class HubPushResult(BaseModel):
+class HubPushResult(ToolResult):
     """What would be (or was) uploaded, and the model card."""
     repo_id: str
     private: bool
@@ -156,19 +157,25 @@ def _ready_to_push() -> str:
 
 
 def push_to_hub(
-    folder: Annotated[str, Field(description="What to upload: an export_model output_dir or a merged "
-                                             "model folder.")],
-    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$",
-                                  description="Hub repository, org/name.")],
-    private: Annotated[bool, Field(description="Create the repository private (default).")] = True,
-    dry_run: Annotated[bool, Field(description="Only show the model card and the files (default).")] = True,
-    eval_results: Annotated[str | None, Field(description="An evaluate results.json for the card's "
-                                                          "evaluation table.")] = None,
+    folder: Annotated[str, Field(description="An export or merged model dir.")],
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")],
+    private: bool = True,
+    dry_run: bool = True,
+    eval_results: Annotated[str | None, Field(description="evaluate's results.json, for the card.")] = None,
 ) -> HubPushResult:
-    """Publish an export or a merged model to the Hugging Face Hub with a model card written from
-    the run's reports (recipe, data, masking verdict, evaluation, GGUF parity). dry_run=true (the
-    default) uploads nothing and returns the card and the file list; a real push needs a token
-    and the network, and creates the repository private unless private=false."""
+    """Publish an export or merged model to the Hugging Face Hub with a model card from the run's
+    reports. Dry run by default: shows the card and the files.
+
+    The card is written from the run's own reports: the recipe, the data, the masking verdict,
+    the evaluation (eval_results) and the GGUF parity verdict (export_report.json). A real push
+    (dry_run=false) needs a token (`hf auth login` or HF_TOKEN) and the network, and creates the
+    repository private unless private=false.
+
+    Parameters:
+    - folder: an export_model output_dir (GGUF, Modelfile, hf/) or a merged model folder.
+    - repo_id: the Hub repository, org/name.
+    - eval_results: an evaluate results.json for the card's evaluation table.
+    """
     ws = get_workspace()
     d = ws.resolve(folder, field="folder", must_exist=True, kind="dir")
     ev = ws.resolve(eval_results, field="eval_results", must_exist=True, kind="file") if eval_results else None
@@ -184,7 +191,7 @@ def push_to_hub(
                            total_gib=round(sum(f.size_mib for f in all_files) / 1024, 4), model_card=card,
                            card_sources=[v[0] for v in src.values()] + ([ws.rel(ev)] if ev else []), notes=notes)
     if dry_run:
-        return result
+        return _told(result, folder)
     token = _ready_to_push()
     from huggingface_hub import HfApi
     api = HfApi(token=token)
@@ -193,7 +200,27 @@ def push_to_hub(
                       commit_message="Upload with llm-fine-tuning push_to_hub")
     api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id,
                     commit_message="Model card")
-    return result.model_copy(update={"uploaded": True, "url": str(url)})
+    return _told(result.model_copy(update={"uploaded": True, "url": str(url)}), folder)
+
+
+def _told(r: HubPushResult, folder: str) -> HubPushResult:
+    """The summary and the next calls, for the dry run or the upload."""
+    vis = "private" if r.private else "public"
+    size = f"{len(r.files)} files ({r.total_gib * 1024:.1f} MiB)"
+    parity = "with" if not r.notes else "without"
+    if r.uploaded:
+        summary = f"Uploaded {size} to {r.repo_id} ({vis}): {r.url}."
+        steps = [f"Check the card at {r.url}; load it with AutoModelForCausalLM.from_pretrained('{r.repo_id}')"
+                 + (" or `ollama run hf.co/" + r.repo_id + "`" if any(f.path.endswith(".gguf") for f in r.files) else "")]
+    else:
+        summary = (f"Dry run: would upload {size} to {r.repo_id} ({vis}) with a model card {parity} a "
+                   "parity verdict; nothing was uploaded.")
+        steps = [f"push_to_hub(folder='{folder}', repo_id='{r.repo_id}', dry_run=false) to upload "
+                 "(needs `hf auth login` or HF_TOKEN)"]
+        if r.notes:
+            steps.insert(0, f"export_model(model='{folder}', output_dir='exports/<name>') first: "
+                            "the card then carries the GGUF parity verdict")
+    return r.model_copy(update={"summary": summary, "next_steps": steps})
 
 
 __all__ = ["push_to_hub", "HubPushResult", "model_card"]

@@ -90,8 +90,10 @@ def _probe(req: dict) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+    # lora: a GGUF LoRA adapter applied on top at load time (scale 1.0, as llama-server --lora).
     llm = Llama(model_path=req["gguf"], n_ctx=int(req["n_ctx"]), n_batch=int(req["n_ctx"]),
-                n_threads=int(req.get("threads") or 1), logits_all=True, verbose=False, seed=0)
+                n_threads=int(req.get("threads") or 1), logits_all=True, verbose=False, seed=0,
+                lora_path=req.get("lora"))
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     meta = dict(llm.metadata)
     template = meta.get("tokenizer.chat_template")

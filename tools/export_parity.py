@@ -107,13 +107,17 @@ def stop_ids(tok, model_dir: Path) -> tuple[str | None, list[int]]:
 
 
 def hf_reference(model_dir: Path, tok, prompts: list[str], max_new_tokens: int,
-                 eos_ids: list[int]) -> list[dict]:
+                 eos_ids: list[int], adapter: Path | None = None) -> list[dict]:
     """Rendered chat, its ids and the greedy continuation of the HF model (fp32 on CPU: the
-    reference every GGUF is compared with), with the top-2 logit margin at each step."""
+    reference every GGUF is compared with), with the top-2 logit margin at each step. With
+    `adapter`: the base with the PEFT adapter applied (what a GGUF LoRA must reproduce)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
     with contextlib.redirect_stdout(sys.stderr):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        if adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
@@ -203,9 +207,9 @@ def judge(fmt: str, file: str, got: dict, rows: list[PromptParity], hf_template:
 
 
 def probe_request(gguf: Path, refs: list[dict], eos_ids: list[int], max_new_tokens: int,
-                  gguf_py: Path | None) -> dict:
+                  gguf_py: Path | None, lora: Path | None = None) -> dict:
     longest = max(len(r["prompt_ids"]) for r in refs)
-    return {"gguf": str(gguf), "chats": [r["chat"] for r in refs], "texts": [r["text"] for r in refs],
+    return {"gguf": str(gguf), "lora": str(lora) if lora else None, "chats": [r["chat"] for r in refs], "texts": [r["text"] for r in refs],
             "references": [{"prompt_ids": r["prompt_ids"], "continuation": r["continuation"]} for r in refs],
             "eot_ids": eos_ids, "max_new_tokens": max_new_tokens,
             "n_ctx": longest + max_new_tokens + 16, "threads": os.cpu_count() or 1,

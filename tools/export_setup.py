@@ -1,9 +1,10 @@
-"""Install llama.cpp's own HF -> GGUF converter next to the installed llama-cpp-python.
+"""Install llama.cpp's own HF -> GGUF converters next to the installed llama-cpp-python.
 
 The llama-cpp-python wheel carries the llama.cpp library (tokenizer, quantizer, inference) but
-not `convert_hf_to_gguf.py`. Its source distribution on PyPI does, in vendor/llama.cpp, with the
-`conversion/` package and the `gguf-py` it imports. Taking all three from the sdist of the very
-version that is installed means the converter writes exactly the GGUF that this library reads.
+not `convert_hf_to_gguf.py` (a model) nor `convert_lora_to_gguf.py` (a LoRA adapter). Its source
+distribution on PyPI has both, in vendor/llama.cpp, with the `conversion/` package and the
+`gguf-py` they import. Taking them from the sdist of the very version that is installed means
+the converters write exactly the GGUF that this library reads.
 
 Run once after installing the `export` extra (the Makefile does):
 
@@ -16,6 +17,7 @@ Nothing is downloaded when an export runs; `tools.export_gguf.find_converter` on
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,12 +28,36 @@ from pathlib import Path
 DIST = "llama-cpp-python"
 # What convert_hf_to_gguf.py needs from its source tree (it imports `conversion` from its own
 # folder and puts its own gguf-py first on sys.path).
-_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+# convert_lora_to_gguf.py (a PEFT LoRA adapter -> a GGUF adapter) reuses the same conversion/.
+SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
+_MEMBERS = (*SCRIPTS, "conversion/", "gguf-py/gguf/", "LICENSE")
 
 
 def converter_home() -> Path:
     """Where the converter is installed: inside the environment, beside its llama-cpp-python."""
     return Path(sys.prefix) / "share" / "llama-cpp-converter"
+
+
+def converter_path() -> Path:
+    """convert_hf_to_gguf.py: $LLAMA_CPP_CONVERTER (a llama.cpp checkout's), else ours."""
+    env = os.environ.get("LLAMA_CPP_CONVERTER")
+    return Path(env) if env else converter_home() / "convert_hf_to_gguf.py"
+
+
+INSTALL_COMMAND = "pip install -e '.[export]' && python -m tools.export_setup"
+
+
+def export_missing() -> str | None:
+    """Why export_model cannot write GGUF here (None: it can): llama-cpp-python or the converter
+    taken from its sdist is missing. Checked without importing either."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (f"the export extra (llama-cpp-python) is not installed; install it with `{INSTALL_COMMAND}` "
+                "(or `make venv`, without EXPORT=0).")
+    script = converter_path()
+    if not script.is_file():
+        return f"llama.cpp's converter is not installed ({script}); install it with `python -m tools.export_setup`."
+    return None
 
 
 def installed_version() -> str | None:
@@ -80,7 +106,7 @@ def install(sdist: Path | None = None, force: bool = False) -> Path:
     home = converter_home()
     stamp = home / "VERSION"
     if not force and stamp.is_file() and stamp.read_text().strip() == ver \
-            and (home / "convert_hf_to_gguf.py").is_file():
+            and all((home / f).is_file() for f in SCRIPTS):
         return home / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory() as tmp:
         src = sdist or _download_sdist(ver, Path(tmp))
@@ -89,8 +115,8 @@ def install(sdist: Path | None = None, force: bool = False) -> Path:
                              "converter must come from the same llama.cpp as the library.")
         staged = Path(tmp) / "staged"
         count = _extract(src, staged)
-        if not (staged / "convert_hf_to_gguf.py").is_file() or not (staged / "conversion").is_dir():
-            raise SystemExit(f"{src} has no vendor/llama.cpp/convert_hf_to_gguf.py + conversion/")
+        if not all((staged / f).is_file() for f in SCRIPTS) or not (staged / "conversion").is_dir():
+            raise SystemExit(f"{src} has no vendor/llama.cpp/{' + '.join(SCRIPTS)} + conversion/")
         (staged / "VERSION").write_text(ver + "\n")
         # Replace the old copy in one rename, so a failed run never leaves half a converter.
         old = home.with_name(home.name + ".old")

@@ -1,5 +1,8 @@
 """Build a tiny Llama-architecture model and a byte-level tokenizer locally (no hub access).
 
+build_convertible_model is the same model with a tokenizer llama.cpp's GGUF converter maps
+(build_convertible_tokenizer); build_tiny_model's byte-level one it refuses.
+
 Tests and the demo train this model on CPU in seconds. It is saved exactly as a hub model is
 (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with a ChatML chat
 template, generation_config.json), so every loading path is the one real models take.
@@ -40,17 +43,76 @@ def build_tokenizer(path: str | Path, chat_template: str = CHATML_TEMPLATE):
     return tok
 
 
+def build_convertible_tokenizer(path: str | Path, chat_template: str = CHATML_TEMPLATE):
+    """One token per character too, but in the Llama/SentencePiece layout that llama.cpp's
+    converter maps without a pre-tokenizer hash (`LlamaHfVocab`: a BPE tokenizer.json with byte
+    fallback): <unk>, <s>, the 256 byte tokens <0x00>..<0xFF>, '▁' and printable ASCII, then the
+    ChatML specials. Any other character falls back to its UTF-8 bytes, in transformers and in
+    llama.cpp alike, so both split every text into the same ids (the export parity proof checks
+    it). build_tokenizer's byte-level vocabulary is the one the converter refuses."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1}  # llama.cpp's SentencePiece defaults: unk 0, bos 1
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in ["\u2581", *map(chr, range(0x21, 0x7F))]:
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    # No dummy prefix: llama.cpp adds one unless tokenizer_config says add_prefix_space=false.
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", unk_token="<unk>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
+        model_max_length=512, add_prefix_space=False)
+    tok.chat_template = chat_template
+    tok.save_pretrained(str(path))
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless told not to; training added none.
+    cfg_path = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(add_bos_token=False, add_eos_token=False)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return tok
+
+
 def build_tiny_model(path: str | Path, *, hidden_size: int = 64, layers: int = 2,
                      heads: int = 4, kv_heads: int = 2, intermediate_size: int = 256,
                      max_position_embeddings: int = 512, seed: int = 0,
                      tie_word_embeddings: bool = False) -> Path:
     """Write a random-initialised tiny Llama (float32) and its tokenizer to `path`."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
+    return _write_model(path, tok, "build_tiny_model", hidden_size=hidden_size, layers=layers,
+                        heads=heads, kv_heads=kv_heads, intermediate_size=intermediate_size,
+                        max_position_embeddings=max_position_embeddings, seed=seed,
+                        tie_word_embeddings=tie_word_embeddings)
+
+
+def build_convertible_model(path: str | Path, *, hidden_size: int = 64, layers: int = 2,
+                            heads: int = 4, kv_heads: int = 2, intermediate_size: int = 256,
+                            max_position_embeddings: int = 512, seed: int = 0,
+                            tie_word_embeddings: bool = False) -> Path:
+    """build_tiny_model with build_convertible_tokenizer: the same tiny Llama, which
+    llama.cpp's convert_hf_to_gguf.py turns into a GGUF (the demo exports it)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_convertible_tokenizer(path)
+    return _write_model(path, tok, "build_convertible_model", hidden_size=hidden_size,
+                        layers=layers, heads=heads, kv_heads=kv_heads,
+                        intermediate_size=intermediate_size,
+                        max_position_embeddings=max_position_embeddings, seed=seed,
+                        tie_word_embeddings=tie_word_embeddings)
+
+
+def _write_model(path: Path, tok, built_by: str, *, hidden_size: int, layers: int, heads: int,
+                 kv_heads: int, intermediate_size: int, max_position_embeddings: int, seed: int,
+                 tie_word_embeddings: bool) -> Path:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     vocab_size = len(tok)
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -64,7 +126,7 @@ def build_tiny_model(path: str | Path, *, hidden_size: int = 64, layers: int = 2
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
         do_sample=False, max_new_tokens=64)
     model.save_pretrained(str(path))
-    (path / "README.md").write_text(json.dumps({"built_by": "tools.tiny.build_tiny_model",
+    (path / "README.md").write_text(json.dumps({"built_by": f"tools.tiny.{built_by}",
                                                 "seed": seed}) + "\n")
     return path
 
