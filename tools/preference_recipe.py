@@ -80,6 +80,11 @@ def _check_fit(trainer: str, data: _Data) -> None:
         return
     what = {"pairs": "prompt/chosen/rejected pairs", "unpaired": "prompt/completion/label rows",
             "prompts": "prompts with a reference answer"}
+    if data.kind == "unknown":  # e.g. GRPO data without a prompt: nothing to generate from
+        raise UserError(f"train.jsonl row 1 has no `prompt` (nor chosen/rejected or completion/label) column: "
+                        f"columns {data.columns[:8]}; trainer {trainer} reads {what[need]}.", field="dataset",
+                        fix="Convert the source with convert_preference (it finds the prompt column, or give "
+                            "column_mapping={'prompt': '<your column>'}).")
     raise UserError(f"trainer {trainer} reads {what[need]}; the dataset has {what.get(data.kind, data.kind)} "
                     f"(columns {data.columns[:8]}).", field="trainer",
                     fix="Pick the trainer for this data (pairs: dpo/orpo/kto, label rows: kto, prompts: grpo) "
@@ -161,6 +166,9 @@ def _starts(ws, model: str, method: str, cpu: bool) -> tuple[Path, bool]:
     if adapter and method == "full":
         raise UserError("is an SFT adapter; a full run needs a whole model.", field="method",
                         fix="Merge it first (merge_adapter) and pass the merged directory, or use method lora.")
+    if adapter:
+        from .preference_start import check_sft_adapter
+        check_sft_adapter(m_path)
     if cpu and method == "qlora":
         raise UserError("qlora needs a CUDA GPU (bitsandbytes 4-bit).", field="method", fix="Use lora on CPU.")
     return m_path, adapter

@@ -145,6 +145,12 @@ class LengthPenalty:
         return [-min(1.0, max(0, n - self.max_tokens) / self.max_tokens) for n in lengths]
 
 
+# Module-level instances, so that `trl grpo --config` can name them in `reward_funcs` by dotted path
+# (tools.train_dpo --to-trl): TRL's CLI imports a function by name and passes no parameters.
+answer = AnswerReward()
+answer_format = FormatReward()
+
+
 # --------------------------------------------------------------------------------------------
 # Specs: check (server side, nothing of the user's runs) and load (training process)
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,23 @@ def parse_dpo_recipe(config: str, overrides: list[str] | None = None):
     finally:
         os.unlink(tmp)
     raw.update(extras)
+    _check_start(parsed[2].model_name_or_path)
     return (*parsed, extras, raw)
+
+
+def _check_start(model: Optional[str]) -> None:
+    """An SFT-adapter start matches its base (tools.preference_start), before anything loads."""
+    from .preference_start import check_sft_adapter
+    if not model:
+        return
+    try:
+        path = get_workspace().resolve(model, field="model")
+    except UserError:
+        return  # a hub id or a path the recipe checks refuse elsewhere
+    try:
+        check_sft_adapter(path)
+    except UserError as exc:
+        raise ValueError(f"model_name_or_path: {exc.message} Fix: {exc.fix}") from exc
 
 
 def _check_rewards(trainer: str, extras: dict, raw: dict) -> None:
@@ -100,6 +116,49 @@ def _check_rewards(trainer: str, extras: dict, raw: dict) -> None:
         check_specs(extras.get("rewards"))
     elif "rewards" in extras:
         raise ValueError(f"rewards: only GRPO recipes take rewards (this one is trainer: {trainer}).")
+
+
+# --------------------------------------------------------------------------------------------
+# The same recipe for TRL's own CLI (`trl dpo|kto|grpo --config`)
+# --------------------------------------------------------------------------------------------
+def _cli_reward(spec: dict) -> str:
+    """A reward spec as the dotted import path TRL's grpo script resolves (no parameters)."""
+    from .rewards import DEFAULT_FORMAT
+    if "file" in spec:
+        parts = str(spec["file"]).removesuffix(".py").split("/")
+        if all(p.isidentifier() for p in parts):
+            return ".".join(parts + [str(spec["function"])])
+        raise ValueError(f"rewards: {spec['file']} is no importable module path (folders and file must be "
+                         "Python identifiers) for trl grpo's reward_funcs.")
+    plain = {"answer": {"name": "answer"}, "format": {"name": "format", "pattern": DEFAULT_FORMAT}}
+    if plain.get(spec.get("name")) == spec:
+        return {"answer": "tools.rewards.answer", "format": "tools.rewards.answer_format"}[spec["name"]]
+    raise ValueError(f"rewards: {spec} has parameters; trl grpo's reward_funcs names functions without any. "
+                     "Write it as a function in a reward file, or run python -m tools.train_dpo.")
+
+
+def trl_cli_form(config: str) -> tuple[dict, list[str], str]:
+    """(the recipe as `trl <trainer> --config` reads it, what changed, the trainer): our keys removed, GRPO's
+    rewards as reward_funcs import paths. ValueError where TRL's CLI cannot run the recipe."""
+    from .preference_methods import method_of
+    script_args, _, model_args, _, extras, raw = parse_dpo_recipe(config)  # TRL's parser first
+    method = method_of(extras)
+    if not method.cli:
+        raise ValueError(f"trainer: {method.name} has no `trl {method.name}` command (it is in trl.experimental): "
+                         "run python -m tools.train_dpo.")
+    if adapter_base(str(get_workspace().resolve(model_args.model_name_or_path, field="model"))):
+        raise ValueError("model_name_or_path is an SFT adapter directory, which trl's CLI cannot start from "
+                         "(it loads the path with AutoConfig): merge_adapter first, or run python -m tools.train_dpo.")
+    out = {k: v for k, v in raw.items() if k not in EXTRA_KEYS}
+    notes = [f"`trainer: {method.name}` removed: the command names it."]
+    if extras.get("chat_template_path"):
+        notes.append(f"chat_template_path removed ({method.config} has none): the model's own tokenizer template "
+                     "is used; save the template with the tokenizer to keep it.")
+    if method.name == "grpo":
+        out["reward_funcs"] = [_cli_reward(s) for s in extras["rewards"]]
+        notes.append("rewards -> reward_funcs import paths: run from the workspace root with the repository and "
+                     "'.' on PYTHONPATH.")
+    return out, notes, method.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     from .train import _is_rank0, _on_signal
     ap = argparse.ArgumentParser(prog="python -m tools.train_dpo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="DPO recipe YAML")
+    ap.add_argument("--to-trl", metavar="OUT", help="write the recipe as `trl <trainer> --config` reads it, "
+                                                    "print the command, and exit")
     args, overrides = ap.parse_known_args(argv)
+    if args.to_trl:
+        return _write_trl_form(args.config, args.to_trl)
     signal.signal(signal.SIGTERM, _on_signal)  # tools.train's handler: its callback reads the flag
     signal.signal(signal.SIGINT, _on_signal)
     summary = train_dpo(args.config, overrides)
@@ -394,6 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tools.train_dpo] {summary['status']}: {summary.get('steps')} steps, "
               f"train_loss={summary.get('train_loss')}, reward_accuracy={summary.get('reward_accuracy')}, "
               f"output_dir={summary['output_dir']}", flush=True)
+    return 0
+
+
+def _write_trl_form(config: str, out: str) -> int:
+    import yaml
+    cfg, notes, trainer = trl_cli_form(config)
+    Path(out).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    repo = Path(__file__).resolve().parent.parent
+    for n in notes:
+        print(f"[tools.train_dpo] {n}")
+    print(f"PYTHONPATH={repo}:. trl {trainer} --config {out}")
     return 0
 
 
