@@ -15,6 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Every tool call through the server must keep the result contract (summary, next_steps).
+os.environ.setdefault("LLM_FT_STRICT_RESULTS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

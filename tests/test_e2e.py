@@ -34,3 +34,6 @@ def test_end_to_end_through_stdio_client(tmp_path):
                  "training_status", "merge_adapter"):
         assert f"[{tool}]" in text, tool
     assert "| exact match, fine-tuned |" in text
+    # The job ends shipped: a GGUF proven against the HF model (or a skip naming the install).
+    assert out["export"].get("parity_passed") in (True, None), out["export"]
+    assert "| GGUF parity | passed |" in text or "skipped" in text, text[-2000:]
