@@ -43,6 +43,27 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+async def wait_for_run(c, run_id: str, progress: bool, steps: Any = "?",
+                       extra: Callable[[dict], str] = lambda st: "", poll_s: float = 2) -> dict:
+    """Poll training_status until the run ends (a one-line live view when `progress`); the final
+    status, or ToolFailed with its error and log tail."""
+    while True:
+        await asyncio.sleep(poll_s)
+        st = await _call(c, "training_status", {"run_id": run_id, "log_lines": 5, "plot": False})
+        if progress:
+            line = (f"  [training_status] {st['state']:<9} step {st.get('step') or 0}/"
+                    f"{st.get('max_steps') or steps}  loss {_num(st.get('loss'))}  {extra(st)}")
+            sys.stdout.write("\r" + line.ljust(100))
+            sys.stdout.flush()
+        if st["state"] in ("completed", "failed", "stopped"):
+            break
+    if progress:
+        sys.stdout.write("\n")
+    if st["state"] != "completed":
+        raise ToolFailed(f"training {st['state']}: {st.get('error')}\n" + "\n".join(st.get("log_tail", [])))
+    return st
+
+
 async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None = None,
                    say: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run the whole job through the MCP server; returns the figures of the summary table."""
@@ -140,23 +161,8 @@ async def run_demo(workspace: Path, *, steps: int = 150, eval_limit: int | None 
         launch = await _call(c, "launch_training", {"recipe": rec["recipe_path"]})
         run_id = launch["run_id"]
         say(f"[launch_training] run {run_id} started in the background")
-        st: dict = {}
-        while True:
-            await asyncio.sleep(2)
-            st = await _call(c, "training_status", {"run_id": run_id, "log_lines": 5,
-                                                    "plot": False})
-            if progress:
-                line = (f"  [training_status] {st['state']:<9} step {st.get('step') or 0}/"
-                        f"{st.get('max_steps') or steps}  loss {_num(st.get('loss'))}  "
-                        f"tokens/s {_num(st.get('tokens_per_second'), 0)}  ETA {st.get('eta') or '-'}")
-                sys.stdout.write("\r" + line.ljust(100))
-                sys.stdout.flush()
-            if st["state"] in ("completed", "failed", "stopped"):
-                break
-        if progress:
-            sys.stdout.write("\n")
-        if st["state"] != "completed":
-            raise ToolFailed(f"training {st['state']}: {st.get('error')}\n" + "\n".join(st.get("log_tail", [])))
+        await wait_for_run(c, run_id, progress, steps, lambda st: (
+            f"tokens/s {_num(st.get('tokens_per_second'), 0)}  ETA {st.get('eta') or '-'}"))
         final = await _call(c, "training_status", {"run_id": run_id, "plot": True})
         say(f"[training_status] completed: loss {_num(final.get('first_loss'))} -> "
             f"{_num(final.get('loss'))}, loss curve {final.get('loss_plot_path')}")

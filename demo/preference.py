@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from demo.__main__ import REPO, ToolFailed, _call, _num, _pct
+from demo.__main__ import REPO, ToolFailed, _call, _num, _pct, wait_for_run
 
 ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo")]
 MAX_LENGTH = 128       # prompt + reply tokens: the tiny model's byte tokens, far above the ~40 a pair needs
@@ -96,21 +96,11 @@ async def _recipe(c, epochs: int, say) -> dict:
 async def _train(c, recipe: str, say, progress: bool) -> dict:
     launch = await _call(c, "launch_training", {"recipe": recipe})
     say(f"[launch_training] run {launch['run_id']}: {' '.join(launch['command'][-4:])}")
-    while True:
-        await asyncio.sleep(1)
-        st = await _call(c, "training_status", {"run_id": launch["run_id"], "log_lines": 5, "plot": False})
-        if progress:
-            mm = ((st.get("method_metrics") or {}).get("metrics") or {}).get("rewards/margins") or {}
-            line = (f"  [training_status] {st['state']:<9} step {st.get('step') or 0}/{st.get('max_steps') or '?'}"
-                    f"  loss {_num(st.get('loss'))}  rewards/margins {_num(mm.get('last'))}")
-            sys.stdout.write("\r" + line.ljust(100))
-            sys.stdout.flush()
-        if st["state"] in ("completed", "failed", "stopped"):
-            break
-    if progress:
-        sys.stdout.write("\n")
-    if st["state"] != "completed":
-        raise ToolFailed(f"training {st['state']}: {st.get('error')}\n" + "\n".join(st.get("log_tail", [])))
+
+    def margins(st: dict) -> str:
+        mm = ((st.get("method_metrics") or {}).get("metrics") or {}).get("rewards/margins") or {}
+        return f"rewards/margins {_num(mm.get('last'))}"
+    await wait_for_run(c, launch["run_id"], progress, extra=margins, poll_s=1)
     final = await _call(c, "training_status", {"run_id": launch["run_id"], "plot": True})
     say(f"[training_status] {final['summary']}")
     for r in (final.get("run_summary") or {}).get("method_metrics", {}).get("readings", [])[:3]:

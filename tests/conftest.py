@@ -65,3 +65,22 @@ def tiny_model(ws, tiny_model_cache) -> Path:
     dst = ws.root / "models" / "tiny-llama"
     shutil.copytree(tiny_model_cache, dst)
     return dst
+
+
+def wait_for_run(run_id: str, timeout_s: float = 300):
+    """Poll training_status until the run ends; kill whatever is still running afterwards, so no
+    background process outlives a test."""
+    import signal
+    import time
+
+    from tools.run_registry import active_runs, signal_run
+    from tools.runs import training_status
+    t0 = time.time()
+    try:
+        while (s := training_status(run_id, log_lines=30, plot=False)).state in ("queued", "running"):
+            assert time.time() - t0 < timeout_s, s.log_tail
+            time.sleep(1)
+    finally:
+        for st in active_runs():
+            signal_run(st, signal.SIGKILL)
+    return s

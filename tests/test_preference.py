@@ -390,11 +390,8 @@ def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
     held-out implicit-reward accuracy goes from 50% (policy == reference: every pair ties) to
     >= 90%; the policy's own ranking follows; training_status shows the run from its files,
     and metrics.jsonl carries TRL's rewards/margins and rewards/accuracies."""
-    import asyncio
-    import time
-
     from tools.preference import verify_preference
-    from tools.runs import launch_training, training_status
+    from tools.runs import launch_training
     animals(ws)
     recipe = tiny_dpo_recipe(ws, "dpo", "models/tiny-llama")
     with pytest.raises(UserError) as e:  # the gate: no preference report for these inputs yet
@@ -403,16 +400,8 @@ def test_dpo_learns_the_preference_and_training_status_shows_it(ws, tiny_model):
     assert verify_preference(recipe=recipe).verdict != "fail"
     launched = launch_training(recipe=recipe)
     assert "tools.train_dpo" in " ".join(launched.command)
-    rid = launched.run_id
-    t0 = time.time()
-    try:
-        while (s := training_status(rid, log_lines=30, plot=False)).state in ("queued", "running"):
-            assert time.time() - t0 < 300, s.log_tail
-            asyncio.run(asyncio.sleep(1))
-    finally:  # never leave a background process behind a test
-        from tools.run_registry import active_runs, signal_run
-        for st in active_runs():
-            signal_run(st, __import__("signal").SIGKILL)
+    from conftest import wait_for_run
+    s = wait_for_run(launched.run_id)
     assert s.state == "completed", (s.error, s.log_tail)
     assert s.step == s.max_steps == 32 and s.progress_pct == 100.0 and s.loss is not None
     summ = s.run_summary

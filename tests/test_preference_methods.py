@@ -236,20 +236,8 @@ def test_dpo_memory_plan_counts_both_sides_and_the_reference(ws, tiny_model):
 # ------------------------------------------------------------------ runs
 
 def _wait(rid: str):
-    import asyncio
-    import time
-
-    from tools.run_registry import active_runs, signal_run
-    from tools.runs import training_status
-    t0 = time.time()
-    try:
-        while (s := training_status(rid, log_lines=30, plot=False)).state in ("queued", "running"):
-            assert time.time() - t0 < 300, s.log_tail
-            asyncio.run(asyncio.sleep(1))
-    finally:  # never leave a background process behind a test
-        for st in active_runs():
-            signal_run(st, __import__("signal").SIGKILL)
-    return s
+    from conftest import wait_for_run
+    return wait_for_run(rid)
 
 
 def test_kto_runs_through_launch_training(ws, tiny_model):
