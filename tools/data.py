@@ -16,6 +16,7 @@ import random
 import statistics
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -1042,24 +1043,49 @@ def convert_dataset(
                               unit=src.unit, drop_media=drop_media,
                               merge_assistant_turns=merge_assistant_turns, changes=changes,
                               template_kwargs=chat_template_kwargs)
-            from . import progress
-            total = limit  # counting rows first would read a CSV/JSON source twice
-            for n, (loc, row) in enumerate(src.rows(limit=limit, on_change=changes.add), start=1):
-                conv.row(loc, row)
-                if n % PROGRESS_EVERY_ROWS == 0:
-                    progress.report(n, total, f"{n} rows read")
+            _stream_rows(conv, src, limit, changes)
             conv.flush()
         conv.dupes.seen.clear()
         conv.refuse_if_empty(dataset)
-        n = conv.written
-        n_test = _test_count(test_size, n)
+        n_test = _test_count(test_size, conv.written)
         files = _write_splits(tmp, scratch, conv.offsets, n_test, shuffle, seed)
 
+    return _convert_report(_Converted(conv, src, det, files, n_test, removed, changes), out_path,
+                           target_format=target_format, dedupe=dedupe, tokenizer=tokenizer,
+                           max_length=max_length, t0=t0)
+
+
+def _stream_rows(conv: "_Converter", src, limit: int | None, changes: "_Tally") -> None:
+    """Every source row through the converter, with a progress report per thousand rows."""
+    from . import progress
+    total = limit  # counting rows first would read a CSV/JSON source twice
+    for n, (loc, row) in enumerate(src.rows(limit=limit, on_change=changes.add), start=1):
+        conv.row(loc, row)
+        if n % PROGRESS_EVERY_ROWS == 0:
+            progress.report(n, total, f"{n} rows read")
+
+
+@dataclass
+class _Converted:
+    """What convert_dataset wrote, for its report."""
+    conv: "_Converter"
+    src: Any
+    det: Detection
+    files: dict[str, Path]
+    n_test: int
+    removed: list[str]
+    changes: "_Tally"
+
+
+def _convert_report(w: _Converted, out_path: Path, *, target_format: str, dedupe: str,
+                    tokenizer: str | None, max_length: int | None, t0: float) -> ConvertReport:
+    ws, conv, src, det, n_test = get_workspace(), w.conv, w.src, w.det, w.n_test
+    n = conv.written
     rel = ws.rel(out_path)
     tstats = _token_stats(tokenizer, conv.lengths, conv.length_locs, max_length,
-                          conv.template_errors) if tok else None
+                          conv.template_errors) if tokenizer else None
     n_skipped = conv.skipped.total()
-    notes = src.notes + [f"removed {r}: the temporary folder of an interrupted earlier call" for r in removed]
+    notes = src.notes + [f"removed {r}: the temporary folder of an interrupted earlier call" for r in w.removed]
     if conv.dupes.count:
         notes.append(f"{conv.dupes.count} duplicates dropped, compared after mapping (dedupe="
                      f"'{dedupe}'): rows that differ only in unmapped columns count as duplicates "
@@ -1070,14 +1096,14 @@ def convert_dataset(
                f"{n_skipped:,} skipped, {conv.dupes.count:,} duplicates dropped.")
     return ConvertReport(
         summary=short(summary, SUMMARY_MAX_CHARS),
-        output_dir=rel, files={k: ws.rel(out_path / v.name) for k, v in files.items()},
+        output_dir=rel, files={k: ws.rel(out_path / v.name) for k, v in w.files.items()},
         target_format=target_format, source_format=det.format, column_mapping=det.mapping,
         location_unit=src.unit,
         counts=ConvertCounts(read=c["read"], converted=n, skipped=n_skipped,
                              duplicates=conv.dupes.count, train=n - n_test, test=n_test,
                              system_prompt_added=c["system_prompt_added"],
                              trailing_turns_dropped=c["trailing_turns_dropped"]),
-        skipped=conv.skipped.summaries(src.unit), changes=changes.summaries(src.unit),
+        skipped=conv.skipped.summaries(src.unit), changes=w.changes.summaries(src.unit),
         duplicate_lines=conv.dupes.lines, dropped_columns=list(conv.dropped_cols),
         token_lengths=tstats, samples=conv.samples, notes=notes,
         elapsed_s=round(time.monotonic() - t0, 3),

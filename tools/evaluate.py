@@ -1045,9 +1045,9 @@ def evaluate(
     - adapter: PEFT adapter dir, evaluated on its base without merging.
     - base_url: served OpenAI-compatible endpoint (vLLM, TGI), e.g. http://localhost:8000/v1;
       instead of model.
-    - served_model: model name the endpoint serves (default: the first of GET /v1/models).
-    - api_key_env: NAME of the environment variable holding base_url's API key (no key is sent
-      otherwise; never the key itself).
+    - served_model / judge_model: the model the endpoint / judge serves (default: the first of
+      GET /v1/models). api_key_env / judge_api_key_env: NAME of the environment variable holding
+      its API key (no key is sent otherwise; never the key itself).
     - tasks: lm-eval task/group names, e.g. ['gsm8k_cot'] (datasets come from the hub), or task
       YAML files in the workspace.
     - local_task: JSONL in the workspace (or a convert_dataset dir: its test.jsonl) to build a
@@ -1061,15 +1061,13 @@ def evaluate(
       number, short answers -> exact match, free text -> ROUGE-L + chrF.
     - judge_url: OpenAI-compatible endpoint of an LLM judge scoring each local_task reply 1-5
       against the reference (metric 'judge', 0..1).
-    - judge_model: model the judge endpoint serves (default: the first of GET /v1/models).
-    - judge_api_key_env: NAME of the environment variable holding judge_url's API key.
     - compare_with: base model dir (or hub id): evaluated the same way, results side by side
       with the delta.
     - apply_chat_template: wrap prompts in the model's chat template (fine-tuned chat models:
       yes; served endpoints always take messages).
     - system_prompt: system message for every prompt (default: the one in local_task rows).
-    - limit: max samples per task (quick checks).
-    - num_fewshot: few-shot examples; None = the task's default (8 for gsm8k_cot, 0 local).
+    - limit: max samples per task (quick checks). num_fewshot: few-shot examples; None = the
+      task's default (8 for gsm8k_cot, 0 local).
     - batch_size: prompts per batch; 'auto' lets lm-eval find the largest that fits the GPU (hf
       backend; served endpoints then use 8 concurrent requests).
     - max_gen_toks: max new tokens per answer.

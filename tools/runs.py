@@ -343,7 +343,18 @@ def _checked_start(cfg: dict, rpath: Path, output_dir: Path, out: str, acc_path:
         if not dry_run and not (rdir / STATUS).exists():
             shutil.rmtree(rdir, ignore_errors=True)  # a run that never started leaves no folder
         raise
-    return rid, plan, rdir, recipe_copy, resumes_from, method
+    return _Started(rid, plan, rdir, recipe_copy, resumes_from, method)
+
+
+@dataclass
+class _Started:
+    """A run that passed its checks (and, unless a dry run, was started)."""
+    run_id: str
+    plan: Any
+    run_dir: Path
+    recipe_copy: Path
+    resumes_from: Optional[str]
+    method: Optional[str]
 
 
 def launch_training(
@@ -407,7 +418,7 @@ def launch_training(
 
     with exclusive(output_dir, field="output_dir", what="launching a run into") as created:
         try:
-            rid, plan, rdir, recipe_copy, resumes_from, method = _checked_start(
+            started = _checked_start(
                 cfg, rpath, output_dir, out, acc_path, num_processes, gpu_ids, require_masking_report,
                 require_memory_fit, force, name, dry_run, checks, warnings)
         except BaseException:
@@ -418,7 +429,16 @@ def launch_training(
     if dry_run and created:
         with contextlib.suppress(OSError):
             output_dir.rmdir()  # a dry run leaves nothing behind
+    return _launch_result(started, rpath, output_dir, gpu_ids, dry_run, checks, warnings)
+
+
+def _launch_result(st: _Started, rpath: Path, output_dir: Path, gpu_ids: Optional[list[int]],
+                   dry_run: bool, checks: list[str], warnings: list[str]) -> LaunchResult:
+    """The started (or dry-run) launch as the agent reads it: the command, what was checked, the
+    sentence to relay and the next call."""
     import shlex
+    ws, plan, rid, method, resumes_from = get_workspace(), st.plan, st.run_id, st.method, st.resumes_from
+    rdir, recipe_copy = st.run_dir, st.recipe_copy
     env_line = " ".join(f"{k}={v}" for k, v in plan.env.items())
     where = f"GPUs {gpu_ids}" if gpu_ids is not None else (
         f"{plan.world_size} processes" if plan.world_size > 1 else "1 process")
