@@ -78,28 +78,24 @@ def _drop_title(s: dict) -> None:
         del s["title"]
 
 
-def _optional_as_type(s: dict) -> None:
-    # `anyOf: [X, null], default: null` says "optional": not being in `required` says that already
+def _collapse_optional(s: dict, keep_null: bool) -> None:
+    """`anyOf: [X, null]` as X: an input's `default: null` and absence from `required` say
+    "optional" already; an output keeps `type: [X, "null"]`, since the client validates results
+    against it (a nested model there is an `object`)."""
     any_of = s.get("anyOf")
-    if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
-        other = next(x for x in any_of if x != {"type": "null"})
-        del s["anyOf"]
-        if "default" in s and s["default"] is None:
-            del s["default"]
-        s.update({k: v for k, v in other.items() if k not in s})
-
-
-def _nullable(s: dict) -> None:
-    # `anyOf: [X, null]` as `type: [X, "null"]`: the client validates results against it
-    any_of = s.get("anyOf")
-    if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
-        other = next(x for x in any_of if x != {"type": "null"})
-        if "$ref" in other:
-            other = {"type": "object"}
-        if isinstance(other.get("type"), str):
-            del s["anyOf"]
-            s.update({k: v for k, v in other.items() if k not in s})
-            s["type"] = [other["type"], "null"]
+    if not (isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of):
+        return
+    other = next(x for x in any_of if x != {"type": "null"})
+    if keep_null:
+        other = {"type": "object"} if "$ref" in other else other
+        if not isinstance(other.get("type"), str):
+            return
+    del s["anyOf"]
+    if not keep_null and "default" in s and s["default"] is None:
+        del s["default"]
+    s.update({k: v for k, v in other.items() if k not in s})
+    if keep_null:
+        s["type"] = [other["type"], "null"]
 
 
 def _output_shape(schema: dict | None) -> dict | None:
@@ -109,17 +105,16 @@ def _output_shape(schema: dict | None) -> dict | None:
     if not schema:
         return schema
 
-    def flatten(s: dict) -> None:
+    def flatten(s: dict) -> None:  # _walk hands it schemas only, never a properties mapping
         if "$ref" in s:
             s.clear()
             s["type"] = "object"
         for key in ("description", "default", "title", "examples"):
-            if isinstance(s.get(key), (str, int, float, bool, list, dict)) or key == "default":
-                s.pop(key, None)
+            s.pop(key, None)
     props = {}
     for name, sub in schema.get("properties", {}).items():
         sub = copy.deepcopy(sub)
-        _walk(sub, _nullable)
+        _walk(sub, lambda x: _collapse_optional(x, keep_null=True))
         _walk(sub, flatten)
         props[name] = sub
     order = (["summary"] if "summary" in props else []) + [
@@ -131,7 +126,7 @@ def _output_shape(schema: dict | None) -> dict | None:
 def _slim_schemas(mcp: MCPServer) -> None:
     for tool in mcp._tool_manager.list_tools():  # the registered tools, as list_tools serves them
         _walk(tool.parameters, _drop_title)
-        _walk(tool.parameters, _optional_as_type)
+        _walk(tool.parameters, lambda x: _collapse_optional(x, keep_null=False))
         if tool.output_schema:  # a cached dict: reshaped in place
             shape = _output_shape(tool.output_schema)
             tool.output_schema.clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
-import json
 import logging
 import math
 import os
@@ -12,7 +11,6 @@ from typing import Any, Callable
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel
 
 from tools.errors import UserError
 from tools.results import ToolResult
@@ -158,11 +156,7 @@ def to_call_result(name: str, result: Any) -> Any:
     if not isinstance(result, ToolResult):
         if os.environ.get(STRICT_RESULTS_ENV):
             raise ToolError(f"{name} returned {type(result).__name__}, not a ToolResult")
-        if isinstance(result, BaseModel):  # not yet on the contract: JSON text as before
-            data = result.model_dump(mode="json", by_alias=True)
-            return CallToolResult(content=[TextContent(type="text", text=json.dumps(data, indent=2))],
-                                  structured_content=data)
-        return result
+        return result  # every tool returns a ToolResult; the SDK's own conversion otherwise
     broken = result_problems(result)
     if broken and os.environ.get(STRICT_RESULTS_ENV):
         raise ToolError(f"{name}: result contract broken: {'; '.join(broken)}")

@@ -52,12 +52,8 @@ class ToolResult(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The structured content, with `summary` first and `next_steps` last."""
         data = self.model_dump(mode="json", by_alias=True)
-        ordered = {"summary": data.pop("summary", "")} if "summary" in data else {}
-        steps = data.pop("next_steps", None)
-        ordered.update(data)
-        if steps is not None:
-            ordered["next_steps"] = steps
-        return ordered
+        steps = data.pop("next_steps", [])
+        return {"summary": data.pop("summary", ""), **data, "next_steps": steps}
 
 
 def problems(result: ToolResult) -> list[str]:

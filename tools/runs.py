@@ -788,11 +788,7 @@ def _next_step(res: "TrainingStatus", d: dict, meta: dict, state: str, tail: lis
 
 def _rel(path: Optional[str]) -> Optional[str]:
     """A path as the agent passes it back: relative to the workspace when inside it."""
-    if not path:
-        return path
-    with contextlib.suppress(Exception):
-        return get_workspace().rel(Path(path))
-    return path
+    return get_workspace().rel(Path(path)) if path else path
 
 
 def _resume_warnings(res: "TrainingStatus", resume: Optional[dict], fresh) -> None:
