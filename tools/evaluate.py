@@ -1,10 +1,11 @@
 """Evaluate a model with EleutherAI's lm-evaluation-harness (lm_eval.simple_evaluate).
 
-Backends: `hf` for a local model dir (+ an optional PEFT adapter), `local-chat-completions` for a
-served OpenAI-compatible endpoint (vLLM, TGI, llama.cpp server...). Tasks: lm-eval registry tasks
-(gsm8k_cot, mmlu, ...: datasets come from the hub) and/or a local JSONL turned into a task by
-tools.eval_tasks. Greedy decoding. With compare_with, the base is evaluated the same way and
-the results are put side by side with the delta and its uncertainty.
+Backends: `hf` for a local model dir (+ an optional PEFT adapter; sharded over several GPUs),
+`vllm` for the same with engine='vllm' (tensor parallel, the adapter as a LoRA; a background job),
+`local-chat-completions` for a served OpenAI-compatible endpoint (vLLM, TGI, llama.cpp server...).
+Tasks: lm-eval registry tasks (gsm8k_cot, mmlu, ...: datasets come from the hub) and/or a local
+JSONL turned into a task by tools.eval_tasks. Greedy decoding. With compare_with, the base is
+evaluated the same way and the results are put side by side with the delta and its uncertainty.
 
 CLI for background runs: `python -m tools.evaluate --spec spec.json`.
 """
@@ -59,7 +60,7 @@ class TaskMetric(BaseModel):
 class ModelRun(BaseModel):
     """One model evaluated on all tasks."""
     label: str
-    backend: Literal["hf", "local-chat-completions"]
+    backend: Literal["hf", "vllm", "local-chat-completions"]
     model: str | None = None
     adapter: str | None = None
     base_url: str | None = None
@@ -369,17 +370,18 @@ def _resolve_model(model: str, field: str) -> str:
     return ref
 
 
-def _build_hf_lm(pretrained: str, adapter: str | None, *, device: str, dtype: str, batch_size: int | str,
-                 notes: list[str]):
+def _build_hf_lm(pretrained: str, adapter: str | None, *, placement: dict[str, Any], dtype: str,
+                 batch_size: int | str, notes: list[str]):
     import lm_eval.api.registry as registry
-    args: dict[str, Any] = {"pretrained": pretrained, "dtype": dtype}
+    args: dict[str, Any] = {"pretrained": pretrained, "dtype": dtype,
+                            **{k: v for k, v in placement.items() if k != "device"}}
     if adapter:
         args["peft"] = adapter
         if _has_tokenizer(Path(adapter)):
             args["tokenizer"] = adapter  # carries the training chat template
     try:
         lm = registry.get_model("hf").create_from_arg_obj(
-            args, {"batch_size": batch_size, "max_batch_size": None, "device": device})
+            args, {"batch_size": batch_size, "max_batch_size": None, "device": placement["device"]})
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"lm-eval could not load the model ({type(exc).__name__}: {str(exc)[:300]}).",
                         field="adapter" if adapter else "model",
@@ -393,6 +395,159 @@ def _build_hf_lm(pretrained: str, adapter: str | None, *, device: str, dtype: st
                      f"{gen.max_new_tokens} cleared so that max_gen_toks applies.")
         gen.max_new_tokens = None
     return lm, args
+
+
+# ----------------------------------------------------------------------------- placement
+# vLLM pre-allocates this share of each GPU's memory for weights + KV cache. It is vLLM's own
+# default, given explicitly so that results.json records it.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+# The LoRA slot sizes vLLM accepts for max_lora_rank (vllm LoRAConfig; default 16).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+_VLLM_JOB = ("vLLM starts worker processes (unsafe to fork from this server, and spawn re-imports "
+             "its main module) and takes minutes to start; its job process frees the GPUs on exit")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the local models run: the GPUs (as this process numbers them) and how."""
+    engine: Literal["hf", "vllm"]
+    device: str                       # hf: "cpu", "cuda:N", or "cuda" when sharded
+    gpus: tuple[int, ...] = ()
+    shard: bool = False               # hf: HFLM parallelize=True (accelerate device_map="auto")
+    own_process: str | None = None    # why only a job that sees just `gpus` can run it
+
+    def describe(self) -> str:
+        ids = ",".join(map(str, self.gpus))
+        if self.engine == "vllm":
+            return f"cuda (vLLM, tensor parallel over {len(self.gpus)} GPU(s): {ids})"
+        return f"cuda (sharded over {len(self.gpus)} GPUs: {ids})" if self.shard else self.device
+
+
+def _visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _vllm_installed() -> bool:
+    from importlib.util import find_spec
+    return find_spec("vllm") is not None
+
+
+def _check_engine(engine: str, *, local: bool, cuda: bool, vllm_installed: bool) -> None:
+    """engine='vllm' needs a local model, a CUDA GPU and the vllm package."""
+    if engine != "vllm":
+        return
+    if not local:
+        raise UserError("engine applies to models loaded here; base_url is already served.",
+                        field="engine", fix="Drop engine, or pass compare_with=<base dir> to run "
+                                            "the base with vLLM.")
+    if not cuda:
+        raise UserError("vLLM needs a CUDA GPU and this host has none.", field="engine",
+                        fix="Use engine='hf' (the default; on CPU keep limit small or use "
+                            "background=True).")
+    if not vllm_installed:
+        raise UserError("engine='vllm' needs the vllm package, which is not installed.",
+                        field="engine",
+                        fix="pip install vllm (it pins its own torch: check training still works, "
+                            "or install it elsewhere and evaluate `vllm serve` with base_url), "
+                            "or use engine='hf'.")
+
+
+def _layout(engine: Literal["hf", "vllm"], gpu_ids: list[int] | None, visible: int,
+            in_job: bool) -> _Layout:
+    """The GPUs of the request (gpu_ids, else every GPU this process sees) and how they are used.
+
+    hf on several GPUs: lm-eval's parallelize=True loads with device_map="auto" over
+    accelerate's get_max_memory(), i.e. every GPU the process sees, and overwrites any max_memory
+    given (HFLM._get_accelerate_args). torch reads CUDA_VISIBLE_DEVICES once, when CUDA
+    initialises (other tools of this server may have done so), and setting it here would narrow
+    every tool of the server: so a subset of this server's GPUs runs as a job that sees only them
+    (renumbered 0..n-1: there, all of them). One GPU needs no job: HFLM takes device='cuda:N'.
+    vLLM runs tensor parallel over GPUs 0..n-1 of its process and ignores `device`: always a job.
+    """
+    if visible == 0:
+        return _Layout(engine, "cpu")
+    ids = tuple(dict.fromkeys(gpu_ids)) if gpu_ids else tuple(range(visible))
+    if any(i < 0 or i >= visible for i in ids):
+        raise UserError(f"gpu_ids {list(ids)}: this process sees {visible} GPU(s) "
+                        f"(0..{visible - 1}).", field="gpu_ids",
+                        fix=f"Use indices from 0 to {visible - 1}, or drop gpu_ids.")
+    if engine == "vllm":
+        return _Layout("vllm", "cuda", ids, own_process=None if in_job else _VLLM_JOB)
+    if len(ids) == 1:
+        return _Layout("hf", f"cuda:{ids[0]}", ids)
+    subset = ids != tuple(range(visible))
+    return _Layout("hf", "cuda", ids, shard=True,
+                   own_process=f"sharding over GPUs {','.join(map(str, ids))} of {visible} needs a "
+                               "process that sees only them" if subset and not in_job else None)
+
+
+def _hf_placement(layout: _Layout, offload_dir: Path | None) -> dict[str, Any]:
+    """HFLM's placement arguments for `layout` (all visible GPUs when sharded: see _layout)."""
+    if not layout.shard:
+        return {"device": layout.device}
+    # Layers that fit no GPU go to disk: in the output dir, not lm-eval's default ./offload.
+    return {"device": "cuda", "parallelize": True,
+            **({"offload_folder": str(offload_dir)} if offload_dir else {})}
+
+
+def _vllm_lora_rank(acfg: dict, adapter: str) -> int:
+    """The max_lora_rank vLLM needs for this adapter; the adapter features vLLM cannot apply
+    are refused (vllm/lora/peft_helper.py): DoRA, modules_to_save, bias, rank above 512."""
+    r = max([int(acfg.get("r") or 8), *map(int, (acfg.get("rank_pattern") or {}).values())])
+    why = [w for w, bad in (("DoRA", acfg.get("use_dora")),
+                            (f"modules_to_save {acfg.get('modules_to_save')}", acfg.get("modules_to_save")),
+                            (f"bias='{acfg.get('bias')}'", acfg.get("bias") not in (None, "none")),
+                            (f"rank {r}", r > VLLM_LORA_RANKS[-1])) if bad]
+    if why:
+        raise UserError(f"vLLM cannot apply this adapter ({', '.join(why)}).", field="adapter",
+                        fix=f"merge_adapter(adapter_dir='{adapter}', output_dir=...) and evaluate "
+                            "the merged model with engine='vllm', or use engine='hf'.")
+    return next(k for k in VLLM_LORA_RANKS if k >= r)
+
+
+def _check_tensor_parallel(model_ref: str | None, tp: int) -> None:
+    """vLLM splits the attention heads over the GPUs: their number must divide them."""
+    cfg = Path(model_ref or "") / "config.json"
+    if tp <= 1 or not cfg.is_file():
+        return  # a hub id: vLLM itself says so
+    heads = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        heads = json.loads(cfg.read_text()).get("num_attention_heads")
+    if isinstance(heads, int) and heads % tp:
+        fits = [k for k in range(1, tp) if heads % k == 0]
+        raise UserError(f"vLLM splits the model's {heads} attention heads over the GPUs: "
+                        f"{tp} GPUs cannot take an equal share.", field="gpu_ids",
+                        fix=f"Use {max(fits)} GPU(s) (gpu_ids), or engine='hf'.")
+
+
+def _vllm_model_args(pretrained: str, *, adapter: str | None, lora_rank: int | None,
+                     tokenizer: str | None, n_gpus: int, dtype: str,
+                     max_gen_toks: int) -> dict[str, Any]:
+    """lm-eval's `vllm` model_args (lm_eval/models/vllm_causallms.py VLLM). lm-eval sets
+    enable_lora from lora_local_path itself; `device` is ignored there (the GPUs are those the
+    process sees)."""
+    args: dict[str, Any] = {"pretrained": pretrained, "dtype": dtype, "tensor_parallel_size": n_gpus,
+                            "gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION,
+                            "max_gen_toks": max_gen_toks}
+    if tokenizer:
+        args["tokenizer"] = tokenizer  # an adapter's tokenizer carries the training chat template
+    if adapter:
+        args["lora_local_path"] = adapter
+        args["max_lora_rank"] = lora_rank or VLLM_LORA_RANKS[1]
+    return args
+
+
+def _has_chat_template(d: str) -> bool | None:
+    """Whether a local tokenizer dir has a chat template; None for a hub id (not checked)."""
+    p = Path(d)
+    if not p.is_dir():
+        return None
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    with contextlib.suppress(OSError, ValueError):
+        return bool(json.loads((p / "tokenizer_config.json").read_text()).get("chat_template"))
+    return False
 
 
 # ----------------------------------------------------------------------------- results
@@ -543,6 +698,7 @@ class _Eval:
     t0: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
     adapter_path: Path | None = None
+    adapter_cfg: dict = field(default_factory=dict)
     model_ref: str | None = None     # what lm-eval loads as the main model (hf backend)
     base_ref: str | None = None      # compare_with, resolved
     lt: LocalTask | None = None
@@ -552,6 +708,9 @@ class _Eval:
     out: Path | None = None
     device: str | None = None
     torch_dtype: str | None = None
+    layout: _Layout | None = None    # None: no model is loaded here (a served endpoint only)
+    vllm_installed: bool = False
+    lora_rank: int | None = None     # vLLM's max_lora_rank for the adapter
 
     @property
     def all_tasks(self) -> list[str]:
@@ -604,8 +763,29 @@ def _resolve_models(job: _Eval) -> None:
                 raise UserError("the adapter names no base model.", field="model",
                                 fix="Pass model=<base model dir>.")
         job.update(model=model)
+        job.adapter_cfg = acfg
         job.model_ref = _resolve_model(str(model), "model")
     job.base_ref = _resolve_model(req.compare_with, "compare_with") if req.compare_with else None
+
+
+def _place(job: _Eval, in_job: bool) -> None:
+    """The engine's checks and the GPU layout of the models loaded here (none for an endpoint
+    alone): fail before anything starts, and say whether only a job of its own can run it."""
+    req = job.req
+    local = not req.base_url or bool(job.base_ref)
+    visible = _visible_gpus() if local else 0
+    job.vllm_installed = local and _vllm_installed()
+    _check_engine(req.engine, local=local, cuda=visible > 0, vllm_installed=job.vllm_installed)
+    if not local:
+        return
+    job.layout = _layout(req.engine, req.gpu_ids, visible, in_job)
+    if req.gpu_ids and job.layout.gpus:
+        job.update(gpu_ids=list(job.layout.gpus))  # checked, each once: the job's CUDA_VISIBLE_DEVICES
+    if req.engine == "vllm":
+        if job.adapter_path:
+            job.lora_rank = _vllm_lora_rank(job.adapter_cfg, get_workspace().rel(job.adapter_path))
+        for ref in (job.model_ref, job.base_ref):
+            _check_tensor_parallel(ref, len(job.layout.gpus))
 
 
 def _build_tasks(job: _Eval) -> None:
@@ -706,16 +886,20 @@ def _load_registry_tasks(job: _Eval):
 
 
 def _settings(job: _Eval) -> dict[str, Any]:
-    """Device and precision for the hf backend, and the settings reported with the results."""
-    req = job.req
-    device, torch_dtype = _device_dtype(req.dtype) if (not req.base_url or job.base_ref) else (None, None)
-    if device == "cuda" and req.gpu_ids:
-        device = f"cuda:{req.gpu_ids[0]}"
-    job.device, job.torch_dtype = device, torch_dtype
+    """Device and precision of the local models, and the settings reported with the results."""
+    req, lay = job.req, job.layout
+    job.device, job.torch_dtype = (lay.device, _device_dtype(req.dtype)[1]) if lay else (None, None)
+    device = lay.describe() if lay else "remote"
+    if lay and lay.gpus and os.environ.get("CUDA_VISIBLE_DEVICES"):  # the ids are relative to it
+        device += f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}"
+    vllm = lay is not None and lay.engine == "vllm"
     judge = job.judge
-    return {"lm_eval_version": _lm_eval_version(), "device": device or "remote",
+    return {"lm_eval_version": _lm_eval_version(), "device": device,
+            "engine": lay.engine if lay else None,
+            **({"tensor_parallel_size": len(lay.gpus), "max_lora_rank": job.lora_rank,
+                "gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION} if vllm else {}),
             "judge": {"url": judge["url"], "model": judge["model"]} if judge else None,
-            "dtype": torch_dtype,
+            "dtype": job.torch_dtype,
             "apply_chat_template": job.chat_style, "system_prompt": req.system_prompt,
             "num_fewshot": req.num_fewshot, "limit": req.limit, "batch_size": req.batch_size,
             "max_gen_toks": req.max_gen_toks, "decoding": "greedy (do_sample=False, temperature=0)"}
@@ -736,26 +920,47 @@ class _Model:
 
 def _prepare_model(job: _Eval, label: str, which: Literal["main", "base"]) -> _Model:
     req = job.req
-    if which == "base" or not req.base_url:
-        pretrained = job.base_ref if which == "base" else job.model_ref
-        peft = str(job.adapter_path) if (which == "main" and job.adapter_path) else None
-        m = _Model(label=label, which=which, backend="hf", lm=None, model_args={},
-                   use_chat=job.chat_style, pretrained=pretrained)
-        with contextlib.redirect_stdout(sys.stderr):
-            m.lm, m.model_args = _build_hf_lm(pretrained, peft, device=job.device, dtype=job.torch_dtype,
-                                              batch_size=req.batch_size, notes=m.notes)
-        if m.use_chat and not getattr(m.lm.tokenizer, "chat_template", None):
-            m.use_chat = False
-            m.notes.append(f"{label}: the tokenizer has no chat template: prompts are sent "
-                           "as plain text (results are not comparable with chat-formatted ones).")
-        return m
-    margs = {"model": req.served_model, "base_url": job.chat_url,
-             "num_concurrent": req.batch_size if isinstance(req.batch_size, int) else 8,
-             "max_retries": 3, "tokenized_requests": False,
-             # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
-             "header": auth_header(req.api_key_env)}
-    return _Model(label=label, which=which, backend="local-chat-completions", lm=None,
-                  model_args=margs, use_chat=job.chat_style)
+    if which == "main" and req.base_url:
+        margs = {"model": req.served_model, "base_url": job.chat_url,
+                 "num_concurrent": req.batch_size if isinstance(req.batch_size, int) else 8,
+                 "max_retries": 3, "tokenized_requests": False,
+                 # lm-eval sends $OPENAI_API_KEY to any base_url unless a header is given
+                 "header": auth_header(req.api_key_env)}
+        return _Model(label=label, which=which, backend="local-chat-completions", lm=None,
+                      model_args=margs, use_chat=job.chat_style)
+    pretrained = job.base_ref if which == "base" else job.model_ref
+    peft = str(job.adapter_path) if (which == "main" and job.adapter_path) else None
+    if req.engine == "vllm":
+        return _vllm_model(job, label, which, pretrained, peft)
+    m = _Model(label=label, which=which, backend="hf", lm=None, model_args={},
+               use_chat=job.chat_style, pretrained=pretrained)
+    with contextlib.redirect_stdout(sys.stderr):
+        m.lm, m.model_args = _build_hf_lm(pretrained, peft, dtype=job.torch_dtype,
+                                          placement=_hf_placement(job.layout, job.out / "offload"),
+                                          batch_size=req.batch_size, notes=m.notes)
+    if m.use_chat and not getattr(m.lm.tokenizer, "chat_template", None):
+        _plain_prompts(m)
+    return m
+
+
+def _vllm_model(job: _Eval, label: str, which: Literal["main", "base"], pretrained: str,
+                peft: str | None) -> _Model:
+    """lm-eval's vllm model as args (simple_evaluate builds it): the adapter as a LoRA."""
+    tok = peft if peft and _has_tokenizer(Path(peft)) else None
+    args = _vllm_model_args(pretrained, adapter=peft, lora_rank=job.lora_rank, tokenizer=tok,
+                            n_gpus=len(job.layout.gpus), dtype=job.torch_dtype,
+                            max_gen_toks=job.req.max_gen_toks)
+    m = _Model(label=label, which=which, backend="vllm", lm=None, model_args=args,
+               use_chat=job.chat_style, pretrained=pretrained)
+    if m.use_chat and _has_chat_template(tok or pretrained) is False:
+        _plain_prompts(m)
+    return m
+
+
+def _plain_prompts(m: _Model) -> None:
+    m.use_chat = False
+    m.notes.append(f"{m.label}: the tokenizer has no chat template: prompts are sent "
+                   "as plain text (results are not comparable with chat-formatted ones).")
 
 
 def _release_memory() -> None:
@@ -769,7 +974,7 @@ def _release_memory() -> None:
 def _simple_evaluate(job: _Eval, m: _Model, tm) -> dict:
     """lm-eval's simple_evaluate on one model; its results with the auth header redacted."""
     import lm_eval
-    req, hf = job.req, m.lm is not None
+    req, hf = job.req, m.lm is not None  # hf: the model object we built; else lm-eval builds it
     gen_kwargs = {"max_gen_toks": req.max_gen_toks, "do_sample": False, "temperature": 0.0}
     try:
         with contextlib.redirect_stdout(sys.stderr):  # never write to an MCP stdio stream
@@ -788,9 +993,14 @@ def _simple_evaluate(job: _Eval, m: _Model, tm) -> dict:
             raise UserError(f"the endpoint failed during evaluation ({type(exc).__name__}: "
                             f"{str(exc)[:300]}).", field="base_url",
                             fix="Check the server log, served_model and the context length.") from None
+        if m.backend == "vllm":
+            raise UserError(f"vLLM failed ({type(exc).__name__}: {str(exc)[:300]}).", field="engine",
+                            fix="Read the run log. A KV cache too small for max_model_len: more GPUs "
+                                "(gpu_ids) or a free GPU; an unsupported model or adapter: "
+                                "engine='hf'.") from None
         raise
     finally:
-        if hf:
+        if m.backend != "local-chat-completions":
             m.lm = None  # the model's memory is freed before the next one loads
             _release_memory()
     if res is None:
@@ -825,13 +1035,14 @@ def _run_model(job: _Eval, label: str, which: Literal["main", "base"], tm) -> Mo
     raw = job.out / f"lm_eval_{label_slug(label)}.json"
     ws.write_text(raw, json.dumps(res, indent=1, default=str) + "\n")
     job.notes.extend(m.notes)
-    hf = m.backend == "hf"
+    local = m.backend != "local-chat-completions"
     return ModelRun(
         label=label, backend=m.backend,
-        model=None if not hf else (ws.rel(Path(m.pretrained)) if Path(m.pretrained).exists()
-                                   else m.pretrained),
+        model=None if not local else (ws.rel(Path(m.pretrained)) if Path(m.pretrained).exists()
+                                      else m.pretrained),
         adapter=ws.rel(job.adapter_path) if (which == "main" and job.adapter_path) else None,
-        base_url=job.chat_url if not hf else None, served_model=req.served_model if not hf else None,
+        base_url=job.chat_url if not local else None,
+        served_model=req.served_model if not local else None,
         apply_chat_template=m.use_chat, metrics=_metrics(res) + extra, samples_files=sample_files,
         raw_results_file=ws.rel(raw), elapsed_s=round(time.time() - t1, 2))
 
@@ -864,6 +1075,9 @@ def _finish(job: _Eval, runs: list[ModelRun], settings: dict[str, Any]) -> EvalR
         notes.append(f"limit={req.limit}: a subset; stderr shows how uncertain the numbers are.")
     if job.adapter_path and not req.compare_with:
         notes.append("Pass compare_with=<base dir> to see the change against the base model.")
+    if _offers_vllm(job):
+        notes.append("vllm is installed: engine='vllm' runs generation benchmarks (gsm8k_cot, "
+                     "ifeval, ...) several times faster, as a background job.")
     result = EvalResult(status="completed", output_dir=ws.rel(job.out), tasks=job.all_tasks,
                         local_task=job.lt.model_dump() if job.lt else None, runs=runs,
                         comparison=comparison, table=_table(runs, comparison), settings=settings,
@@ -874,6 +1088,13 @@ def _finish(job: _Eval, runs: list[ModelRun], settings: dict[str, Any]) -> EvalR
     # summary first, next_steps last: training_status shows this file for an eval run
     ws.write_text(job.out / "results.json", json.dumps(result.wire(), indent=1, default=str) + "\n")
     return result
+
+
+def _offers_vllm(job: _Eval) -> bool:
+    """hf on a GPU while vllm is importable, on tasks that generate: vLLM would be faster."""
+    lay = job.layout
+    generates = bool(job.tasks) or (job.lt is not None and job.lt.kind != "multiple_choice")
+    return bool(lay and lay.engine == "hf" and lay.device != "cpu" and job.vllm_installed and generates)
 
 
 def _start_background(job: _Eval, params: dict[str, Any]) -> EvalResult:
@@ -892,7 +1113,8 @@ def _start_background(job: _Eval, params: dict[str, Any]) -> EvalResult:
         summary=f"Evaluation of {_what(job)} on {_clip(', '.join(job.all_tasks), 80)} started in the "
                 f"background as run {run_id}; results will be in {ws.rel(out)}/results.json.",
         status="started", run_id=run_id, output_dir=ws.rel(out), tasks=job.all_tasks,
-        local_task=job.lt.model_dump() if job.lt else None, settings=params, notes=job.notes,
+        local_task=job.lt.model_dump() if job.lt else None, notes=job.notes,
+        settings={**params, "device": job.layout.describe() if job.layout else "remote"},
         elapsed_s=round(time.time() - job.t0, 2),
         next_steps=[f"training_status(run_id='{run_id}') until it completes (poll every 30-60 s)"])
 
@@ -961,6 +1183,9 @@ def _next_steps(job: _Eval, r: EvalResult) -> list[str]:
     steps = []
     if adapter and not req.compare_with:
         steps.append(_call("evaluate", adapter=adapter, compare_with=base, **on))
+    if _offers_vllm(job):
+        steps.append(_call("evaluate", model=req.model if not adapter else None, adapter=adapter,
+                           base_url=req.base_url, compare_with=req.compare_with, **on, engine="vllm"))
     if any("answer_mode='free_text'" in n for n in r.notes) and req.answer_mode != "free_text":
         steps.append(_call("evaluate", model=req.model if not adapter else None, adapter=adapter,
                            base_url=req.base_url, compare_with=req.compare_with, **on,
@@ -980,15 +1205,21 @@ def _next_steps(job: _Eval, r: EvalResult) -> list[str]:
     return steps
 
 
-def run_request(req: "EvalRequest") -> EvalResult:
-    """Evaluate as `req` asks: check and resolve everything first (paths, endpoints, task names,
-    datasets), then run the models; or hand the resolved request to a background job."""
+def run_request(req: "EvalRequest", in_job: bool = False) -> EvalResult:
+    """Evaluate as `req` asks: check and resolve everything first (paths, engine and GPUs,
+    endpoints, task names, datasets), then run the models; or hand the resolved request to a
+    background job: when asked, or when only a process of its own can run it (_layout says why).
+    in_job: this is that job (python -m tools.evaluate)."""
     job = _check_request(req)
     _resolve_models(job)
+    _place(job, in_job)
     _build_tasks(job)
     _setup_endpoints(job)
     _output_dir(job)
-    if req.background:
+    why = job.layout.own_process if job.layout else None
+    if req.background or why:
+        if why and not req.background:
+            job.notes.append(f"Runs as a background job: {why}.")
         return _start_background(job, _spec_params(job))
     tm = _load_registry_tasks(job)
     settings = _settings(job)
@@ -1019,6 +1250,7 @@ def evaluate(
     batch_size: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = 8,
     max_gen_toks: Annotated[int, Field(ge=1, le=32768)] = 256,
     dtype: Dtype = "auto",
+    engine: Literal["hf", "vllm"] = "hf",
     gpu_ids: GpuIds = None,
     background: Annotated[bool, Field(description="Return a run id now.")] = False,
     output_dir: OutputDir = None,
@@ -1043,15 +1275,12 @@ def evaluate(
     - model: local model dir in the workspace (full or merged model). With adapter: its base
       (default: the adapter's base_model_name_or_path).
     - adapter: PEFT adapter dir, evaluated on its base without merging.
-    - base_url: served OpenAI-compatible endpoint (vLLM, TGI), e.g. http://localhost:8000/v1;
-      instead of model.
+    - base_url: served OpenAI-compatible endpoint (vLLM, TGI), e.g. http://localhost:8000/v1.
     - served_model / judge_model: the model the endpoint / judge serves (default: the first of
       GET /v1/models). api_key_env / judge_api_key_env: NAME of the environment variable holding
       its API key (no key is sent otherwise; never the key itself).
-    - tasks: lm-eval task/group names, e.g. ['gsm8k_cot'] (datasets come from the hub), or task
-      YAML files in the workspace.
-    - local_task: JSONL in the workspace (or a convert_dataset dir: its test.jsonl) to build a
-      task from.
+    - tasks: lm-eval task/group names, e.g. ['gsm8k_cot'] (hub datasets), or task YAML files.
+    - local_task: JSONL (or a convert_dataset dir: its test.jsonl) to build a task from.
     - prompt_field: prompt column of local_task (auto: question/prompt/input/..., or messages).
     - answer_field: answer column (auto: answer/completion/output/...; with choices: answer
       index/letter).
@@ -1061,25 +1290,23 @@ def evaluate(
       number, short answers -> exact match, free text -> ROUGE-L + chrF.
     - judge_url: OpenAI-compatible endpoint of an LLM judge scoring each local_task reply 1-5
       against the reference (metric 'judge', 0..1).
-    - compare_with: base model dir (or hub id): evaluated the same way, results side by side
-      with the delta.
+    - compare_with: base model dir (or hub id), evaluated the same way, side by side.
     - apply_chat_template: wrap prompts in the model's chat template (fine-tuned chat models:
       yes; served endpoints always take messages).
     - system_prompt: system message for every prompt (default: the one in local_task rows).
     - limit: max samples per task (quick checks). num_fewshot: few-shot examples; None = the
       task's default (8 for gsm8k_cot, 0 local).
-    - batch_size: prompts per batch; 'auto' lets lm-eval find the largest that fits the GPU (hf
-      backend; served endpoints then use 8 concurrent requests).
-    - max_gen_toks: max new tokens per answer.
-    - dtype: hf backend precision; auto: bf16/fp16 on GPU, fp32 on CPU.
-    - gpu_ids: GPUs for the hf backend: the background job sees only these
-      (CUDA_VISIBLE_DEVICES); in the foreground the first is used.
-    - background: run as a background job in the run registry and return its run id at once
-      (poll it with training_status).
+    - batch_size: prompts per batch; 'auto': hf finds the largest that fits the GPU, vLLM takes
+      all prompts at once (best there), endpoints get 8 concurrent requests.
+    - max_gen_toks: max new tokens per answer. dtype: auto = bf16/fp16 on GPU, fp32 on CPU.
+    - engine: local models through transformers (hf) or vLLM (needs vllm and a GPU; much faster
+      on generation benchmarks; always a background job; an adapter loads as its LoRA).
+    - gpu_ids: GPUs of local models (default: all visible). Several: hf shards the model over
+      them, vLLM runs tensor parallel; a subset of this server's GPUs runs as a background job.
+    - background: a job in the run registry; returns its run id at once (poll training_status).
     - output_dir: where results go (default: evals/<time>-<model>).
     """
-    # The arguments as one model, built once: what the steps read and a background job re-reads.
-    return run_request(EvalRequest.model_validate(locals()))
+    return run_request(EvalRequest.model_validate(locals()))  # what the steps and a job re-read
 
 
 def _request_model(tool) -> type[BaseModel]:
@@ -1108,7 +1335,7 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(spec.get("params") or spec)
     params.pop("workspace", None)
     try:
-        r = run_request(EvalRequest.model_validate({**params, "background": False}))
+        r = run_request(EvalRequest.model_validate({**params, "background": False}), in_job=True)
     except UserError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         with contextlib.suppress(Exception):
