@@ -28,6 +28,12 @@ main_process_port: 29555
 """
 
 
+@pytest.fixture(autouse=True)
+def _server_sees_every_gpu(monkeypatch):
+    """The tests below describe a server that sees the host's GPUs as 0..n-1."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 def _cfg(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "acc.yaml"
     p.write_text(text)
@@ -70,6 +76,22 @@ def test_gpu_ids_place_the_run(tmp_path):
     with pytest.raises(UserError, match="gpu_ids has 2") as ei:
         _plan(tmp_path, None, gpu_ids=[0, 1], num_processes=4)
     assert ei.value.field == "num_processes"
+
+
+def test_gpu_ids_count_the_servers_own_gpus(tmp_path, monkeypatch):
+    """A server started with CUDA_VISIBLE_DEVICES=4,5,6,7 sees 4 GPUs numbered 0-3: gpu_ids=[1, 2]
+    are its physical 5 and 6, and a job given "1,2" would land on GPUs another user holds."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    p = _plan(tmp_path, None, gpus=4, gpu_ids=[1, 2])
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "5,6"
+    assert _plan(tmp_path, None, gpus=4).env["CUDA_VISIBLE_DEVICES"] == "4"  # pinned: its first
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, GPU-bb")
+    assert _plan(tmp_path, None, gpus=2, gpu_ids=[1]).env["CUDA_VISIBLE_DEVICES"] == "GPU-bb"
+    from tools.run_registry import _child_env, cuda_visible
+    assert _child_env([0], None)["CUDA_VISIBLE_DEVICES"] == "GPU-aa"  # evaluate's jobs too
+    with pytest.raises(UserError, match=r"not among the 2 this server sees") as ei:
+        cuda_visible([2])
+    assert ei.value.field == "gpu_ids"
 
 
 def test_one_process_on_a_multi_gpu_host_is_pinned(tmp_path):

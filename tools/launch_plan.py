@@ -22,6 +22,7 @@ from typing import Optional
 
 from .errors import UserError
 from .memory import GIB
+from .run_registry import cuda_visible
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -121,9 +122,9 @@ def plan_launch(train_args: list[str], *, num_processes: Optional[int], gpu_ids:
     _check_gpus(per_node, gpu_ids, gpus_present, on_cpu)
     plan = LaunchPlan(argv=[], num_processes=per_node, world_size=world, gpu_ids=gpu_ids, count_from=source)
     if gpu_ids is not None:
-        plan.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        plan.env["CUDA_VISIBLE_DEVICES"] = cuda_visible(gpu_ids)
     elif per_node == 1 and gpus_present > 1 and not on_cpu:
-        plan.env["CUDA_VISIBLE_DEVICES"] = "0"
+        plan.env["CUDA_VISIBLE_DEVICES"] = cuda_visible([0])
         plan.notes.append(f"one process on a host with {gpus_present} GPUs: pinned to GPU 0 (CUDA_VISIBLE_DEVICES=0); "
                           "otherwise the Trainer wraps DataParallel, which TRL refuses. Pass gpu_ids to choose.")
     if world == 1 and acc_path is None:

@@ -395,6 +395,22 @@ def new_run_id(kind: str, name: str | None = None) -> str:
             continue
 
 
+def cuda_visible(gpu_ids: list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for a job on `gpu_ids`, the indices this server sees. When the server
+    itself runs under CUDA_VISIBLE_DEVICES, its GPU i is the i-th entry there (an index or a
+    UUID), not physical GPU i: the job gets those entries."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if parent is None:
+        return ",".join(str(g) for g in gpu_ids)
+    seen = [d.strip() for d in parent.split(",") if d.strip()]
+    bad = [g for g in gpu_ids if not 0 <= g < len(seen)]
+    if bad:
+        raise UserError(f"GPU(s) {bad} are not among the {len(seen)} this server sees "
+                        f"(CUDA_VISIBLE_DEVICES={parent}).", field="gpu_ids",
+                        fix=f"Use indices 0-{len(seen) - 1}: they count the server's GPUs in that order.")
+    return ",".join(seen[g] for g in gpu_ids)
+
+
 def _child_env(gpu_ids: list[int] | None, env: dict[str, str] | None) -> dict[str, str]:
     e = dict(os.environ)
     pp = [str(REPO_ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -414,7 +430,7 @@ def _child_env(gpu_ids: list[int] | None, env: dict[str, str] | None) -> dict[st
     # not cut by this.
     e.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
     if gpu_ids is not None:
-        e["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        e["CUDA_VISIBLE_DEVICES"] = cuda_visible(gpu_ids)
     for k in [k for k in e if k.startswith("PYTEST_")]:
         e.pop(k)
     if env:
