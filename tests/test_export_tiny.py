@@ -8,6 +8,8 @@ demo exports the fine-tuned model and test_export.py a trained one.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import asyncio
 import json
 import subprocess
@@ -84,6 +86,21 @@ def test_convertible_model_exports_with_identical_tokens(ws, conv_model):
     assert r.gpu_quantization.model_dir == "models/tiny-llama-parity"
     assert r.summary.startswith("Exported models/tiny-llama-parity to 1 GGUF file(s) in exports/t (f16 ")
     assert len(r.summary) <= 300
+    # The header reader the export uses (arrays skipped: gguf-py's reader takes ~10 s on a 150k
+    # vocabulary) reads what gguf-py reads: every scalar key and every tensor's type.
+    from tools.export_gguf import find_converter
+    from tools.export_llama import _header
+    gguf_py = str(find_converter().parent / "gguf-py")
+    sys.path.insert(0, gguf_py)
+    from gguf import GGUFReader, GGUFValueType
+    (path,) = out.glob("*.gguf")
+    meta, types = _header(str(path), gguf_py)
+    reader = GGUFReader(str(path))
+    scalars = {k: f.contents() for k, f in reader.fields.items()
+               if not k.startswith("GGUF.") and f.types[0] != GGUFValueType.ARRAY}
+    assert meta.keys() == scalars.keys() and len(meta) > 10
+    assert all(meta[k] == pytest.approx(v) if isinstance(v, float) else meta[k] == v for k, v in scalars.items())
+    assert dict(types) == dict(Counter(t.tensor_type.name for t in reader.tensors)) and types["F16"] > 0
 
 
 @needs_export

@@ -27,29 +27,80 @@ def _quantize(req: dict) -> dict:
     return {"rc": int(rc), "seconds": round(time.time() - t0, 3)}
 
 
-def _tensor_types(path: str, gguf_py: str | None) -> dict[str, int]:
-    # The gguf-py shipped with the converter reads what the converter wrote.
+def _gguf(gguf_py: str | None):
+    # The gguf-py shipped with the converter: its type codes are the ones the converter wrote.
     if gguf_py and gguf_py not in sys.path:
         sys.path.insert(0, gguf_py)
+    import gguf
+    return gguf
+
+
+def _header(path: str, gguf_py: str | None) -> tuple[dict, Counter]:
+    """(scalar metadata, tensor type counts) of a GGUF, read from its header only.
+
+    gguf-py's GGUFReader builds a Python object for every element of every array, which takes
+    ~10 s on a 150k-token vocabulary (tokens + merges); the arrays are skipped here instead,
+    with gguf-py's own type codes. Layout (GGUF v2/v3): magic, version, n_tensors, n_kv, the
+    key/values, then per tensor: name, n_dims, dims, ggml type, offset."""
+    import mmap
+    import struct
+    g = _gguf(gguf_py)
+    vt, sizes = g.GGUFValueType, {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", m, pos)
+            pos += 8 + n
+            return m[pos - n:pos].decode("utf-8", "replace")
+
+        meta: dict = {}
+        for _ in range(n_kv):
+            key = string()
+            (t,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            if t == vt.STRING:
+                meta[key] = string()
+            elif t == vt.ARRAY:
+                et, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if et == vt.STRING:
+                    for _ in range(count):
+                        string()
+                else:
+                    pos += sizes[et] * count
+            else:
+                (meta[key],) = struct.unpack_from(fmt[t], m, pos)
+                pos += sizes[t]
+        types: Counter = Counter()
+        for _ in range(n_tensors):
+            string()
+            (n_dims,) = struct.unpack_from("<I", m, pos)
+            pos += 4 + 8 * n_dims
+            (tt,) = struct.unpack_from("<I", m, pos)
+            pos += 12  # type + offset
+            types[g.GGMLQuantizationType(tt).name] += 1
+    return meta, types
+
+
+def _tensor_types(path: str, gguf_py: str | None) -> dict[str, int]:
     try:
-        from gguf import GGUFReader
+        return dict(_header(path, gguf_py)[1])
     except ImportError:
         return {}
-    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
 
 
 def _meta(req: dict) -> dict:
     """A few metadata keys of a GGUF, without loading the model."""
-    if req.get("gguf_py") and req["gguf_py"] not in sys.path:
-        sys.path.insert(0, req["gguf_py"])
-    from gguf import GGUFReader
-    out = {}
-    for key, f in GGUFReader(req["gguf"]).fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("_token", "_token_id", ".pre", ".model")) \
-                or key in ("general.architecture", "general.file_type", "general.name"):
-            v = f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
-            out[key] = v[0] if isinstance(v, list) and len(v) == 1 else v
-    return out
+    meta, _ = _header(req["gguf"], req.get("gguf_py"))
+    return {k: v for k, v in meta.items()
+            if k.startswith("tokenizer.ggml.") and k.endswith(("_token", "_token_id", ".pre", ".model"))
+            or k in ("general.architecture", "general.file_type", "general.name")}
 
 
 def _greedy(llm, vocab, prompt: list[int], n: int) -> dict:
