@@ -91,6 +91,21 @@ def test_launch_refuses_a_plan_over_the_gpu(gate_ws, monkeypatch):
         launch_training(r, require_masking_report=False)
     assert ei.value.field == "recipe"
     assert _no_runs()
+    # The fix it names works: require_memory_fit=false launches anyway, with the warning, and
+    # overrides only the memory error (a recipe with another error is still refused).
+    # (fp32: TRL's own parse refuses bf16 on this CPU host, an error no flag may override)
+    r = _recipe(gate_ws, "big32", model_name_or_path="Llama-3.2-1B", use_cpu=False, bf16=False,
+                dtype="float32", max_length=4096, per_device_train_batch_size=16, save_strategy="no")
+    plan = launch_training(r, require_masking_report=False, require_memory_fit=False, dry_run=True)
+    assert any(w.startswith("memory: the estimated peak memory") and "Launched anyway" in w
+               for w in plan.warnings), plan.warnings
+    bad = _recipe(gate_ws, "big2", model_name_or_path="Llama-3.2-1B", use_cpu=False, bf16=False,
+                  dtype="float32", max_length=4096, per_device_train_batch_size=16, save_strategy="no",
+                  max_seq_lenght=64)
+    with pytest.raises(UserError, match="the recipe is not valid: unknown key 'max_seq_lenght'") as ei:
+        launch_training(bad, require_masking_report=False, require_memory_fit=False, dry_run=True)
+    assert "exceeds" not in str(ei.value)
+    assert _no_runs()
 
 
 def test_launch_refuses_a_second_run_into_the_same_output_dir(gate_ws):
