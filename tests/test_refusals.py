@@ -164,6 +164,22 @@ def test_status_warns_on_nan_and_zero_loss(ws, losses, needle):
     assert any(needle in w for w in s.warnings), s.warnings
 
 
+def test_status_shows_the_peak_reserved_memory(ws):
+    """A GPU run's metrics carry the allocator's peak next to the allocated one (tools.train);
+    training_status shows the highest, and summary.json's figure once the run is done."""
+    from tools.runs import training_status
+    _finished_run(ws, "train-mem-1", [2.3, 1.9])
+    out = ws.root / "out" / "train-mem-1"
+    recs = [{"step": 1, "loss": 2.3, "peak_memory_gib": 10.2, "peak_reserved_gib": 11.5},
+            {"step": 2, "loss": 1.9, "peak_memory_gib": 10.1, "peak_reserved_gib": 12.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = training_status("train-mem-1", plot=False)
+    assert (s.peak_memory_gib, s.peak_reserved_gib) == (10.2, 12.0)
+    (out / "summary.json").write_text(json.dumps({"status": "completed", "steps": 2, "peak_memory_gib": 10.3,
+                                                  "peak_reserved_gib": 12.4, "started": time.time()}))
+    assert training_status("train-mem-1", plot=False).peak_reserved_gib == 12.4
+
+
 def test_status_has_no_loss_warning_on_a_healthy_run(ws):
     from tools.runs import training_status
     _finished_run(ws, "train-ok-1", [2.3, 1.9, 1.2, 0.8])

@@ -495,6 +495,8 @@ class TrainingStatus(ToolResult):
     eta_s: Optional[float] = None
     eta: Optional[str] = None
     peak_memory_gib: Optional[float] = None
+    peak_reserved_gib: Optional[float] = Field(None, description="CUDA allocator peak (GPU runs; None on CPU): "
+                                               "compare estimate_memory's peak_reserved_gib.")
     num_tokens: Optional[float] = None
     last_checkpoint: Optional[str] = None
     run_summary: Optional[dict[str, Any]] = Field(
@@ -705,6 +707,7 @@ def _training_view(res: "TrainingStatus", out: Path, meta: dict, state: str, sta
         res.step = s.get("steps", res.step)
         res.max_steps = s.get("max_steps", res.max_steps)
         res.peak_memory_gib = s.get("peak_memory_gib") or res.peak_memory_gib
+        res.peak_reserved_gib = s.get("peak_reserved_gib") or res.peak_reserved_gib
         res.last_checkpoint = s.get("last_checkpoint")
     if res.max_steps is None and isinstance(meta.get("max_steps"), int) and meta["max_steps"] > 0:
         res.max_steps = meta["max_steps"]
@@ -743,6 +746,7 @@ def _latest_losses(res: "TrainingStatus", metrics: list[dict], train_recs: list[
            if isinstance(r.get("tokens_per_second"), (int, float))]
     res.tokens_per_second = round(sum(tps) / len(tps), 1) if tps else None
     res.peak_memory_gib = max((r.get("peak_memory_gib") or 0) for r in metrics) or None
+    res.peak_reserved_gib = max((r.get("peak_reserved_gib") or 0) for r in metrics) or None
     if res.step is None:
         res.step, res.epoch = last.get("step"), last.get("epoch")
 

@@ -146,6 +146,18 @@ def _peak_memory_gib() -> float:
     return round(rss / (GIB if sys.platform == "darwin" else 2 ** 20), 4)
 
 
+def _peak_reserved_gib() -> float | None:
+    """The CUDA caching allocator's peak (what nvidia-smi shows, what an OOM is decided on); the
+    estimator predicts it as peak_reserved_gib. None on CPU, where there is no such pool."""
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return round(torch.cuda.max_memory_reserved() / GIB, 4)
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
 CADENCE = ("logging", "eval", "save")
 
 
@@ -246,6 +258,7 @@ def _make_callback(output_dir: Path):
                 rec["tokens_per_second"] = round(dn / dt, 2) if dt > 0 and dn >= 0 else None
                 self.prev = (ntok, now)
             rec["peak_memory_gib"] = _peak_memory_gib()
+            rec["peak_reserved_gib"] = _peak_reserved_gib()
             rec["timestamp"] = now
             with open(self.metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec, default=str) + "\n")
@@ -378,7 +391,7 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     except BaseException as exc:
         if rank0:
             summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], ended=time.time(),
-                           peak_memory_gib=_peak_memory_gib())
+                           peak_memory_gib=_peak_memory_gib(), peak_reserved_gib=_peak_reserved_gib())
             try:
                 write_json_atomic(output_dir / "summary.json", summary)
             except OSError:
@@ -449,7 +462,7 @@ def _finish(trainer, result, run_files, output_dir: Path, model_args, training_a
         train_samples_per_second=metrics.get("train_samples_per_second"),
         tokens=last_log.get("num_tokens"),
         final_loss=next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
-        peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
+        peak_memory_gib=_peak_memory_gib(), peak_reserved_gib=_peak_reserved_gib(), last_checkpoint=last_ckpt,
         adapter_path=str(output_dir) if (model_args.use_peft and not stopped) else None,
         model_path=str(output_dir) if (not model_args.use_peft and not stopped) else None,
         world_size=training_args.world_size, ended=time.time())
