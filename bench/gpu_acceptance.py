@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_checks import (GIB, PLAN_ONLY, Ctx, base_overrides, build_shape, changed_fraction, estimate,  # noqa: E402
                         has, make_recipe, measured, merge, packing_leak, plan_record, read_metrics,
-                        read_recipe, run, wait, write_data, write_probe)
+                        read_recipe, run, wait, write_data)
 
 WS_MARK = ".gpu-acceptance-workspace"
 OOM_LEAVE_GIB = 5  # GPU memory the OOM check leaves to its run: the 8B-width model loads, a step cannot
@@ -202,8 +202,7 @@ def check_stop_resume(ctx: Ctx) -> dict:
                logged_steps=f"{steps[:1]}..{steps[-1:]} ({len(steps)})",
                ok=st2.state == "completed" and all(facts.values()))
     out.update({k: v for k, v in measured(ctx, "stop_resume", st2).items()
-                if k in ("tokens_per_s_steady", "measured_steps", "peak_alloc_gib", "peak_reserved_gib",
-                         "probe_processes")})
+                if k in ("tokens_per_s_steady", "measured_steps", "peak_alloc_gib", "peak_reserved_gib")})
     if "merged" not in ctx.done and out["ok"]:  # the dry run's one adapter: merge and evaluate use it
         out.update(merge(ctx, "out/stop_resume", "stop_resume"))
         out["ok"] = out["merge_ok"]
@@ -421,10 +420,6 @@ def _setup(a, out: Path, checks: list[Check]) -> Ctx:
     cuda = torch.cuda.is_available()
     ws = _workspace(Path(a.ws).resolve() if a.ws else out / "ws")
     set_workspace(ws)
-    # the runs load the reserved-memory probe (gpu_checks.PROBE_SOURCE) from there
-    probe = write_probe(ws / "probe_site")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(probe), *filter(None, os.environ.get("PYTHONPATH", "")
-                                                                          .split(os.pathsep))])
     steps = a.steps or (3 if a.dry_run else 25)
     ctx = Ctx(out=out, ws=ws, dry=a.dry_run, cuda=cuda, gpu_name=torch.cuda.get_device_name(0) if cuda else None,
               seq=64 if a.dry_run else 1024, micro_batch=4, steps=steps, warm=1 if a.dry_run else 5,

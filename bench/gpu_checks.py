@@ -67,83 +67,6 @@ class Ctx:
         return self.gpu_name or "H200"
 
 
-# The memory probe: written as sitecustomize.py into a folder the acceptance run puts first on
-# PYTHONPATH, so every process of a training run (python -m tools.train, also under accelerate
-# launch) loads it at start-up. At exit the training process writes <pid>.json with
-# torch.cuda.max_memory_allocated() and max_memory_reserved() into $LLM_FT_ACCEPT_PROBE: tools.train's
-# summary.json records the allocated peak only, and the estimator predicts both. It also runs after
-# a crash (an OOM). Measurement only: inert without LLM_FT_ACCEPT_PROBE, and any other
-# sitecustomize on the path (a distribution's) still runs after it.
-PROBE_SOURCE = r'''"""Memory probe for bench/gpu_acceptance.py's training runs; measurement only, inert unless the
-environment names a folder in LLM_FT_ACCEPT_PROBE.
-
-The acceptance run puts this folder first on PYTHONPATH, so every process of a training run
-(`python -m tools.train`, also under accelerate launch) imports it at start-up. At exit the
-training process writes `<pid>.json` with torch.cuda.max_memory_allocated() and
-max_memory_reserved(): tools.train's summary.json records the allocated peak only, and the
-estimator predicts both. It also runs at exit after a crash (an OOM), so the OOM check sees the
-peak it reached. Any other sitecustomize on the path (a distribution's) is still run after it.
-"""
-import atexit
-import json
-import os
-import sys
-
-_TRAIN_MODULES = ("tools.train", "tools.train_dpo")
-
-
-def _training_process() -> bool:
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return bool(spec is not None and spec.name in _TRAIN_MODULES)
-
-
-def _dump() -> None:
-    folder = os.environ.get("LLM_FT_ACCEPT_PROBE")
-    if not folder or not _training_process():
-        return
-    rec = {"pid": os.getpid(), "rank": os.environ.get("RANK"), "cuda": False}
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            rec.update(cuda=True, max_allocated=torch.cuda.max_memory_allocated(),
-                       max_reserved=torch.cuda.max_memory_reserved())
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{os.getpid()}.json"), "w", encoding="utf-8") as fh:
-            json.dump(rec, fh)
-    except Exception:  # noqa: BLE001 - a probe must never change how a run ends
-        pass
-
-
-def _chain() -> None:
-    """Run the sitecustomize this one shadows, if any (e.g. a distribution's)."""
-    import importlib.machinery
-    import importlib.util
-    here = os.path.dirname(os.path.abspath(__file__))
-    rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
-    if spec is None or spec.loader is None or not spec.origin:
-        return
-    if os.path.abspath(spec.origin) == os.path.abspath(__file__):
-        return
-    try:
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    except Exception:  # noqa: BLE001 - as site.py does for a failing sitecustomize
-        pass
-
-
-if os.environ.get("LLM_FT_ACCEPT_PROBE"):
-    atexit.register(_dump)
-_chain()
-'''
-
-
-def write_probe(folder: Path) -> Path:
-    """The probe's folder (to put first on PYTHONPATH), with sitecustomize.py written into it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(PROBE_SOURCE, encoding="utf-8")
-    return folder
-
-
 def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -260,14 +183,10 @@ def plan_record(launch) -> dict:
 
 
 def run(ctx: Ctx, check: str, recipe: str, **launch_kw):
-    """launch_training, then training_status until the run ends; the memory probe writes into
-    probe/<check>. Returns (LaunchResult, TrainingStatus)."""
+    """launch_training, then training_status until the run ends. Returns (LaunchResult,
+    TrainingStatus)."""
     from tools.runs import launch_training
-    os.environ["LLM_FT_ACCEPT_PROBE"] = str(ctx.ws / "probe" / check.replace(":", "_"))
-    try:
-        launch = launch_training(recipe, **launch_kw)
-    finally:
-        os.environ.pop("LLM_FT_ACCEPT_PROBE", None)
+    launch = launch_training(recipe, **launch_kw)
     return launch, wait(ctx, launch.run_id)
 
 
@@ -326,31 +245,17 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return out
 
 
-def probe_peaks(ctx: Ctx, check: str) -> dict[str, Any]:
-    """Peak allocated/reserved GiB the probe recorded (max over the run's processes)."""
-    recs = []
-    for p in (ctx.ws / "probe" / check.replace(":", "_")).glob("*.json"):
-        try:
-            recs.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    cuda = [r for r in recs if r.get("cuda")]
-    return {"probe_processes": len(recs),
-            "peak_reserved_gib": round(max(r["max_reserved"] for r in cuda) / GIB, 3) if cuda else None,
-            "probe_peak_alloc_gib": round(max(r["max_allocated"] for r in cuda) / GIB, 3) if cuda else None}
-
-
 def measured(ctx: Ctx, check: str, st) -> dict[str, Any]:
     """The run's own figures: state, steps, tokens/s (training_status's and the steady one),
     peak memory, and what tools.train recorded (fp32 master weights, kernel fallbacks)."""
     summ = st.run_summary or {}
     rec = {"state": st.state, "error": st.error, "run_id": st.run_id, "steps": st.step,
            "tokens_per_s": st.tokens_per_second, "peak_alloc_gib": st.peak_memory_gib,
+           "peak_reserved_gib": st.peak_reserved_gib,
            "fp32_master_params": summ.get("fp32_master_params"), "fallbacks": summ.get("fallbacks"),
            "trainable_params": summ.get("trainable_params"), "run_s": st.elapsed_s}
     if st.output_dir:
         rec.update(steady_rate(read_metrics(Path(st.output_dir)), ctx.warm))
-    rec.update(probe_peaks(ctx, check))
     return rec
 
 
