@@ -240,8 +240,7 @@ def check_sharded(ctx: Ctx, sharding: str) -> dict:
     acc = rec.accelerate_config_path
     out = {"check": name, "recipe": rec.recipe_path, "accelerate_config": acc,
            "distributed_type": read_recipe(ctx, acc).get("distributed_type")}
-    est = estimate(ctx, "1b", "full", cfg)
-    est["est_note"] = "estimate_memory models sharding on 2+ GPUs only: the unsharded one-GPU estimate"
+    est = estimate(ctx, "1b", "full", cfg, sharding=sharding)  # one GPU: nothing split, wrapper costs kept
     if not real:
         try:
             out.update(plan_record(launch_training(rec.recipe_path, accelerate_config=acc, num_processes=1,

@@ -256,9 +256,6 @@ def _check(f: ModelFacts, seq_len, micro_batch, num_gpus, sharding, cpu_offload,
         raise UserError(f"{seq_len} exceeds {f.name}'s max_position_embeddings "
                         f"({f.max_position_embeddings}).", field="seq_len",
                         fix=f"Use seq_len <= {f.max_position_embeddings} (truncate or split long rows).")
-    if sharding != "none" and num_gpus < 2:
-        raise UserError(f"'{sharding}' shards over several GPUs but num_gpus is 1.", field="sharding",
-                        fix="Set num_gpus >= 2, or sharding='none'.")
     if cpu_offload and sharding == "none":
         raise UserError("CPU offload needs DeepSpeed ZeRO or FSDP.", field="cpu_offload",
                         fix="Set sharding to zero2, zero3 or fsdp, or cpu_offload=false.")
