@@ -531,6 +531,24 @@ def test_the_written_schedule_is_the_plans_and_counts_packed_blocks(ws, gpu_like
     assert t.schedule.sequences_per_epoch == 215
 
 
+def test_tokens_per_epoch_are_counted_with_the_models_own_tokenizer(ws, tiny_model):
+    """Characters per token depend on the vocabulary: the tiny model's byte-level tokenizer makes
+    ~1 token a character, not the ~4 of Llama/Qwen BPE. With a local model its tokenizer measures
+    the ratio on the rows, so the packed blocks and steps are the ones the run will take."""
+    from transformers import AutoTokenizer
+    d = ws.root / "data" / "short"
+    d.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"Where is order #{i}? It was due on Monday."},
+                          {"role": "assistant", "content": f"Order #{i} is at the depot: delivery in two days."}]}
+            for i in range(300)]  # ~100 characters a row: far under the tiny model's 512 tokens
+    (d / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = generate_recipe(str(tiny_model.relative_to(ws.root)), "data/short", output_path="recipes/bytes.yaml")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokens = sum(len(tok(m["content"], add_special_tokens=False)["input_ids"]) for x in rows for m in x["messages"])
+    assert r.schedule.tokens_per_epoch == pytest.approx(tokens + 300 * 2 * 5, rel=0.05)
+    assert any("characters per token (measured with" in n for n in r.notes), r.notes
+
+
 def test_spectrum_without_local_weights_names_a_method_that_needs_none(ws, gpu_like):
     """A 70B on 8x H100 plans Spectrum, which reads the weights first (spectrum_scan); without them
     the error said nothing of LoRA, which would not need them."""

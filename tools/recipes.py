@@ -8,6 +8,7 @@ or relative to the workspace root. Background and every field: references/recipe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -850,13 +851,16 @@ def _count_rows(path: Path) -> Optional[int]:
     return n
 
 
-# Tokens per epoch estimated from the training file's text when no count is given: English text
-# in the Llama-3 / Qwen2.5 / Gemma BPE vocabularies averages ~4 characters per token, and a chat
-# template adds ~5 tokens per message (role header and end-of-turn markers, e.g. ChatML's
+# Tokens per epoch estimated from the training file's text when no count is given. Characters per
+# token depend on the vocabulary (~4 for English in Llama-3 / Qwen2.5 / Gemma BPE, ~1 for a byte-
+# level one, fewer for code or CJK text), so they are measured with the model's own tokenizer on a
+# sample of the rows when it is local; CHARS_PER_TOKEN is the fallback. A chat template adds ~5
+# tokens per message (role header and end-of-turn markers, e.g. ChatML's
 # "<|im_start|>assistant\n ... <|im_end|>\n"). The first rows stand for the rest.
 CHARS_PER_TOKEN = 4.0
 TEMPLATE_TOKENS_PER_MESSAGE = 5
 TOKEN_SAMPLE_ROWS = 2000
+RATIO_SAMPLE_CHARS = 200_000  # text tokenized to measure characters per token (well under a second)
 
 
 @dataclass
@@ -868,37 +872,60 @@ class _Dataset:
     notes: list[str] = field(default_factory=list)
 
 
-def _text_size(value: Any) -> tuple[int, int]:
-    """(characters of text, chat messages) in one JSON row."""
+def _text_parts(value: Any, texts: list[str]) -> int:
+    """Collect the text of one JSON row into `texts`; return its chat messages."""
     if isinstance(value, str):
-        return len(value), 0
+        texts.append(value)
+        return 0
     if isinstance(value, list):
-        parts = [_text_size(v) for v in value]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return sum(_text_parts(v, texts) for v in value)
     if isinstance(value, dict):
-        parts = [_text_size(v) for k, v in value.items() if k != "role"]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts) + (1 if "role" in value else 0)
-    return 0, 0
+        return sum(_text_parts(v, texts) for k, v in value.items() if k != "role") + (1 if "role" in value else 0)
+    return 0
 
 
-def _estimate_tokens(path: Optional[Path], rows: Optional[int], seq_len: int) -> Optional[int]:
-    """Training tokens per epoch from the text of the first rows of a JSONL file (each row cut
-    at seq_len, as TRL truncates), scaled to `rows`; None when it cannot be read."""
+def _chars_per_token(texts: list[str], tokenizer: Optional[str]) -> tuple[float, str]:
+    """(characters per token, where the figure comes from) for the sampled text."""
+    if tokenizer and texts:
+        with contextlib.suppress(Exception):  # no tokenizer there: the fallback says so
+            from .data import load_tokenizer
+            tok = load_tokenizer(tokenizer, require_template=False)
+            text = "\n".join(texts)[:RATIO_SAMPLE_CHARS]
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            if n:
+                return len(text) / n, f"measured with {tokenizer}'s tokenizer"
+    return CHARS_PER_TOKEN, "English text in common BPE vocabularies; no local tokenizer to measure with"
+
+
+def _estimate_tokens(path: Optional[Path], rows: Optional[int], seq_len: int,
+                     tokenizer: Optional[str] = None) -> tuple[Optional[int], float, str]:
+    """(training tokens per epoch, characters per token, its source) from the text of the first
+    rows of a JSONL file (each row cut at seq_len, as TRL truncates), scaled to `rows`."""
     if path is None or not rows or path.suffix.lower() != ".jsonl":
-        return None
-    per_row: list[int] = []
+        return None, CHARS_PER_TOKEN, ""
+    sizes: list[tuple[int, int]] = []
+    texts: list[str] = []
+    sampled = 0
     with path.open("rb") as fh:
         for line in fh:
+            row_texts: list[str] = []
             try:
-                chars, messages = _text_size(json.loads(line)) if line.strip() else (0, -1)
+                messages = _text_parts(json.loads(line), row_texts) if line.strip() else -1
             except ValueError:
                 continue
-            if messages >= 0:
-                per_row.append(min(seq_len, math.ceil(chars / CHARS_PER_TOKEN)
-                                   + TEMPLATE_TOKENS_PER_MESSAGE * max(1, messages)))
-            if len(per_row) >= TOKEN_SAMPLE_ROWS:
+            if messages < 0:
+                continue
+            sizes.append((sum(map(len, row_texts)), messages))
+            if sampled < RATIO_SAMPLE_CHARS:
+                texts.extend(row_texts)
+                sampled += sizes[-1][0]
+            if len(sizes) >= TOKEN_SAMPLE_ROWS:
                 break
-    return round(sum(per_row) / len(per_row) * rows) if per_row else None
+    if not sizes:
+        return None, CHARS_PER_TOKEN, ""
+    cpt, source = _chars_per_token(texts, tokenizer)
+    per_row = [min(seq_len, math.ceil(c / cpt) + TEMPLATE_TOKENS_PER_MESSAGE * max(1, m)) for c, m in sizes]
+    return round(sum(per_row) / len(per_row) * rows), cpt, source
 
 
 def _dataset_cfg(dataset: str, test_split: Optional[bool]) -> _Dataset:
@@ -954,15 +981,17 @@ def _local_dataset_file(dataset: str, path: Path, test_split: Optional[bool]) ->
     return ds
 
 
-def _data_size(ds: _Dataset, rows: Optional[int], tokens: Optional[int], seq_len: int, notes: list[str]) -> DataSize:
-    """Rows and tokens per epoch: as given, else counted in the file and estimated from its text."""
+def _data_size(ds: _Dataset, rows: Optional[int], tokens: Optional[int], seq_len: int, notes: list[str],
+               tokenizer: Optional[str] = None) -> DataSize:
+    """Rows and tokens per epoch: as given, else counted in the file and estimated from its text
+    (characters per token measured with `tokenizer`, a local model dir, when given)."""
     rows = rows or ds.rows
     if tokens is None:
-        tokens = _estimate_tokens(ds.train_file, rows, seq_len)
+        tokens, cpt, source = _estimate_tokens(ds.train_file, rows, seq_len, tokenizer)
         if tokens:
             notes.append(f"~{tokens:,} training tokens per epoch ({tokens / rows:.0f} per row), estimated from the "
-                         f"text at ~{CHARS_PER_TOKEN:g} characters per token; pass dataset_tokens (inspect_dataset's "
-                         "token_lengths mean x rows) for the exact count.")
+                         f"text at ~{cpt:.2g} characters per token ({source}); pass dataset_tokens "
+                         "(inspect_dataset's token_lengths mean x rows) for the exact count.")
     return data_size(rows, tokens, 512, seq_len)
 
 
@@ -1229,7 +1258,8 @@ def _request(model: str, dataset: str, gpu: Optional[str], gpu_memory_gib: Optio
         model_ref = facts.hub_id or model.strip()
     ds = _dataset_cfg(dataset, test_split)
     notes = list(ds.notes)
-    data = _data_size(ds, dataset_rows, dataset_tokens, seq_len, notes)
+    data = _data_size(ds, dataset_rows, dataset_tokens, seq_len, notes,
+                      tokenizer=model_ref if facts.source == "local" else None)
     nodes, per_node, num_gpus = _nodes(num_nodes, num_gpus, gpu, gpu_memory_gib)
     t = _target(gpu, gpu_memory_gib, num_gpus)
     if t.kind == "cpu" and num_gpus and num_gpus > 1:
