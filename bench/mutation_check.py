@@ -95,7 +95,7 @@ MUTANTS = [
     M("launch", "tools/runs.py", '        if verdict == "fail":', '        if False:', "a failing masking report launches"),
     M("launch", "tools/runs.py", "split=split, **settings)\n        if rep is None:",  # _check_masking, not DPO's
       "split=split, **settings)\n        if False:", "no masking report launches"),
-    M("launch", "tools/runs.py", "    if not v.valid:", "    if False:", "an invalid recipe launches"),
+    M("launch", "tools/runs.py", "    if errors or (not v.valid and not v.errors):", "    if False:", "an invalid recipe launches"),
     M("launch", "tools/runs.py", "        if output_dir_of(st) == output_dir:", "        if False:",
       "two runs into one output_dir"),
     M("launch", "tools/runs.py", '    if cfg.get("trust_remote_code") and not allow_remote_code:', "    if False:",
