@@ -143,3 +143,15 @@ def test_flash_attention_and_liger_fall_back_where_they_cannot_run(ws, tiny_mode
     assert "flash_attention_2" in text and "using sdpa" in text and "without liger" in text
     cfg = json.loads((ws.root / "out/fa2/config.json").read_text())
     assert cfg.get("_attn_implementation", cfg.get("attn_implementation", "sdpa")) != "flash_attention_2"
+
+
+def test_end_distributed_destroys_the_process_group():
+    """tools.train ends a distributed run by destroying its process group (left to interpreter
+    teardown, a rank could abort with SIGABRT after a completed run)."""
+    import torch.distributed as dist
+    from tools.train import end_distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_distributed()
+    assert not dist.is_initialized()
+    end_distributed()  # and nothing to do without one

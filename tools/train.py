@@ -15,6 +15,7 @@ process exits 0 with `summary.json` status "stopped".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -475,6 +476,16 @@ def _finish(trainer, result, run_files, output_dir: Path, model_args, training_a
     return summary
 
 
+def end_distributed() -> None:
+    """Destroy the process group before the interpreter exits, as torch asks: a gloo/NCCL group
+    left to interpreter teardown can abort a rank after a completed run ("terminate called
+    without an active exception", SIGABRT), which the launcher then reports as a failed run."""
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if _is_rank0():
         print(f"[tools.train] {summary['status']}: {summary.get('steps')} steps, "
               f"train_loss={summary.get('train_loss')}, output_dir={summary['output_dir']}", flush=True)
+    end_distributed()
     return 0
 
 

@@ -442,7 +442,7 @@ def train_dpo(config: str, overrides: list[str] | None = None) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .train import _is_rank0, _on_signal
+    from .train import _is_rank0, _on_signal, end_distributed
     ap = argparse.ArgumentParser(prog="python -m tools.train_dpo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="DPO recipe YAML")
     ap.add_argument("--to-trl", metavar="OUT", help="write the recipe as `trl <trainer> --config` reads it, "
@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tools.train_dpo] {summary['status']}: {summary.get('steps')} steps, "
               f"train_loss={summary.get('train_loss')}, reward_accuracy={summary.get('reward_accuracy')}, "
               f"output_dir={summary['output_dir']}", flush=True)
+    end_distributed()
     return 0
 
 
