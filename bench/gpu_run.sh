@@ -9,6 +9,10 @@
 # Options of this script (before the acceptance's own, which pass through):
 #   --no-install    the wheels are in $SITE already (a warm machine's second call)
 #   --install-only  install the wheels and check what imports, run nothing (proves the install line)
+# Before the first call, on the session's own machine (the wheels are never committed):
+#   grep -qx /.whl/ .git/info/exclude || echo /.whl/ >> .git/info/exclude
+#   ../shared/gpu/fetch_wheels.sh .whl            # ~13 MB: trl, datasets, bitsandbytes, liger, pydantic
+# then the device call: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=560).
 # Environment: OUT (/tmp/llmft-accept-out), PYTHON (python3), SITE (/tmp/site),
 #   ACCEPT_TIMEOUT_S (480), ACCEPT_WS (/tmp/llmft-accept-ws: the workspace, outside $OUT).
 # Files in $OUT: acceptance.jsonl (one line per check), acceptance.log (everything printed),
