@@ -13,9 +13,12 @@ launch faster than the GPU finishes them only on large micro-batches. What goes 
   whole flattened micro-batch with a block-diagonal mask (transformers' packed-sequence mask; no
   block is skipped): 4 T q_dim FLOPs per token and layer, T = tokens in the micro-batch. Flash
   attention (varlen) and SDPA on one unpadded row (is_causal) attend causally within each row.
-- QLoRA: bitsandbytes >= 0.50 runs the frozen 4-bit forward (and recompute) in its fused NF4
-  GEMM; backward dequantises each weight (memory traffic) and uses cuBLAS. Fitted apart, the NF4
-  GEMM came out no slower than cuBLAS, so both share matmul_efficiency.
+- QLoRA: bitsandbytes 0.50 runs the frozen 4-bit forward (and recompute) in its fused NF4 GEMM
+  up to 1,536 tokens per micro-batch on CUDA, and as dequantise + cuBLAS above that; backward
+  dequantises each weight (memory traffic) and uses cuBLAS. Fitted apart, the NF4 GEMM came out
+  no slower than cuBLAS, so both share matmul_efficiency. A per-call dispatch cost of the
+  dequantise path (and CPU/GPU overlap) fits the 15 runs in-sample better but predicts held-out
+  runs worse, so it is not in the model (docs/benchmarks.md).
 - Without packing, rows are padded to the longest in the micro-batch; only real tokens count.
 - Eager attention also writes and reads the fp32 score matrix (memory traffic).
 
