@@ -354,6 +354,26 @@ def test_generated_recipe_is_what_trl_dpo_accepts(ws, tiny_model):
     assert full.recipe["learning_rate"] == 5e-7 and "use_peft" not in full.recipe
 
 
+def test_checking_a_preference_recipe_leaves_the_servers_environment_alone(ws, tiny_model, monkeypatch):
+    """TRL's parser exports a recipe's `env:` into the process that parses it. The launch gate
+    parses in the server, so without the guard a recipe's env (say CUDA_VISIBLE_DEVICES) would
+    stay in the server and reach every later run."""
+    import os
+
+    from tools.preference_recipe import generate_dpo_recipe
+    from tools.runs import launch_training
+    animals(ws, train=4, test=2)
+    generate_dpo_recipe("models/tiny-llama", "data/animals", "recipes/dpo.yaml", "out/dpo", method="lora",
+                        cpu=True)
+    cfg = yaml.safe_load((ws.root / "recipes/dpo.yaml").read_text())
+    cfg["env"] = {"LLM_FT_FROM_RECIPE": "1"}
+    (ws.root / "recipes/dpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    monkeypatch.delenv("LLM_FT_FROM_RECIPE", raising=False)
+    plan = launch_training("recipes/dpo.yaml", require_masking_report=False, dry_run=True)
+    assert any("parsed by TRL" in c for c in plan.checks), plan.checks
+    assert "LLM_FT_FROM_RECIPE" not in os.environ
+
+
 def test_recipe_refusals(ws, tiny_model):
     from test_merge import make_adapter
 

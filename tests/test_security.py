@@ -474,3 +474,46 @@ def test_accelerate_config_naming_a_deepspeed_file_outside_is_invalid(ws, tiny_m
     v = validate_recipe(RECIPE, accelerate_config="acc.yaml")
     assert not v.valid and any("deepspeed_config_file" in e and "outside the workspace" in e
                                for e in v.errors), v.errors
+
+
+def test_a_recipe_parse_touches_only_what_it_changed_in_the_environment(ws, monkeypatch):
+    """validate_recipe runs TRL's parser in the server process, whose tool calls run in threads.
+    TrainingArguments sets os.environ keys while it parses; undoing that by clearing and
+    refilling os.environ let another thread see an empty environment (a child spawned then failed
+    with EFAULT, "Bad address", in the cold-start test above). Only the keys the parse changed
+    may be touched, and the environment afterwards is the one before."""
+    from collections.abc import MutableMapping
+
+    from tools.recipe_schema import trl_parse
+
+    class Recording(MutableMapping):
+        def __init__(self, real):
+            self.real, self.removed = real, []
+
+        def __getitem__(self, k):
+            return self.real[k]
+
+        def __setitem__(self, k, v):
+            self.real[k] = v
+
+        def __delitem__(self, k):
+            self.removed.append(k)
+            del self.real[k]
+
+        def __iter__(self):
+            return iter(list(self.real))
+
+        def __len__(self):
+            return len(self.real)
+
+    trl_parse({"output_dir": "out/warm", "use_cpu": True, "report_to": "none"}, base_dir=ws.root)  # imports
+    env = Recording(os.environ)
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setenv("LLM_FT_MARKER", "kept")
+    before = dict(env)
+    cfg = {"model_name_or_path": "models/x", "dataset_name": "data/x", "output_dir": "out/x",
+           "use_cpu": True, "report_to": "none", "env": {"SOME_VAR": "1"}}
+    _, err, _ = trl_parse(cfg, base_dir=ws.root)
+    assert err is None
+    assert dict(env) == before and "SOME_VAR" not in env  # `env:` is never exported here
+    assert set(env.removed) <= {k for k in env.removed if k not in before}, sorted(set(env.removed) & set(before))

@@ -278,6 +278,7 @@ def _checked_yaml(cfg: dict) -> str:
     import torch
     import yaml
 
+    from .recipe_schema import env_guard
     from .train_dpo import parse_dpo_recipe
     from .workspace import TMP_DIR
     err = io.StringIO()
@@ -290,8 +291,8 @@ def _checked_yaml(cfg: dict) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(parse_cfg, fh, sort_keys=False)
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            parse_dpo_recipe(tmp)
+        with env_guard(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            parse_dpo_recipe(tmp)  # in the server: env_guard takes back what the parse exports
     except (ValueError, TypeError, SystemExit) as exc:  # argparse prints usage and exits on a bad value
         said = [x for x in err.getvalue().splitlines() if x.strip()]
         why = said[-1].split("error: ", 1)[-1] if isinstance(exc, SystemExit) and said else str(exc)

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -90,7 +91,6 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
     `env:` is not exported (validation has no side effects) and the process environment is
     restored afterwards; relative deepspeed/accelerator config paths are taken from `base_dir`.
     """
-    import yaml
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     cfg = {k: v for k, v in cfg.items() if k not in NON_FIELD_KEYS}
@@ -98,7 +98,35 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
         v = cfg.get(key)
         if isinstance(v, str) and not v.lstrip().startswith("{") and not os.path.isabs(v):
             cfg[key] = str(base_dir / v)
-    env_before = dict(os.environ)
+    with env_guard():  # TrainingArguments' __post_init__ sets os.environ keys
+        return _parse(cfg, TrlParser, (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
+
+
+# Parsing a recipe changes os.environ (e.g. ACCELERATE_MIXED_PRECISION; a preference recipe's
+# `env:`). The server runs tool calls in threads, so its parses take turns and undo exactly what
+# they changed: clearing and refilling the environment let another thread see it empty, and a
+# child process spawned meanwhile failed with EFAULT ("Bad address") or started without PATH.
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def env_guard():
+    """A TRL parse in the server process: one at a time, os.environ exactly as before after it."""
+    with _ENV_LOCK:
+        before = dict(os.environ)
+        try:
+            yield
+        finally:
+            for k in [k for k in os.environ if k not in before]:
+                os.environ.pop(k, None)
+            for k, v in before.items():
+                if os.environ.get(k) != v:
+                    os.environ[k] = v
+
+
+def _parse(cfg: dict, TrlParser, types: tuple):
+    """trl_parse's work (under env_guard): the parse and its warnings."""
+    import yaml
     err = io.StringIO()
     caught: list[str] = []
     out = None
@@ -107,7 +135,7 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
     with tempfile.TemporaryDirectory(prefix="llmft-recipe-", dir=get_workspace().owned_dir(TMP_DIR)) as d:
         path = Path(d) / "recipe.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
+        parser = TrlParser(types)
         try:
             with warnings.catch_warnings(record=True) as rec, contextlib.redirect_stderr(err), \
                     contextlib.redirect_stdout(io.StringIO()):
@@ -120,8 +148,6 @@ def trl_parse(cfg: dict, *, base_dir: Path) -> tuple[Optional[tuple], Optional[s
         except Exception as exc:  # noqa: BLE001 - reported to the caller as the parse error
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            os.environ.clear()
-            os.environ.update(env_before)
             with contextlib.suppress(Exception):
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
                 unset_hf_deepspeed_config()

@@ -123,8 +123,10 @@ def _check_dpo_recipe(cfg: dict, rpath: Path, checks: list[str]) -> _DpoValidati
     if cfg.get("trust_remote_code"):
         raise UserError("trust_remote_code is not accepted for DPO recipes here.", field="recipe",
                         fix="Remove trust_remote_code.")
+    from tools.recipe_schema import env_guard
     try:
-        parse_dpo_recipe(str(rpath))
+        with env_guard():  # the parse exports the recipe's env: into this (the server's) process
+            parse_dpo_recipe(str(rpath))
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"TRL's DPO parser refuses the recipe: {exc}", field="recipe",
                         fix="Regenerate it with generate_dpo_recipe, or fix the key it names.") from exc
