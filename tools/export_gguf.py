@@ -239,19 +239,12 @@ def quantize(src: Path, dst: Path, qtype: str) -> float:
 # ----------------------------------------------------------------------------- disk
 def parameter_count(model_dir: Path) -> int | None:
     """Parameters from the safetensors headers (no tensor is read)."""
-    total, seen = 0, False
-    for f in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError):
-            return None
-        for k, v in header.items():
-            if k != "__metadata__" and isinstance(v, dict):
-                total += math.prod(v.get("shape") or [1])
-                seen = True
-    return total if seen else None
+    from .models import safetensors_shapes
+    try:
+        shapes = safetensors_shapes(sorted(model_dir.glob("*.safetensors")))
+    except (OSError, ValueError):
+        return None
+    return sum(math.prod(s) for s in shapes.values()) if shapes else None
 
 
 def bytes_needed(params: int, formats: list[str], *, hf_copy_bytes: int = 0) -> int:

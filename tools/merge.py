@@ -318,15 +318,13 @@ def _adapter_vocab(adir: Path) -> int | None:
     f = adir / "adapter_model.safetensors"
     if not f.exists():
         return None
+    from .models import safetensors_shapes
     try:
-        from safetensors import safe_open
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                if k.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
-                    return int(fh.get_slice(k).get_shape()[0])
-    except Exception:  # noqa: BLE001
+        shapes = safetensors_shapes([f])
+    except (OSError, ValueError):
         return None
-    return None
+    return next((int(s[0]) for k, s in shapes.items()
+                 if k.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")) and s), None)
 
 
 def _ram_needed_gib(base_id: str, dtype_name: str) -> float | None:

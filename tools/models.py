@@ -19,6 +19,19 @@ from .results import ToolResult
 from .workspace import check_path_text, get_workspace
 
 
+def safetensors_shapes(files) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from safetensors headers (8-byte length + JSON): no tensor is read,
+    no framework imported. OSError / ValueError for a file that is not safetensors."""
+    out: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        out.update({k: tuple(v.get("shape") or ()) for k, v in header.items()
+                    if k != "__metadata__" and isinstance(v, dict)})
+    return out
+
+
 class ModelFacts(ToolResult):
     """Architecture numbers of a decoder-only transformer, and its computed parameter counts."""
     name: str

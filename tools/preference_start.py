@@ -14,21 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .models import safetensors_shapes
 
 ADAPTER_PREFIX = "base_model.model."   # PEFT's prefix of the wrapped model's parameter names
 LORA_PART = re.compile(r"\.lora_(A|B)(?:\.[\w-]+)?\.weight$")
 SHOWN = 3                              # mismatching modules named in the message
-
-
-def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-    out: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = tuple(fh.get_slice(k).get_shape())
-    return out
 
 
 def _expected(adapter: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
@@ -50,8 +40,8 @@ def _expected(adapter: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]
 
 def _mismatches(adapter_dir: Path, base_dir: Path) -> tuple[list[str], int]:
     """(what differs, modules compared) between the adapter and a local base's weights."""
-    base = _shapes(sorted(base_dir.glob("*.safetensors")))
-    expected = _expected(_shapes([adapter_dir / "adapter_model.safetensors"]))
+    base = safetensors_shapes(sorted(base_dir.glob("*.safetensors")))
+    expected = _expected(safetensors_shapes([adapter_dir / "adapter_model.safetensors"]))
     bad = []
     for module, (o, i) in sorted(expected.items()):
         got = base.get(f"{module}.weight")
