@@ -540,14 +540,10 @@ def _vllm_model_args(pretrained: str, *, adapter: str | None, lora_rank: int | N
 
 def _has_chat_template(d: str) -> bool | None:
     """Whether a local tokenizer dir has a chat template; None for a hub id (not checked)."""
-    p = Path(d)
-    if not p.is_dir():
+    from .recipe_templates import template_text
+    if not Path(d).is_dir():
         return None
-    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
-        return True
-    with contextlib.suppress(OSError, ValueError):
-        return bool(json.loads((p / "tokenizer_config.json").read_text()).get("chat_template"))
-    return False
+    return template_text(d, get_workspace().root)[0] is not None
 
 
 # ----------------------------------------------------------------------------- results

@@ -24,17 +24,18 @@ def template_text(ref: str, root: Path) -> tuple[Optional[str], str]:
         if p.name == "tokenizer_config.json":
             p = p.parent
     if p.is_dir():
-        for name in ("chat_template.jinja",):
-            if (p / name).is_file():
-                return (p / name).read_text(encoding="utf-8"), f"{ref}/{name}"
-        tc = p / "tokenizer_config.json"
-        if tc.is_file():
+        if (p / "chat_template.jinja").is_file():
+            return (p / "chat_template.jinja").read_text(encoding="utf-8"), f"{ref}/chat_template.jinja"
+        # chat_template.json: how processors (and older tokenizers) save it; then tokenizer_config
+        for tc in (p / "chat_template.json", p / "tokenizer_config.json"):
+            if not tc.is_file():
+                continue
             with contextlib.suppress(Exception):
                 t = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
                 if isinstance(t, list):  # named variants
                     t = next((x.get("template") for x in t if x.get("name") == "default"), None)
                 if isinstance(t, str):
-                    return t, f"{ref}/tokenizer_config.json"
+                    return t, f"{ref}/{tc.name}"
     return None, str(ref)
 
 
