@@ -135,28 +135,22 @@ def _numel(param) -> int:
     return param.numel()
 
 
-def _peak_memory_gib() -> float:
+def memory_peaks() -> dict[str, float | None]:
+    """The run's peak memory so far, as summary.json and metrics.jsonl record it: on CUDA the
+    allocated peak and the caching allocator's reserved peak (what nvidia-smi shows, what an OOM
+    is decided on; estimate_memory predicts both); on CPU the process's peak RSS and no reserved
+    figure (there is no such pool)."""
     try:
         import torch
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return round(torch.cuda.max_memory_allocated() / GIB, 4)
+            return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 4),
+                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 4)}
     except Exception:  # noqa: BLE001
         pass
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (GIB if sys.platform == "darwin" else 2 ** 20), 4)
-
-
-def _peak_reserved_gib() -> float | None:
-    """The CUDA caching allocator's peak (what nvidia-smi shows, what an OOM is decided on); the
-    estimator predicts it as peak_reserved_gib. None on CPU, where there is no such pool."""
-    try:
-        import torch
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return round(torch.cuda.max_memory_reserved() / GIB, 4)
-    except Exception:  # noqa: BLE001
-        pass
-    return None
+    return {"peak_memory_gib": round(rss / (GIB if sys.platform == "darwin" else 2 ** 20), 4),
+            "peak_reserved_gib": None}
 
 
 CADENCE = ("logging", "eval", "save")
@@ -258,8 +252,7 @@ def _make_callback(output_dir: Path):
                     dt, dn = now - self.prev[1], ntok - self.prev[0]
                 rec["tokens_per_second"] = round(dn / dt, 2) if dt > 0 and dn >= 0 else None
                 self.prev = (ntok, now)
-            rec["peak_memory_gib"] = _peak_memory_gib()
-            rec["peak_reserved_gib"] = _peak_reserved_gib()
+            rec.update(memory_peaks())
             rec["timestamp"] = now
             with open(self.metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec, default=str) + "\n")
@@ -392,7 +385,7 @@ def train(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     except BaseException as exc:
         if rank0:
             summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], ended=time.time(),
-                           peak_memory_gib=_peak_memory_gib(), peak_reserved_gib=_peak_reserved_gib())
+                           **memory_peaks())
             try:
                 write_json_atomic(output_dir / "summary.json", summary)
             except OSError:
@@ -443,8 +436,6 @@ def _prepare_model(trainer, method: str, patterns, training_args, summary: dict)
 def _finish(trainer, result, run_files, output_dir: Path, model_args, training_args,
             summary: dict) -> dict[str, Any]:
     """Save (unless stopped), write summary.json, end the trainer."""
-    import transformers
-    from packaging.version import Version
     from transformers.trainer_utils import get_last_checkpoint
     state = trainer.state
     # Decided jointly by all ranks (they must agree: saving is collective under ZeRO-3). A signal
@@ -463,7 +454,7 @@ def _finish(trainer, result, run_files, output_dir: Path, model_args, training_a
         train_samples_per_second=metrics.get("train_samples_per_second"),
         tokens=last_log.get("num_tokens"),
         final_loss=next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
-        peak_memory_gib=_peak_memory_gib(), peak_reserved_gib=_peak_reserved_gib(), last_checkpoint=last_ckpt,
+        **memory_peaks(), last_checkpoint=last_ckpt,
         adapter_path=str(output_dir) if (model_args.use_peft and not stopped) else None,
         model_path=str(output_dir) if (not model_args.use_peft and not stopped) else None,
         world_size=training_args.world_size, ended=time.time())
@@ -471,15 +462,22 @@ def _finish(trainer, result, run_files, output_dir: Path, model_args, training_a
         summary["next_step"] = f"Relaunch the same recipe (same output_dir) to resume from {last_ckpt}."
     if trainer.is_world_process_zero():
         write_json_atomic(output_dir / "summary.json", summary)
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()  # finish trackers and destroy the process group, as trl's sft script does
+    end_run(trainer)
     return summary
 
 
+def end_run(trainer) -> None:
+    """Finish the trackers and destroy the process group once nothing needs the other ranks, as
+    trl's scripts do: Trainer.end (transformers >= 5.18), else the group directly."""
+    if hasattr(trainer, "end"):
+        trainer.end()
+    else:
+        end_distributed()
+
+
 def end_distributed() -> None:
-    """Destroy the process group before the interpreter exits, as torch asks: a gloo/NCCL group
-    left to interpreter teardown can abort a rank after a completed run ("terminate called
-    without an active exception", SIGABRT), which the launcher then reports as a failed run."""
+    """Destroy the process group, as torch asks before a distributed program exits (a group left
+    to interpreter teardown can outlive the threads it needs)."""
     with contextlib.suppress(Exception):
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
@@ -498,7 +496,6 @@ def main(argv: list[str] | None = None) -> int:
     if _is_rank0():
         print(f"[tools.train] {summary['status']}: {summary.get('steps')} steps, "
               f"train_loss={summary.get('train_loss')}, output_dir={summary['output_dir']}", flush=True)
-    end_distributed()
     return 0
 
 

@@ -379,7 +379,7 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
 
     from .preference_eval import preference_eval, reading
     from .preference_status import method_metrics
-    from .train import _STOP, _peak_memory_gib
+    from .train import _STOP, memory_peaks
     state = trainer.state
     stopped = files.stopped_at is not None and state.global_step < state.max_steps
     last_ckpt = get_last_checkpoint(str(run.output_dir)) if run.output_dir.is_dir() else None
@@ -398,7 +398,7 @@ def _finish(run: _Run, trainer, files, result, before: Optional[dict], model_arg
         eval_reward_accuracy=_last(logs, "eval_rewards/accuracies"),
         method_metrics=method_metrics(run.summary["trainer"], logs),
         preference_eval=preference_eval(run.summary["trainer"], before, after),
-        peak_memory_gib=_peak_memory_gib(), last_checkpoint=last_ckpt,
+        **memory_peaks(), last_checkpoint=last_ckpt,
         adapter_path=str(run.output_dir) if (peft and not stopped) else None,
         model_path=str(run.output_dir) if (not peft and not stopped) else None,
         world_size=trainer.args.world_size, ended=time.time())
@@ -422,16 +422,14 @@ def train_dpo(config: str, overrides: list[str] | None = None) -> dict[str, Any]
         before = preference_accuracy(trainer, run.summary["trainer"]) if resume is None else None
         result = trainer.train(resume_from_checkpoint=resume)
         summary = _finish(run, trainer, files, result, before, parsed[2])
-        import transformers
-        from packaging.version import Version
-        if Version(transformers.__version__) >= Version("5.18.0"):
-            trainer.end()  # finish trackers and destroy the process group, as trl's dpo script does
+        from .train import end_run
+        end_run(trainer)
         return summary
     except BaseException as exc:
         if run.rank0 and run.summary:
-            from .train import _peak_memory_gib
+            from .train import memory_peaks
             run.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], ended=time.time(),
-                               peak_memory_gib=_peak_memory_gib())
+                               **memory_peaks())
             try:
                 write_json_atomic(run.output_dir / "summary.json", run.summary)
             except OSError:
@@ -442,7 +440,7 @@ def train_dpo(config: str, overrides: list[str] | None = None) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .train import _is_rank0, _on_signal, end_distributed
+    from .train import _is_rank0, _on_signal
     ap = argparse.ArgumentParser(prog="python -m tools.train_dpo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="DPO recipe YAML")
     ap.add_argument("--to-trl", metavar="OUT", help="write the recipe as `trl <trainer> --config` reads it, "
@@ -457,7 +455,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tools.train_dpo] {summary['status']}: {summary.get('steps')} steps, "
               f"train_loss={summary.get('train_loss')}, reward_accuracy={summary.get('reward_accuracy')}, "
               f"output_dir={summary['output_dir']}", flush=True)
-    end_distributed()
     return 0
 
 
