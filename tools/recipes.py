@@ -617,6 +617,10 @@ def _check_assistant_only_loss(r: _Recipe, a: _Analysis) -> None:
                     "completion_only_loss, or a template with the markers (TRL's *_training.jinja).")
 
 
+# How the over-the-GPU error begins: launch_training(require_memory_fit=false) overrides it.
+MEMORY_ERROR = "memory: estimated"
+
+
 def _check_memory(r: _Recipe, a: _Analysis) -> None:
     """estimate_memory for the recipe on its target: over the GPU is an error, within little
     headroom a warning."""
@@ -630,10 +634,10 @@ def _check_memory(r: _Recipe, a: _Analysis) -> None:
     if m.gpu_memory_gib and m.total_gib > m.gpu_memory_gib:
         load = next((n for n in m.notes if n.startswith("Load-time peak")), None)
         if m.peak_phase == LOAD_PHASE and load:  # batch, checkpointing, more GPUs cannot help
-            a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} "
+            a.error(f"{MEMORY_ERROR} {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} "
                     f"GiB of {r.t.gpu_name or 'the GPU'} while the model loads. {load}")
         else:
-            a.error(f"memory: estimated {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB "
+            a.error(f"{MEMORY_ERROR} {m.total_gib:.1f} GiB per GPU exceeds the {m.gpu_memory_gib:.1f} GiB "
                     f"of {r.t.gpu_name or 'the GPU'}: lower per_device_train_batch_size or max_length, "
                     "enable activation_checkpointing, or use QLoRA / more GPUs (recommend_method).")
     elif m.fits is False:

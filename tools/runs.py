@@ -79,13 +79,10 @@ def _load_recipe_yaml(path: Path) -> dict:
     return load_yaml_mapping(path)
 
 
-MEMORY_ERROR = "memory: estimated"  # how validate_recipe's over-the-GPU error begins (recipes._check_memory)
-
-
 def _check_recipe(recipe_path: Path, accelerate_config: Optional[str], require_memory_fit: bool,
                   checks: list[str], warnings: list[str]):
     """validate_recipe and the memory gate; returns the validation (RecipeValidation)."""
-    from tools.recipes import validate_recipe  # lazy: its module pulls in the recipe machinery
+    from tools.recipes import MEMORY_ERROR, validate_recipe  # lazy: the recipe machinery
 
     v = validate_recipe(recipe=str(recipe_path), accelerate_config=accelerate_config)
     # validate_recipe calls an estimate over the GPU an error; require_memory_fit=false is the
