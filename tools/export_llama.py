@@ -45,8 +45,9 @@ def _header(path: str, gguf_py: str | None) -> tuple[dict, Counter]:
     import mmap
     import struct
     g = _gguf(gguf_py)
-    vt, sizes = g.GGUFValueType, {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    vt = g.GGUFValueType
     fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    sizes = {t: struct.calcsize(f) for t, f in fmt.items()}
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
