@@ -234,15 +234,9 @@ def steady_rate(metrics: list[dict], warm: int) -> dict[str, Any]:
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    """metrics.jsonl as tools.train writes it (one JSON object per log step)."""
-    p = output_dir / "metrics.jsonl"
-    out = []
-    for line in (p.read_text(encoding="utf-8").splitlines() if p.is_file() else []):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """metrics.jsonl as tools.train writes it, read as training_status reads it."""
+    from tools.runs import _read_metrics
+    return _read_metrics(output_dir)
 
 
 def measured(ctx: Ctx, check: str, st) -> dict[str, Any]:
